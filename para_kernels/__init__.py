@@ -1,0 +1,14 @@
+"""para_kernels: PARA (Prompt-Aware Representation Adjustment) for Hugging Face models.
+
+pool -> generate -> scale: :mod:`para_kernels.ops` holds the ops (reference, Triton and CUDA
+C++ behind one dispatch point); :mod:`para_kernels.transformers` the model wrapper.
+"""
+from ._version import __version__
+from .config import PARAConfig
+from .ops import available_backends, get_backend, set_backend
+from .transformers import AdapterFileError, MappingError, PARAModel, get_para_model
+
+__all__ = [
+    "__version__", "PARAConfig", "PARAModel", "get_para_model", "set_backend", "get_backend",
+    "available_backends", "MappingError", "AdapterFileError",
+]

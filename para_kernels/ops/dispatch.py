@@ -1,0 +1,99 @@
+"""The one dispatch point: which implementation runs each ``para::`` op.
+
+Backends register implementations per op with a predicate saying on which devices they
+run. ``set_backend`` or ``PARA_KERNELS_BACKEND`` forces one; otherwise the best available
+for the tensor's device is taken (CUDA C++, then Triton, then the PyTorch reference). A
+forced backend that cannot run warns once and falls back, never silently.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+BACKENDS = ("cuda", "triton", "reference")  # in order of preference
+ENV_VAR = "PARA_KERNELS_BACKEND"
+OPS = ("pool", "pool_backward", "generate", "generate_backward", "scale", "scale_backward")
+
+
+@dataclass
+class _Backend:
+    name: str
+    is_available: Callable[[torch.device], bool]
+    impls: dict
+    unavailable_reason: str = ""
+
+
+_backends: dict[str, _Backend] = {}
+_forced: str | None = None
+_warned: set = set()
+
+
+def register_backend(name: str, impls: dict, is_available: Callable[[torch.device], bool],
+                     unavailable_reason: str = "") -> None:
+    """Make ``impls`` ({op name: callable}) the implementation of ``name`` on devices where
+    ``is_available(device)`` holds. Called by each backend module at import."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    unknown = set(impls) - set(OPS)
+    if unknown:
+        raise ValueError(f"unknown ops {sorted(unknown)} for backend {name!r}; ops are {OPS}")
+    _backends[name] = _Backend(name, is_available, dict(impls), unavailable_reason)
+
+
+def _check_name(name: str | None, source: str) -> str | None:
+    if name in (None, "", "auto"):
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS + ('auto',)}, got {name!r}")
+    return name
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for every op ('cuda', 'triton', 'reference'), or None / 'auto' for the
+    best available per device. Overrides the PARA_KERNELS_BACKEND environment variable."""
+    global _forced
+    _forced = _check_name(name, "backend")
+    _warned.clear()
+
+
+def get_backend() -> str | None:
+    """The forced backend, or None when chosen per device."""
+    if _forced is not None:
+        return _forced
+    return _check_name(os.environ.get(ENV_VAR), ENV_VAR)
+
+
+def _warn_once(key, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def backend_for(op: str, device: torch.device) -> str:
+    """Name of the backend that runs ``op`` on ``device`` now."""
+    forced = get_backend()
+    if forced is not None:
+        backend = _backends.get(forced)
+        if backend is not None and op in backend.impls and backend.is_available(device):
+            return forced
+        why = backend.unavailable_reason if backend is not None else "it is not installed"
+        _warn_once((forced, device.type), f"para_kernels: backend {forced!r} was requested but cannot run "
+                   f"on {device.type} ({why or 'not available for this device'}); falling back")
+    for name in BACKENDS:
+        backend = _backends.get(name)
+        if backend is not None and op in backend.impls and backend.is_available(device):
+            return name
+    raise RuntimeError(f"no para_kernels backend implements {op!r} on {device}")
+
+
+def implementation(op: str, device: torch.device) -> Callable:
+    return _backends[backend_for(op, device)].impls[op]
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    device = torch.device(device)
+    return [n for n in BACKENDS if n in _backends and _backends[n].is_available(device)]

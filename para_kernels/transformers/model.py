@@ -1,0 +1,423 @@
+"""PARAModel: PARA on any Hugging Face decoder, with the API PEFT users know.
+
+How a batch flows: a pre-hook on the wrapped model works out each row's prompt range and
+adapter; a pre-hook on every decoder layer pools that layer's input and generates the
+vectors (pool -> generate); forward hooks on the q / v / up projections rescale their
+outputs (scale). When a forward continues a KV cache (a decode step), the vectors of the
+prefill are reused unchanged (PARA_SPEC §2).
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..config import PARAConfig
+from . import io
+from .generator import AdapterWeights, PARAGenerator, weight_shapes
+from .mapping import LayerMap, MappingError, find_layers, map_layer, module_scale
+from .prompts import prompt_ranges
+
+GENERATOR_ATTR = "para_generator"
+
+
+@dataclass
+class _Group:
+    """Adapters of one generator signature in this batch, stacked into one bank."""
+    config: PARAConfig
+    names: list  # bank order
+    ids: torch.Tensor  # [B] index into names, -1 for rows of other groups or no adapter
+
+
+@dataclass
+class _Plan:
+    """Where one adapter attaches: the layer maps (None: layer not transformed), d and N."""
+    maps: list
+    d: int
+    n: int
+
+
+class PARAModel(nn.Module):
+    """A Hugging Face causal LM with PARA adapters. Build it with :func:`get_para_model`."""
+
+    def __init__(self, model: nn.Module, config: PARAConfig | None = None, adapter_name: str = "default"):
+        super().__init__()
+        if any(hasattr(m, GENERATOR_ATTR) for m in model.modules()):
+            raise ValueError("this model already carries PARA generators; add adapters to its PARAModel "
+                             "with add_adapter(), or unload() it first")
+        self.base_model = model
+        self.peft_config: dict[str, PARAConfig] = {}
+        self.active_adapter: str | None = None
+        self._plans: dict[str, _Plan] = {}
+        self._trainable: dict[str, bool] = {}
+        self._layers = None  # plain list: not registered twice as submodules
+        self._handles: list = []
+        self._hooked: set = set()
+        self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        # per-batch state, set by the model pre-hook
+        self._row_adapters: list | None = None
+        self._prompt_lengths = None
+        self._disabled = False
+        self._groups: list[_Group] = []
+        self._start = self._end = None
+        self._scales: list[dict] = []
+        self._batch_size = 0
+        self._ready = False
+        self._decoding = False
+        self._handles.append(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
+        self._handles.append(model.register_forward_hook(self._after_model))
+        if config is not None:
+            self.add_adapter(adapter_name, config)
+            self.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ------------------------------------------------------------------ adapters
+    def _plan(self, config: PARAConfig) -> _Plan:
+        """Map ``config`` onto the model, or raise an error that says what does not fit."""
+        _, layers = find_layers(self.base_model, config)
+        if self._layers is not None and list(layers) != self._layers:
+            raise MappingError("this adapter's layers_path selects other layers than the resident adapters'")
+        n_layers = len(layers)
+        chosen = config.layers_to_transform
+        if chosen is not None and chosen[-1] >= n_layers:
+            raise MappingError(f"layers_to_transform {chosen} names layer {chosen[-1]}, but the model has "
+                               f"{n_layers} decoder layers (0..{n_layers - 1})")
+        hf_config = getattr(self.base_model, "config", None)
+        maps = [map_layer(layer, hf_config, config) if chosen is None or i in chosen else None
+                for i, layer in enumerate(layers)]
+        sizes = next(m.sizes for m in maps if m is not None)
+        d = getattr(hf_config, "hidden_size", None)
+        if d is None:
+            raise MappingError("the model's config has no hidden_size, so the generator's input size is unknown")
+        if self._layers is None:
+            self._layers = list(layers)
+        return _Plan(maps, d, sum(sizes[t] for t in config.targets))
+
+    def _expected_tensors(self, config: PARAConfig, plan: _Plan) -> dict[str, tuple]:
+        return {f"layers.{i}.{k}": s for i, m in enumerate(plan.maps) if m is not None
+                for k, s in weight_shapes(config, plan.d, plan.n).items()}
+
+    def add_adapter(self, adapter_name: str, config: PARAConfig) -> None:
+        """Give every mapped layer a fresh generator for ``adapter_name`` (W_up = 0: no effect
+        until trained). The new adapter is resident but not active; see set_adapter."""
+        if not isinstance(config, PARAConfig):
+            raise TypeError(f"config must be a PARAConfig, got {type(config).__name__}")
+        if not isinstance(adapter_name, str) or not adapter_name or any(c in adapter_name for c in "./\\"):
+            raise ValueError(f"adapter_name must be a non-empty string without '.', '/' or '\\', got {adapter_name!r}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
+        plan = self._plan(config)
+        base_dtype = next(self.base_model.parameters()).dtype
+        dtype = torch.float64 if base_dtype == torch.float64 else torch.float32
+        for i, (layer, lmap) in enumerate(zip(self._layers, plan.maps)):
+            if lmap is None:
+                continue
+            if not hasattr(layer, GENERATOR_ATTR):
+                setattr(layer, GENERATOR_ATTR, PARAGenerator())
+            device = next(layer.parameters()).device
+            weights = AdapterWeights(config, plan.d, plan.n, dtype, device).requires_grad_(False)
+            getattr(layer, GENERATOR_ATTR).adapters[adapter_name] = weights
+            self._install_hooks(i, layer, lmap, config)
+        self.peft_config[adapter_name] = config
+        self._plans[adapter_name] = plan
+        self._trainable[adapter_name] = True
+
+    def _install_hooks(self, i: int, layer: nn.Module, lmap: LayerMap, config: PARAConfig) -> None:
+        def once(key, register):
+            if key not in self._hooked:
+                self._hooked.add(key)
+                self._handles.append(register())
+
+        once((i, "<layer>"), lambda: layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+        if config.pool_input == "normed":
+            norm = layer.get_submodule(lmap.norm)
+            once((i, "<norm>"), lambda: norm.register_forward_hook(self._norm_hook(i)))
+        for m in lmap.modules:
+            module = layer.get_submodule(m.path)
+            once((i, m.path), lambda: module.register_forward_hook(self._scale_hook(i, m.path)))
+
+    def _adapter_weights(self, adapter_name: str):
+        """(layer index, AdapterWeights) for every layer the adapter lives in."""
+        for i, layer in enumerate(self._layers or []):
+            adapters = getattr(layer, GENERATOR_ATTR, None)
+            if adapters is not None and adapter_name in adapters.adapters:
+                yield i, adapters.adapters[adapter_name]
+
+    def _check_known(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; resident adapters: {sorted(self.peft_config)}")
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the one every row uses by default, and the one that trains."""
+        self._check_known(adapter_name)
+        self.active_adapter = adapter_name
+        for name in self.peft_config:
+            trainable = name == adapter_name and self._trainable[name]
+            for _, weights in self._adapter_weights(name):
+                weights.requires_grad_(trainable)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_known(adapter_name)
+        for i, _ in list(self._adapter_weights(adapter_name)):
+            del getattr(self._layers[i], GENERATOR_ATTR).adapters[adapter_name]
+        del self.peft_config[adapter_name], self._plans[adapter_name], self._trainable[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = next(iter(self.peft_config), None)
+            if self.active_adapter is not None:
+                self.set_adapter(self.active_adapter)
+
+    @contextmanager
+    def disable_adapter(self):
+        """Run the bare backbone inside this context."""
+        previous, self._disabled = self._disabled, True
+        try:
+            yield
+        finally:
+            self._disabled = previous
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        params = list(self.base_model.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    def unload(self) -> nn.Module:
+        """Remove every hook and generator and return the original model, as it was."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._hooked.clear()
+        for layer in self._layers or []:
+            if hasattr(layer, GENERATOR_ATTR):
+                delattr(layer, GENERATOR_ATTR)
+        model = self.base_model
+        for name, p in model.named_parameters():
+            p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
+        self.peft_config.clear()
+        self.active_adapter = None
+        return model
+
+    # ------------------------------------------------------------------ running
+    @contextmanager
+    def _rows(self, adapter_names, prompt_lengths, batch_size: int | None):
+        """Route this call's rows to adapters (None: the bare backbone)."""
+        if adapter_names is not None:
+            if isinstance(adapter_names, str) or not hasattr(adapter_names, "__len__"):
+                raise ValueError(f"adapter_names must be a list with one adapter name (or None) per row, "
+                                 f"got {adapter_names!r}")
+            adapter_names = list(adapter_names)
+            if batch_size is not None and len(adapter_names) != batch_size:
+                raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has "
+                                 f"{batch_size} rows; give one adapter name (or None) per row")
+            for name in adapter_names:
+                if name is not None:
+                    self._check_known(name)
+        saved = self._row_adapters, self._prompt_lengths
+        self._row_adapters, self._prompt_lengths = adapter_names, prompt_lengths
+        try:
+            yield
+        finally:
+            self._row_adapters, self._prompt_lengths = saved
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, prompt_lengths=None,
+                adapter_names=None, **kwargs):
+        """The wrapped model's forward. prompt_lengths [B]: prompt tokens per row (counted from
+        its first attended token); else the labels' -100 prefix, else all attended tokens.
+        adapter_names: one adapter name or None per row; default: the active adapter."""
+        batch = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        with self._rows(adapter_names, prompt_lengths, None if batch is None else batch.shape[0]):
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    def generate(self, *args, adapter_names=None, **kwargs):
+        """The wrapped model's generate(); the vectors are computed at prefill and reused at
+        every decode step. adapter_names: one adapter name or None per row."""
+        batch = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        try:
+            with self._rows(adapter_names, None, None if batch is None else batch.shape[0]):
+                return self.base_model.generate(*args, **kwargs)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        self._scales = [dict() for _ in self._scales]
+        self._ready = False
+
+    def _make_groups(self, batch: int, device) -> list[_Group]:
+        if self._disabled:
+            return []
+        rows = self._row_adapters
+        if rows is None:
+            rows = [self.active_adapter] * batch
+        elif batch % len(rows):
+            raise ValueError(f"adapter_names has {len(rows)} entries but the batch has {batch} rows")
+        else:  # generate() expands each row for beams / return sequences, in place
+            rows = [name for name in rows for _ in range(batch // len(rows))]
+        by_signature: dict[tuple, list] = {}
+        for name in dict.fromkeys(r for r in rows if r is not None):
+            by_signature.setdefault(self.peft_config[name].generator_signature(), []).append(name)
+        groups = []
+        for names in by_signature.values():
+            index = {n: k for k, n in enumerate(names)}
+            ids = torch.tensor([index.get(r, -1) for r in rows], dtype=torch.long, device=device)
+            groups.append(_Group(self.peft_config[names[0]], names, ids))
+        return groups
+
+    def _before_model(self, module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cached = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = args[0] if args else kwargs.get("inputs_embeds")
+        batch, length = x.shape[0], x.shape[1]
+        if cached > 0:  # decode step: reuse the prefill's vectors
+            if not self._ready or batch != self._batch_size:
+                raise RuntimeError("this forward continues a KV cache, but PARA has no vectors for it: the "
+                                   "vectors come from the prefill, which must run through this model first "
+                                   f"(batch {batch}, prefill batch {self._batch_size})")
+            self._decoding = True
+            return
+        self._decoding = False
+        self._ready = False
+        self._start, self._end = prompt_ranges(batch, length, x.device, kwargs.get("attention_mask"),
+                                               kwargs.get("labels"), self._prompt_lengths)
+        self._groups = self._make_groups(batch, x.device)
+        self._batch_size = batch
+        self._scales = [dict() for _ in self._layers]
+
+    def _after_model(self, module, args, output):
+        self._ready = True
+
+    def _layer_hook(self, i: int):
+        def hook(layer, args, kwargs):
+            if self._decoding:
+                return
+            self._scales[i] = {}
+            if self._groups:
+                self._compute(i, args[0] if args else kwargs["hidden_states"], "residual")
+        return hook
+
+    def _norm_hook(self, i: int):
+        def hook(norm, args, output):
+            if not self._decoding and self._groups:
+                self._compute(i, output, "normed")
+        return hook
+
+    def _scale_hook(self, i: int, path: str):
+        def hook(module, args, output):
+            s = self._scales[i].get(path) if self._scales else None
+            return None if s is None else ops.scale(output, s)
+        return hook
+
+    def _compute(self, i: int, hidden: torch.Tensor, source: str) -> None:
+        """pool -> generate for every adapter group of the batch at layer i; the per-module
+        scales are multiplied together (rows outside a group get ones from it)."""
+        generator = getattr(self._layers[i], GENERATOR_ATTR)
+        scales = self._scales[i]
+        for group in self._groups:
+            config, lmap = group.config, self._plans[group.names[0]].maps[i]
+            if config.pool_input != source or lmap is None:
+                continue
+            bank = generator.bank(group.names)
+            w_sa = bank["w_sa"][group.ids.clamp(min=0)].to(hidden.dtype) if "w_sa" in bank else None
+            pooled = ops.pool(hidden, self._start, self._end, config.pooler, w_sa)
+            v = ops.generate(pooled.to(bank["w_down"].dtype), bank["w_down"], bank["b_down"], bank["w_up"],
+                             bank["b_up"], group.ids, config.activation, bank.get("act_params")).to(hidden.dtype)
+            pieces = dict(zip(config.targets, v.split([lmap.sizes[t] for t in config.targets], dim=1)))
+            for m in lmap.modules:
+                s = module_scale(m, pieces, v.shape[0], v)
+                if s is not None:
+                    scales[m.path] = s if m.path not in scales else scales[m.path] * s
+
+    # ------------------------------------------------------------------ training helpers
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """As the wrapped model's, but non-reentrant by default (the frozen backbone gives
+        reentrant checkpoints no input that requires grad)."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        if kwargs["use_reentrant"]:
+            self.base_model.enable_input_require_grads()
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    # ------------------------------------------------------------------ files
+    def _adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        return {f"layers.{i}.{k}": p for i, w in self._adapter_weights(adapter_name)
+                for k, p in w.named_parameters()}
+
+    def save_pretrained(self, save_directory: str, selected_adapters=None, **_) -> None:
+        """Each adapter into ``save_directory/<adapter name>/``: adapter_model.safetensors and
+        adapter_config.json."""
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            self._check_known(name)
+        hf_config = getattr(self.base_model, "config", None)
+        for name in names:
+            config, plan = self.peft_config[name], self._plans[name]
+            info = {"model_type": getattr(hf_config, "model_type", None), "hidden_size": plan.d,
+                    "num_layers": len(plan.maps), "generator_outputs": plan.n,
+                    "base_model_name_or_path": config.base_model_name_or_path
+                    or getattr(hf_config, "_name_or_path", None)}
+            io.save_adapter(os.path.join(save_directory, name), config, self._adapter_tensors(name), info)
+
+    def load_adapter(self, path: str, adapter_name: str = "default", is_trainable: bool = False) -> None:
+        """Load an adapter saved by save_pretrained (``path`` or ``path/adapter_name``) as
+        ``adapter_name``; frozen unless is_trainable."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
+        folder = io.adapter_folder(path, adapter_name)
+        config, info, tensors = io.read_adapter(folder)
+        try:
+            plan = self._plan(config)
+        except MappingError as e:
+            raise io.AdapterFileError(f"the adapter in {folder} does not fit this model: {e}") from None
+        expected = self._expected_tensors(config, plan)
+        if info.get("hidden_size") not in (None, plan.d) or info.get("num_layers") not in (None, len(plan.maps)):
+            raise io.AdapterFileError(f"the adapter in {folder} was saved for hidden size {info.get('hidden_size')} "
+                                      f"and {info.get('num_layers')} layers; this model has {plan.d} and "
+                                      f"{len(plan.maps)}")
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        if missing or extra:
+            raise io.AdapterFileError(f"the adapter in {folder} does not match this model: missing tensors "
+                                      f"{missing[:4]}, unexpected tensors {extra[:4]}")
+        for key, shape in expected.items():
+            if tuple(tensors[key].shape) != shape or not tensors[key].is_floating_point():
+                raise io.AdapterFileError(f"tensor {key} in {folder} has shape {list(tensors[key].shape)} "
+                                          f"({tensors[key].dtype}); this model needs {list(shape)} floats")
+        self.add_adapter(adapter_name, config)
+        with torch.no_grad():
+            for key, p in self._adapter_tensors(adapter_name).items():
+                p.copy_(tensors[key])
+        self._trainable[adapter_name] = is_trainable
+        if self.active_adapter is None:
+            self.set_adapter(adapter_name)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path: str, adapter_name: str = "default",
+                        is_trainable: bool = False) -> "PARAModel":
+        """Wrap ``model`` and load the adapter saved at ``path`` (or ``path/adapter_name``)."""
+        para = cls(model)
+        try:
+            para.load_adapter(path, adapter_name, is_trainable=is_trainable)
+        except Exception:
+            para.unload()
+            raise
+        return para
+
+
+def get_para_model(model: nn.Module, config: PARAConfig, adapter_name: str = "default") -> PARAModel:
+    """Freeze ``model`` and give it a trainable PARA adapter ``adapter_name`` (active)."""
+    return PARAModel(model, config, adapter_name)
