@@ -1,0 +1,1 @@
+"""para_kernels benchmark suite: ``python -m bench`` (``make bench``)."""

@@ -1,0 +1,134 @@
+"""Bad input to the ops: a clear error naming the argument, before any backend runs."""
+import warnings
+
+import pytest
+import torch
+
+import para_kernels
+from para_kernels import ops
+from para_kernels.ops import dispatch
+
+H = torch.randn(2, 5, 4)
+S, E = torch.tensor([0, 1]), torch.tensor([5, 3])
+P = torch.randn(2, 4)
+WD, BD, WU, BU = torch.randn(3, 4, 2), torch.randn(3, 2), torch.randn(3, 2, 6), torch.randn(3, 6)
+IDS = torch.tensor([0, -1])
+X, V = torch.randn(2, 5, 6), torch.randn(2, 6)
+
+CASES = [
+    ("pool: hidden 1-D", lambda: ops.pool(torch.randn(4), S, E), ValueError, "hidden must be"),
+    ("pool: int hidden", lambda: ops.pool(H.long(), S, E), TypeError, "hidden must be float"),
+    ("pool: start count", lambda: ops.pool(H, torch.tensor([0]), E), ValueError, "prompt_start must have shape [B] = [2]"),
+    ("pool: end 2-D", lambda: ops.pool(H, S, E[None]), ValueError, "prompt_end"),
+    ("pool: float ranges", lambda: ops.pool(H, S.float(), E), TypeError, "prompt_start must be int32 or int64"),
+    ("pool: end past T", lambda: ops.pool(H, S, torch.tensor([6, 3])), ValueError, "T = 5"),
+    ("pool: empty prompt", lambda: ops.pool(H, S, torch.tensor([5, 1])), ValueError, "prompt length 0"),
+    ("pool: negative start", lambda: ops.pool(H, torch.tensor([-1, 0]), E), ValueError, "row 0"),
+    ("pool: packed end past total", lambda: ops.pool(H.reshape(10, 4), S, torch.tensor([5, 11])), ValueError,
+     "total = 10"),
+    ("pool: bad mode", lambda: ops.pool(H, S, E, "median"), ValueError, "mode must be one of"),
+    ("pool: attn without w_sa", lambda: ops.pool(H, S, E, "attn"), ValueError, "w_sa must be given"),
+    ("pool: w_sa with mean", lambda: ops.pool(H, S, E, "mean", torch.randn(4)), ValueError, "w_sa"),
+    ("pool: w_sa shape", lambda: ops.pool(H, S, E, "attn", torch.randn(3)), ValueError, "w_sa must have shape"),
+    ("pool: w_sa dtype", lambda: ops.pool(H, S, E, "attn", torch.randn(4).double()), TypeError, "w_sa has dtype"),
+    ("pool: ranges on meta", lambda: ops.pool(H, S.to("meta"), E), ValueError, "prompt_start is on meta"),
+    ("generate: pooled 3-D", lambda: ops.generate(H, WD, BD, WU, BU, IDS), ValueError, "pooled must be [B, d]"),
+    ("generate: w_down d", lambda: ops.generate(P, WD[:, :3], BD, WU, BU, IDS), ValueError, "w_down must have shape"),
+    ("generate: w_up r", lambda: ops.generate(P, WD, BD, WU[:, :1], BU, IDS), ValueError, "w_up must have shape"),
+    ("generate: b_up N", lambda: ops.generate(P, WD, BD, WU, BU[:, :5], IDS), ValueError, "b_up must have shape"),
+    ("generate: b_down A", lambda: ops.generate(P, WD, BD[:2], WU, BU, IDS), ValueError, "b_down must have shape"),
+    ("generate: dtype mix", lambda: ops.generate(P, WD.double(), BD, WU, BU, IDS), TypeError, "w_down has dtype"),
+    ("generate: ids count", lambda: ops.generate(P, WD, BD, WU, BU, torch.tensor([0])), ValueError,
+     "adapter_ids must have shape [2]"),
+    ("generate: id too big", lambda: ops.generate(P, WD, BD, WU, BU, torch.tensor([0, 3])), ValueError,
+     "adapter_ids[1] = 3"),
+    ("generate: id below -1", lambda: ops.generate(P, WD, BD, WU, BU, torch.tensor([-2, 0])), ValueError,
+     "adapter_ids[0] = -2"),
+    ("generate: activation", lambda: ops.generate(P, WD, BD, WU, BU, IDS, "swish"), ValueError, "activation must be"),
+    ("generate: rational params", lambda: ops.generate(P, WD, BD, WU, BU, IDS, "rational"), ValueError, "act_params"),
+    ("generate: params shape", lambda: ops.generate(P, WD, BD, WU, BU, IDS, "rational", torch.randn(3, 9)),
+     ValueError, "act_params must have shape"),
+    ("scale: n mismatch", lambda: ops.scale(X, V[:, :5]), ValueError, "x must end in n = 5"),
+    ("scale: B mismatch", lambda: ops.scale(X, torch.randn(3, 6)), ValueError, "B = 3 rows"),
+    ("scale: dtype mix", lambda: ops.scale(X, V.half()), TypeError, "v has dtype"),
+    ("scale: v 1-D", lambda: ops.scale(X, V[0]), ValueError, "v must be [B, n]"),
+    ("scale: token_rows count", lambda: ops.scale(torch.randn(4, 6), V, torch.tensor([0, 1])), ValueError,
+     "token_rows must have shape [4]"),
+    ("scale: token_rows range", lambda: ops.scale(torch.randn(2, 6), V, torch.tensor([0, 2])), ValueError,
+     "token_rows[1] = 2"),
+]
+
+
+@pytest.mark.parametrize("name,call,error,fragment", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_named(name, call, error, fragment):
+    with pytest.raises(error) as info:
+        call()
+    assert fragment in str(info.value)
+
+
+def test_errors_come_before_any_backend(monkeypatch):
+    """A backend must never see invalid arguments."""
+    def explode(*args, **kwargs):
+        raise AssertionError("backend called with invalid input")
+
+    backend = dispatch._backends["reference"]
+    monkeypatch.setattr(backend, "impls", {name: explode for name in backend.impls})
+    for _, call, error, _ in CASES:
+        with pytest.raises(error):
+            call()
+
+
+def test_direct_custom_op_calls_are_checked_too():
+    with pytest.raises(ValueError, match="T = 5"):
+        torch.ops.para.pool(H, S, torch.tensor([6, 3]), "last", None)
+    with pytest.raises(ValueError, match="adapter_ids"):
+        torch.ops.para.generate(P, WD, BD, WU, BU, torch.tensor([0, 5]), "gelu", None)
+
+
+# ------------------------------------------------------------------ dispatch
+def test_set_backend_validates_name():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        para_kernels.set_backend("tpu")
+
+
+def test_reference_is_always_available():
+    assert "reference" in para_kernels.available_backends("cpu")
+    assert ops.backend_for("scale", torch.device("cpu")) in para_kernels.available_backends("cpu")
+
+
+@pytest.mark.skipif("triton" in dispatch.available_backends("cpu"), reason="Triton can run on this CPU")
+def test_unavailable_backend_warns_once_and_falls_back():
+    para_kernels.set_backend("triton")
+    try:
+        with pytest.warns(RuntimeWarning, match="'triton' was requested"):
+            out = ops.scale(X, V)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ops.scale(X, V)  # the second call is silent
+        torch.testing.assert_close(out, X * V[:, None])
+        assert ops.backend_for("scale", torch.device("cpu")) == "reference"
+    finally:
+        para_kernels.set_backend(None)
+
+
+def test_environment_variable_forces_backend(monkeypatch):
+    monkeypatch.setenv("PARA_KERNELS_BACKEND", "reference")
+    assert para_kernels.get_backend() == "reference"
+    monkeypatch.setenv("PARA_KERNELS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="PARA_KERNELS_BACKEND must be one of"):
+        para_kernels.get_backend()
+    para_kernels.set_backend("reference")  # the explicit call wins over the environment
+    try:
+        assert para_kernels.get_backend() == "reference"
+    finally:
+        para_kernels.set_backend(None)
+
+
+def test_backend_registry_is_used(monkeypatch):
+    """The custom ops really go through the dispatch point."""
+    calls = []
+    backend = dispatch._backends["reference"]
+    original = backend.impls["generate"]
+    monkeypatch.setitem(backend.impls, "generate", lambda *a: calls.append(1) or original(*a))
+    ops.generate(P, WD, BD, WU, BU, IDS)
+    assert calls == [1]
