@@ -73,7 +73,11 @@ class PARAModel(nn.Module):
         self._handles.append(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._after_model))
         if config is not None:
-            self.add_adapter(adapter_name, config)
+            try:
+                self.add_adapter(adapter_name, config)
+            except Exception:
+                self.unload()  # a failed wrap leaves the model as it was (no hooks, grads restored)
+                raise
             self.set_adapter(adapter_name)
 
     def __getattr__(self, name: str):
@@ -321,7 +325,11 @@ class PARAModel(nn.Module):
     def _scale_hook(self, i: int, path: str):
         def hook(module, args, output):
             s = self._scales[i].get(path) if self._scales else None
-            return None if s is None else ops.scale(output, s)
+            if s is None:
+                return None
+            if output.dim() == 2 and output.shape[0] != s.shape[0]:  # OPT's FFN: tokens as [B*T, n]
+                return ops.scale(output.reshape(s.shape[0], -1, output.shape[-1]), s).reshape(output.shape)
+            return ops.scale(output, s)
         return hook
 
     def _compute(self, i: int, hidden: torch.Tensor, source: str) -> None:
@@ -345,13 +353,23 @@ class PARAModel(nn.Module):
                     scales[m.path] = s if m.path not in scales else scales[m.path] * s
 
     # ------------------------------------------------------------------ training helpers
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        """As the wrapped model's, but non-reentrant by default (the frozen backbone gives
-        reentrant checkpoints no input that requires grad)."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        if kwargs["use_reentrant"]:
-            self.base_model.enable_input_require_grads()
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        """As the wrapped model's, but always non-reentrant: the PARA vectors reach a layer's
+        projections through hooks, not as checkpoint inputs, and a reentrant checkpoint's
+        recompute would backpropagate through them a second time."""
+        ckpt = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        if ckpt["use_reentrant"]:
+            raise ValueError("PARA needs non-reentrant activation checkpointing: pass "
+                             "gradient_checkpointing_kwargs={'use_reentrant': False} (the default)")
+        base = self.base_model
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x: no deprecation warning
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt, **kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt, **kwargs)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
+        """The transformers 5 name of :meth:`gradient_checkpointing_enable` (what Trainer calls)."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
 
     # ------------------------------------------------------------------ files
     def _adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
