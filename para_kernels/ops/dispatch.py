@@ -22,9 +22,10 @@ OPS = ("pool", "pool_backward", "generate", "generate_backward", "scale", "scale
 @dataclass
 class _Backend:
     name: str
-    is_available: Callable[[torch.device], bool]
+    is_available: Callable[[torch.device], bool]  # can run there when forced
     impls: dict
     unavailable_reason: str = ""
+    auto: Callable[[torch.device], bool] | None = None  # chosen there unforced (default: is_available)
 
 
 _backends: dict[str, _Backend] = {}
@@ -33,15 +34,19 @@ _warned: set = set()
 
 
 def register_backend(name: str, impls: dict, is_available: Callable[[torch.device], bool],
-                     unavailable_reason: str = "") -> None:
+                     unavailable_reason: str = "",
+                     auto: Callable[[torch.device], bool] | None = None) -> None:
     """Make ``impls`` ({op name: callable}) the implementation of ``name`` on devices where
-    ``is_available(device)`` holds. Called by each backend module at import."""
+    ``is_available(device)`` holds; unforced, it is chosen only where ``auto(device)`` holds
+    too (e.g. Triton's interpreter runs on the CPU when forced, but is never chosen there).
+    An op missing from ``impls`` falls through to the next backend. Called by each backend
+    module at import."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     unknown = set(impls) - set(OPS)
     if unknown:
         raise ValueError(f"unknown ops {sorted(unknown)} for backend {name!r}; ops are {OPS}")
-    _backends[name] = _Backend(name, is_available, dict(impls), unavailable_reason)
+    _backends[name] = _Backend(name, is_available, dict(impls), unavailable_reason, auto)
 
 
 def _check_name(name: str | None, source: str) -> str | None:
@@ -85,7 +90,8 @@ def backend_for(op: str, device: torch.device) -> str:
                    f"on {device.type} ({why or 'not available for this device'}); falling back")
     for name in BACKENDS:
         backend = _backends.get(name)
-        if backend is not None and op in backend.impls and backend.is_available(device):
+        if backend is not None and op in backend.impls and backend.is_available(device) \
+                and (backend.auto is None or backend.auto(device)):
             return name
     raise RuntimeError(f"no para_kernels backend implements {op!r} on {device}")
 
