@@ -53,3 +53,20 @@ def scale(x, v, token_rows=None):
     if token_rows is not None:
         return torch.stack([x[i].double() * v[int(token_rows[i])].double() for i in range(x.shape[0])])
     return torch.stack([x[b].double() * v[b].double() for b in range(x.shape[0])])
+
+
+def pool_generate(hidden, start, end, mode, w_sa, w_down, b_down, w_up, b_up, ids, activation, act_params=None):
+    return generate(pool(hidden, start, end, mode, w_sa), w_down, b_down, w_up, b_up, ids, activation, act_params)
+
+
+def scaled_glu(gate, up, v, activation):
+    a = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[activation]
+    return torch.stack([a(gate[b].double()) * up[b].double() * v[b].double() for b in range(gate.shape[0])])
+
+
+def scaled_linear(x, weight, bias, v):
+    rows = []
+    for b in range(x.shape[0]):
+        y = x[b].double() @ weight.double().T
+        rows.append((y if bias is None else y + bias.double()) * v[b].double())
+    return torch.stack(rows)

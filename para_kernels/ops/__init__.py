@@ -7,6 +7,12 @@ which checks its arguments and runs the backend chosen by :mod:`.dispatch`. Shap
     generate(pooled [B,d], w_down [A,d,r], b_down [A,r], w_up [A,r,N], b_up [A,N],
              adapter_ids [B], activation, act_params [A,10]) -> v [B,N] (already 1 + ...)
     scale(x [B,...,n] | [total,n], v [B,n], token_rows [total]) -> x ⊙ v[row]
+
+Fused variants, which remove the rescale's extra pass over memory:
+
+    pool_generate(hidden, prompt_start, prompt_end, mode, w_sa, <generate's bank>) -> v [B,N]
+    scaled_glu(gate [B,...,n], up [B,...,n], v [B,n], activation) -> act(gate) ⊙ up ⊙ v[row]
+    scaled_linear(x [B,...,k], weight [n,k], bias [n], v [B,n]) -> (x Wᵀ + b) ⊙ v[row]
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from .checks import POOL_MODES
 from .dispatch import available_backends, backend_for, get_backend, set_backend
 
 __all__ = [
-    "pool", "generate", "scale", "set_backend", "get_backend", "backend_for", "available_backends",
+    "pool", "generate", "scale", "pool_generate", "scaled_glu", "scaled_linear", "set_backend", "get_backend", "backend_for", "available_backends",
     "POOL_MODES", "ACTIVATIONS", "RATIONAL_GELU_INIT", "RATIONAL_NUM_PARAMS",
 ]
 
@@ -57,3 +63,25 @@ def scale(x: Tensor, v: Tensor, token_rows: Tensor | None = None) -> Tensor:
         checks.scale_values(v, token_rows)
         return torch_ops.scale(x, v, token_rows)
     return torch.ops.para.scale(x, v, token_rows)
+
+
+def pool_generate(hidden: Tensor, prompt_start: Tensor, prompt_end: Tensor, mode: str, w_sa: Tensor | None,
+                  w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor, adapter_ids: Tensor,
+                  activation: str = "gelu", act_params: Tensor | None = None) -> Tensor:
+    """generate(pool(hidden, ...), ...) as one op (one launch per layer at prefill); the pooled
+    vector stays in fp32. hidden may be 16-bit while the bank is fp32. Returns [B, N] in the
+    bank's dtype."""
+    return torch.ops.para.pool_generate(hidden, prompt_start, prompt_end, mode, w_sa, w_down, b_down, w_up,
+                                        b_up, adapter_ids, activation, act_params)
+
+
+def scaled_glu(gate: Tensor, up: Tensor, v: Tensor, activation: str = "silu") -> Tensor:
+    """act(gate) ⊙ (up ⊙ v[row]): a gated FFN's product with PARA's l_u folded in.
+    gate, up [B, ..., n]; v [B, n]; activation 'silu' | 'gelu' | 'gelu_tanh'."""
+    return torch.ops.para.scaled_glu(gate, up, v, activation)
+
+
+def scaled_linear(x: Tensor, weight: Tensor, bias: Tensor | None, v: Tensor) -> Tensor:
+    """(x Wᵀ + b) ⊙ v[row]: a projection with PARA's scale as its epilogue.
+    x [B, ..., k]; weight [n, k]; bias [n] or None; v [B, n]."""
+    return torch.ops.para.scaled_linear(x, weight, bias, v)

@@ -145,3 +145,47 @@ def scale_values(v: Tensor, token_rows: Tensor | None) -> None:
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         _fail(f"token_rows[{i}] = {int(token_rows[i])} is out of range [0, B = {v.shape[0]})")
+
+
+def pool_generate_shapes(hidden: Tensor, prompt_start: Tensor, prompt_end: Tensor, mode: str,
+                         w_sa: Tensor | None, w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor,
+                         adapter_ids: Tensor, activation: str, act_params: Tensor | None) -> None:
+    pool_shapes(hidden, prompt_start, prompt_end, mode, w_sa)
+    _float("w_down", w_down)
+    pooled = hidden.new_empty((prompt_start.shape[0], hidden.shape[-1]), dtype=w_down.dtype)
+    generate_shapes(pooled, w_down, b_down, w_up, b_up, adapter_ids, activation, act_params)
+
+
+GLU_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")  # act of a gated FFN
+
+
+def _row_scale(name: str, t: Tensor, v: Tensor) -> None:
+    """t [B, ..., n] scaled by v [B, n]."""
+    if v.dim() != 2:
+        _fail(f"v must be [B, n], got {list(v.shape)}")
+    if t.dim() < 2 or t.shape[0] != v.shape[0] or t.shape[-1] != v.shape[1]:
+        _fail(f"{name} must be [B, ..., n] = [{v.shape[0]}, ..., {v.shape[1]}] to match v, got {list(t.shape)}")
+
+
+def scaled_glu_shapes(gate: Tensor, up: Tensor, v: Tensor, activation: str) -> None:
+    _float("gate", gate)
+    _like("up", up, "gate", gate)
+    _like("v", v, "gate", gate)
+    if up.shape != gate.shape:
+        _fail(f"up must have gate's shape {list(gate.shape)}, got {list(up.shape)}")
+    _row_scale("gate", gate, v)
+    if activation not in GLU_ACTIVATIONS:
+        _fail(f"activation must be one of {GLU_ACTIVATIONS}, got {activation!r}")
+
+
+def scaled_linear_shapes(x: Tensor, weight: Tensor, bias: Tensor | None, v: Tensor) -> None:
+    _float("x", x)
+    _like("weight", weight, "x", x)
+    _like("v", v, "x", x)
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        _fail(f"weight must be [n, k] with k = {x.shape[-1]} (x's last dim), got {list(weight.shape)}")
+    if bias is not None:
+        _like("bias", bias, "x", x)
+        _shape("bias", bias, [weight.shape[0]], "[n]")
+    if v.dim() != 2 or list(v.shape) != [x.shape[0], weight.shape[0]]:
+        _fail(f"v must be [B, n] = [{x.shape[0]}, {weight.shape[0]}], got {list(v.shape)}")

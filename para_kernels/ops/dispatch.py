@@ -16,7 +16,9 @@ import torch
 
 BACKENDS = ("cuda", "triton", "reference")  # in order of preference
 ENV_VAR = "PARA_KERNELS_BACKEND"
-OPS = ("pool", "pool_backward", "generate", "generate_backward", "scale", "scale_backward")
+OPS = ("pool", "pool_backward", "generate", "generate_backward", "scale", "scale_backward",
+       "pool_generate", "pool_generate_backward", "scaled_glu", "scaled_glu_backward",
+       "scaled_linear", "scaled_linear_backward")
 
 
 @dataclass
@@ -83,11 +85,17 @@ def backend_for(op: str, device: torch.device) -> str:
     forced = get_backend()
     if forced is not None:
         backend = _backends.get(forced)
-        if backend is not None and op in backend.impls and backend.is_available(device):
+        key = (forced, device.type)  # one warning for a backend that cannot run here at all
+        if backend is None:
+            why = "it is not installed"
+        elif not backend.is_available(device):
+            why = backend.unavailable_reason or f"it does not run on {device.type}"
+        elif op not in backend.impls:
+            why, key = f"it does not implement {op!r}", (forced, device.type, op)
+        else:
             return forced
-        why = backend.unavailable_reason if backend is not None else "it is not installed"
-        _warn_once((forced, device.type), f"para_kernels: backend {forced!r} was requested but cannot run "
-                   f"on {device.type} ({why or 'not available for this device'}); falling back")
+        _warn_once(key, f"para_kernels: backend {forced!r} was requested for {op!r} on {device.type}, "
+                   f"but {why}; falling back")
     for name in BACKENDS:
         backend = _backends.get(name)
         if backend is not None and op in backend.impls and backend.is_available(device) \
