@@ -163,8 +163,9 @@ class ReferencePARA:
 
 
 def hook_snapshot(model: nn.Module) -> dict:
+    """Every module's hooks, and its instance-level forward override (fused consumers set one)."""
     return {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._forward_hooks_with_kwargs),
-                   dict(m._forward_pre_hooks_with_kwargs))
+                   dict(m._forward_pre_hooks_with_kwargs), m.__dict__.get("forward"))
             for name, m in model.named_modules()}
 
 
@@ -177,14 +178,22 @@ def test_scaling_matches_hand_written_reference(arch, pooler):
     before = hook_snapshot(model)
     para = get_para_model(model, PARAConfig(r=4, pooler=pooler))
 
-    # hooks went exactly onto the modules whose outputs hold q, v and up
+    # hooks (or fused-consumer forwards) went exactly onto the modules whose outputs hold q, v
+    # and up; a gated FFN whose product became scaled_glu stands for its up branch
     layout = expected_layout(arch, model.config)
     after = hook_snapshot(model)
     for i, layer in enumerate(decoder_layers(model)):
         prefix = next(n for n, m in model.named_modules() if m is layer)
-        hooked = {name for name, _ in layer.named_modules() if name and f"{prefix}.{name}" in before
-                  and len(after[f"{prefix}.{name}"][0]) > len(before[f"{prefix}.{name}"][0])}
-        assert hooked == set(layout), (i, hooked)
+        touched = set()
+        for name, module in layer.named_modules():
+            key = f"{prefix}.{name}"
+            if not name or key not in before:
+                continue
+            if len(after[key][0]) > len(before[key][0]):
+                touched.add(name)
+            if after[key][4] is not None and before[key][4] is None:
+                touched.add(f"{name}.up_proj" if hasattr(module, "gate_proj") else name)
+        assert touched == set(layout), (i, touched)
 
     # generator sizes: N = n_q + n_v + n_u from the HF config
     weights = adapter_params(para, "default")

@@ -51,14 +51,13 @@ def _count_calls(monkeypatch, name):
 def test_vectors_are_computed_once_at_prefill_and_reused(monkeypatch):
     model, pm = _model_with_adapters()
     ids, mask, _ = _left_padded([6, 4])
-    gen_calls = _count_calls(monkeypatch, "generate")
-    pool_calls = _count_calls(monkeypatch, "pool")
+    calls = _count_calls(monkeypatch, "pool_generate")
     with torch.no_grad():
         out = pm.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
     n_layers = len(model.model.layers)
     assert out.shape == (2, ids.shape[1] + NEW)
-    assert len(gen_calls) == n_layers and len(pool_calls) == n_layers
-    assert all(shape[0] == 2 for shape in gen_calls)
+    assert len(calls) == n_layers  # one fused pool -> generate per layer, at prefill only
+    assert all(shape[0] == 2 for shape in calls)
 
     # the same tokens without a KV cache: every step re-runs the whole sequence, pooling the
     # original prompt only (prompt_lengths), so the cached values were scaled correctly
@@ -165,7 +164,7 @@ def test_forward_with_a_cache_reuses_the_prefill_vectors(monkeypatch):
     ids, mask, _ = _left_padded([6, 3])
     with torch.no_grad():
         want = pm.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, adapter_names=["b", "a"])
-        calls = _count_calls(monkeypatch, "generate")
+        calls = _count_calls(monkeypatch, "pool_generate")
         out = pm(input_ids=ids, attention_mask=mask, use_cache=True, adapter_names=["b", "a"])
         seq, m, cache = ids, mask, out.cache
         for _ in range(NEW):

@@ -141,13 +141,13 @@ LENGTH = 10
 def _spy_vectors(monkeypatch):
     """Record every generator output v (one per layer per forward)."""
     seen = []
-    real = para_kernels.ops.generate
+    real = para_kernels.ops.pool_generate
 
     def spy(*args, **kwargs):
         v = real(*args, **kwargs)
         seen.append(v.detach().clone())
         return v
-    monkeypatch.setattr(para_kernels.ops, "generate", spy)
+    monkeypatch.setattr(para_kernels.ops, "pool_generate", spy)
     return seen
 
 

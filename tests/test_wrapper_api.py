@@ -246,7 +246,13 @@ def _capture_linear_io(model, paths):
 def _is_scaled(seen, model, path):
     x, y = seen[path]
     plain = F.linear(x, model.get_submodule(path).weight)
-    return not torch.allclose(y, plain, atol=1e-6)
+    if not torch.allclose(y, plain, atol=1e-6):
+        return True
+    if path.endswith("mlp.up_proj"):  # a fused consumer scales up inside the FFN's product
+        mlp = model.get_submodule(path.rsplit(".", 1)[0])
+        gate, product = seen[path.replace("up_proj", "gate_proj")][1], seen[path.replace("up_proj", "down_proj")][0]
+        return not torch.allclose(product, mlp.act_fn(gate) * y, atol=1e-6)
+    return False
 
 
 PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj",
@@ -289,12 +295,12 @@ def test_pool_input_selects_residual_or_normed_stream(monkeypatch, pool_input):
     pm = get_para_model(model, PARAConfig(r=4, pooler="mean", pool_input=pool_input))
     randomize_adapter(pm)
     pooled_inputs = []
-    real_pool = para_kernels.ops.pool
+    real_pool = para_kernels.ops.pool_generate
 
     def spy(hidden, *args, **kwargs):
         pooled_inputs.append(hidden.detach().clone())
         return real_pool(hidden, *args, **kwargs)
-    monkeypatch.setattr(para_kernels.ops, "pool", spy)
+    monkeypatch.setattr(para_kernels.ops, "pool_generate", spy)
     streams = {"residual": [], "normed": []}
     handles = []
     for layer in model.model.layers:

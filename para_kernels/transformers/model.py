@@ -2,9 +2,10 @@
 
 How a batch flows: a pre-hook on the wrapped model works out each row's prompt range and
 adapter; a pre-hook on every decoder layer pools that layer's input and generates the
-vectors (pool -> generate); forward hooks on the q / v / up projections rescale their
-outputs (scale). When a forward continues a KV cache (a decode step), the vectors of the
-prefill are reused unchanged (PARA_SPEC §2).
+vectors (one ``pool_generate`` per adapter group); the q / v / up projections then rescale
+their outputs (``scale`` in a forward hook, or a fused consumer — see consumers.py). When a
+forward continues a KV cache (a decode step), the prefill's vectors are reused unchanged
+(PARA_SPEC §2).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from .. import ops
 from ..config import PARAConfig
-from . import io
+from . import consumers, io
 from .generator import AdapterWeights, PARAGenerator, weight_shapes
 from .mapping import LayerMap, MappingError, find_layers, map_layer, module_scale
 from .prompts import prompt_ranges
@@ -151,7 +152,17 @@ class PARAModel(nn.Module):
             once((i, "<norm>"), lambda: norm.register_forward_hook(self._norm_hook(i)))
         for m in lmap.modules:
             module = layer.get_submodule(m.path)
-            once((i, m.path), lambda: module.register_forward_hook(self._scale_hook(i, m.path)))
+            get_scale = self._scale_getter(i, m.path)
+            glu = consumers.glu_parts(layer, m.path) if m.segments[-1].target == "up" else None
+            if glu is not None:
+                mlp, act = glu
+                once((i, m.path), lambda: consumers.ForwardOverride(
+                    mlp, consumers.scaled_glu_forward(mlp, act, get_scale)))
+            elif consumers.is_fusable_linear(module, m):
+                once((i, m.path), lambda: consumers.ForwardOverride(
+                    module, consumers.scaled_linear_forward(module, get_scale)))
+            else:
+                once((i, m.path), lambda: module.register_forward_hook(self._scale_hook(get_scale)))
 
     def _adapter_weights(self, adapter_name: str):
         """(layer index, AdapterWeights) for every layer the adapter lives in."""
@@ -322,14 +333,17 @@ class PARAModel(nn.Module):
                 self._compute(i, output, "normed")
         return hook
 
-    def _scale_hook(self, i: int, path: str):
+    def _scale_getter(self, i: int, path: str):
+        """The current batch's scale of module ``path`` in layer i ([B, out] or None)."""
+        def get_scale():
+            return self._scales[i].get(path) if self._scales else None
+        return get_scale
+
+    @staticmethod
+    def _scale_hook(get_scale):
         def hook(module, args, output):
-            s = self._scales[i].get(path) if self._scales else None
-            if s is None:
-                return None
-            if output.dim() == 2 and output.shape[0] != s.shape[0]:  # OPT's FFN: tokens as [B*T, n]
-                return ops.scale(output.reshape(s.shape[0], -1, output.shape[-1]), s).reshape(output.shape)
-            return ops.scale(output, s)
+            s = get_scale()
+            return None if s is None else consumers.scale_output(output, s)
         return hook
 
     def _compute(self, i: int, hidden: torch.Tensor, source: str) -> None:
@@ -343,9 +357,9 @@ class PARAModel(nn.Module):
                 continue
             bank = generator.bank(group.names)
             w_sa = bank["w_sa"][group.ids.clamp(min=0)].to(hidden.dtype) if "w_sa" in bank else None
-            pooled = ops.pool(hidden, self._start, self._end, config.pooler, w_sa)
-            v = ops.generate(pooled.to(bank["w_down"].dtype), bank["w_down"], bank["b_down"], bank["w_up"],
-                             bank["b_up"], group.ids, config.activation, bank.get("act_params")).to(hidden.dtype)
+            v = ops.pool_generate(hidden, self._start, self._end, config.pooler, w_sa, bank["w_down"],
+                                  bank["b_down"], bank["w_up"], bank["b_up"], group.ids, config.activation,
+                                  bank.get("act_params")).to(hidden.dtype)
             pieces = dict(zip(config.targets, v.split([lmap.sizes[t] for t in config.targets], dim=1)))
             for m in lmap.modules:
                 s = module_scale(m, pieces, v.shape[0], v)
