@@ -18,12 +18,18 @@ def _impl(op: str, device: torch.device):
     return dispatch.implementation(op, device)
 
 
+def _values_checkable(t: Tensor) -> bool:
+    """Value checks read indices back to the host: not while a CUDA graph is being captured."""
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 # ---------------------------------------------------------------- pool
 @torch.library.custom_op("para::pool", mutates_args=())
 def pool(hidden: Tensor, prompt_start: Tensor, prompt_end: Tensor, mode: str,
          w_sa: Optional[Tensor] = None) -> Tensor:
     checks.pool_shapes(hidden, prompt_start, prompt_end, mode, w_sa)
-    checks.pool_values(hidden, prompt_start, prompt_end)
+    if _values_checkable(hidden):
+        checks.pool_values(hidden, prompt_start, prompt_end)
     return _impl("pool", hidden.device)(hidden, prompt_start, prompt_end, mode, w_sa)
 
 
@@ -65,7 +71,8 @@ pool.register_autograd(_pool_grad, setup_context=_pool_setup)
 def generate(pooled: Tensor, w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor,
              adapter_ids: Tensor, activation: str, act_params: Optional[Tensor] = None) -> Tensor:
     checks.generate_shapes(pooled, w_down, b_down, w_up, b_up, adapter_ids, activation, act_params)
-    checks.generate_values(w_down, adapter_ids)
+    if _values_checkable(pooled):
+        checks.generate_values(w_down, adapter_ids)
     return _impl("generate", pooled.device)(pooled, w_down, b_down, w_up, b_up, adapter_ids,
                                              activation, act_params)
 
@@ -112,7 +119,8 @@ generate.register_autograd(_generate_grad, setup_context=_generate_setup)
 @torch.library.custom_op("para::scale", mutates_args=())
 def scale(x: Tensor, v: Tensor, token_rows: Optional[Tensor] = None) -> Tensor:
     checks.scale_shapes(x, v, token_rows)
-    checks.scale_values(v, token_rows)
+    if _values_checkable(x):
+        checks.scale_values(v, token_rows)
     return _impl("scale", x.device)(x, v, token_rows)
 
 
@@ -155,8 +163,9 @@ def pool_generate(hidden: Tensor, prompt_start: Tensor, prompt_end: Tensor, mode
     args = (hidden, prompt_start, prompt_end, mode, w_sa, w_down, b_down, w_up, b_up, adapter_ids, activation,
             act_params)
     checks.pool_generate_shapes(*args)
-    checks.pool_values(hidden, prompt_start, prompt_end)
-    checks.generate_values(w_down, adapter_ids)
+    if _values_checkable(hidden):
+        checks.pool_values(hidden, prompt_start, prompt_end)
+        checks.generate_values(w_down, adapter_ids)
     return _impl("pool_generate", hidden.device)(*args)
 
 

@@ -1,0 +1,311 @@
+"""Triton kernels of ``para::scale`` and ``para::scale_backward`` (PARA_SPEC §3).
+
+Shapes (as in ``torch_ops.scale``, the spec): x [B, ..., n] with v [B, n] (padded), or packed
+x [total, n] with token_rows [total] (int32 or int64, the row of each token).
+
+Design. x is viewed without a copy as [R, L, n] (padded: R = B, L = product of the middle dims;
+packed: R = 1, L = total), any strides. Each program owns a [RPT, BLOCK_T, BLOCK_N] tile: RPT
+whole rows' worth of BLOCK_T tokens each (RPT > 1 only when rows are short, e.g. decode L = 1,
+so tiles stay large), times a feature block. The tile's rows come from one division per program,
+never per element, and v[row] is a [RPT, BLOCK_N] load broadcast over the tokens; packed tiles
+(RPT = 1) read token_rows once per token and gather v per token. Loads are in the input dtype,
+math in fp32 (fp64 for fp64 inputs), stores in the output dtype; grids depend on shapes only,
+never on values, so the ops can be captured in CUDA graphs.
+
+Backward, padded: one fused pass reads grad and x once, writes grad_x and sums grad ⊙ x over the
+token axis of its tile (a fixed-size segmented sum, since tiles never cross rows). Long rows are
+cut into C chunks (chosen from the shapes so the GPU fills up); with C > 1 each program writes an
+fp32 partial [R, C, n] and a second tiny kernel adds the chunks in order. No atomics, and these
+configs are fixed rather than autotuned, so grad_v is bitwise run-to-run deterministic for a given
+shape and device.
+Backward, packed: a row's tokens may sit anywhere in x, so a deterministic scheme needs a sort
+(extra passes over the indices) or a scan of all of token_rows per row (O(B · total) work: bad for
+many short sequences). We use fp32 atomics instead, made cheap by first folding each tile per
+distinct row in registers (packed rows come in runs, so a tile usually holds 1-2 rows): about
+BLOCK_N atomics per row per tile instead of one per element. Their order varies between runs, so
+packed grad_v may differ in the last bits from run to run.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import interpreting
+
+_MAX_T = 64  # tokens per tile row, and rows per tile: bounds registers and the autotune key
+_MAX_CHUNKS = 64  # token chunks per row in the padded backward
+_SMALL = 1 << 22  # elements (8 MB of bf16, a few µs) under which the forward is not tuned
+
+
+def _np2(x: int) -> int:
+    return triton.next_power_of_2(max(int(x), 1))
+
+
+def _tile(n_cap: int, tile: int, n: int, R: int, L: int, packed: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_T, RPT) for about ``tile`` elements per program: features first (16-byte
+    vectors, long contiguous runs), then tokens of one row, then whole short rows."""
+    bn = min(_np2(n), n_cap)
+    tokens = max(1, tile // bn)
+    bt = min(_np2(L), tokens, _MAX_T)
+    rpt = 1 if packed else min(max(1, tokens // bt), _np2(R), _MAX_T)
+    return bn, bt, rpt
+
+
+# ------------------------------------------------------------------ forward
+def _fwd_configs() -> list:
+    # N_CAP caps the feature block, TILE is the elements per program.
+    if interpreting():  # each program costs milliseconds there: few, large tiles
+        return [triton.Config({"N_CAP": 4096, "TILE": 16384}, num_warps=4)]
+    # 16-byte vectors along n and 2K-16K elements per program: 16-64 bytes in flight per thread.
+    return [triton.Config({"N_CAP": c, "TILE": t}, num_warps=w) for c, t, w in (
+        (256, 2048, 4), (512, 4096, 4), (1024, 4096, 4), (1024, 8192, 8), (2048, 8192, 8),
+        (4096, 16384, 8))]
+
+
+def _fwd_tile(a: dict) -> tuple[int, int, int]:
+    return _tile(a["N_CAP"], a["TILE"], a["n"], a["R"], a["L"], a["PACKED"])
+
+
+def _fwd_prune(configs, named_args, **kwargs):
+    """Drop configs that collapse to the same tile for this shape (small n, short rows). Small
+    inputs (decode steps) are launch-bound: they get one fixed config and are never benchmarked,
+    so a CUDA-graph capture of a decode step never triggers the tuner."""
+    a = {**named_args, **kwargs}
+    if a["R"] * a["L"] * a["n"] < _SMALL:
+        return [configs[min(2, len(configs) - 1)]]
+    seen, keep = set(), []
+    for c in configs:
+        key = (*_fwd_tile({**named_args, **kwargs, **c.kwargs}), c.num_warps)
+        if key not in seen:
+            seen.add(key)
+            keep.append(c)
+    return keep
+
+
+@triton.autotune(configs=_fwd_configs(), key=["n", "L_KEY", "SIZE_KEY"],
+                 prune_configs_by={"early_config_prune": _fwd_prune})
+@triton.heuristics({"BLOCK_N": lambda a: _fwd_tile(a)[0], "BLOCK_T": lambda a: _fwd_tile(a)[1],
+                    "RPT": lambda a: _fwd_tile(a)[2]})
+@triton.jit
+def _scale_fwd_kernel(x_ptr, v_ptr, rows_ptr, out_ptr, n, R, L,
+                      sx_r, sx_t, sx_f, so_r, so_t, so_f, sv_b, sv_f,
+                      L_KEY, SIZE_KEY,  # autotune key only
+                      PACKED: tl.constexpr, F64: tl.constexpr, N_CAP: tl.constexpr, TILE: tl.constexpr,
+                      RPT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[r, t, f] = x[r, t, f] · v[row, f]; row = r (padded) or token_rows[t] (packed, R = 1)."""
+    ACC: tl.constexpr = tl.float64 if F64 else tl.float32
+    pid = tl.program_id(0)
+    tiles = (L + BLOCK_T - 1) // BLOCK_T
+    grp = pid // tiles  # the only division: once per program
+    r = grp * RPT + tl.arange(0, RPT)
+    t = (pid - grp * tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
+    f = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_ok = (r < R)[:, None, None]
+    f_ok = (f < n)[None, None, :]
+    mask = r_ok & (t < L)[None, :, None] & f_ok
+    r64 = r.to(tl.int64)[:, None, None]  # offsets of >2 GiB tensors overflow int32
+    t64 = t.to(tl.int64)[None, :, None]
+    fo = f[None, None, :]
+    if PACKED:  # R = 1: no row term, so the row stride cannot spoil the alignment proof
+        x_off = t64 * sx_t + fo * sx_f
+        o_off = t64 * so_t + fo * so_f
+        row = tl.load(rows_ptr + t, mask=t < L, other=0).to(tl.int64)[None, :, None]  # once per token
+        vv = tl.load(v_ptr + row * sv_b + fo * sv_f, mask=mask, eviction_policy="evict_last").to(ACC)
+    else:
+        x_off = r64 * sx_r + t64 * sx_t + fo * sx_f
+        o_off = r64 * so_r + t64 * so_t + fo * so_f
+        vv = tl.load(v_ptr + r64 * sv_b + fo * sv_f, mask=r_ok & f_ok, eviction_policy="evict_last").to(ACC)
+    xv = tl.load(x_ptr + x_off, mask=mask, eviction_policy="evict_first").to(ACC)
+    tl.store(out_ptr + o_off, (xv * vv).to(out_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")
+
+
+# ------------------------------------------------------------------ backward
+@triton.jit
+def _scale_bwd_padded_kernel(g_ptr, x_ptr, v_ptr, gx_ptr, gv_ptr, part_ptr, n, R, L, chunk, n_chunks,
+                             sg_r, sg_t, sg_f, sx_r, sx_t, sx_f, so_r, so_t, so_f, sv_b, sv_f,
+                             sgv_b, sgv_f,
+                             DIRECT: tl.constexpr, F64: tl.constexpr,
+                             RPT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (row group, chunk c, feature block): grad_x of tokens [c·chunk, (c+1)·chunk) of
+    RPT rows, and their Σ grad ⊙ x into gv (DIRECT: one chunk per row) or part[r, c] (fp32)."""
+    ACC: tl.constexpr = tl.float64 if F64 else tl.float32
+    pid = tl.program_id(0)
+    grp = pid // n_chunks
+    c = pid - grp * n_chunks
+    r = grp * RPT + tl.arange(0, RPT)
+    f = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_ok = (r < R)[:, None, None]
+    f_ok = (f < n)[None, None, :]
+    r64 = r.to(tl.int64)[:, None, None]
+    fo = f[None, None, :]
+    vv = tl.load(v_ptr + r64 * sv_b + fo * sv_f, mask=r_ok & f_ok).to(ACC)
+    g_base = g_ptr + r64 * sg_r + fo * sg_f
+    x_base = x_ptr + r64 * sx_r + fo * sx_f
+    o_base = gx_ptr + r64 * so_r + fo * so_f
+    acc = tl.zeros([RPT, BLOCK_T, BLOCK_N], dtype=ACC)
+    t_end = tl.minimum(c * chunk + chunk, L)
+    for t0 in range(c * chunk, t_end, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        mask = r_ok & (t < t_end)[None, :, None] & f_ok
+        t64 = t.to(tl.int64)[None, :, None]
+        g = tl.load(g_base + t64 * sg_t, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
+        xv = tl.load(x_base + t64 * sx_t, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
+        tl.store(o_base + t64 * so_t, (g * vv).to(gx_ptr.dtype.element_ty), mask=mask,
+                 eviction_policy="evict_first")
+        acc += g * xv  # masked lanes loaded 0: they add nothing
+    total = tl.sum(acc, axis=1)  # [RPT, BLOCK_N]: the tile never crosses a row
+    r2 = r.to(tl.int64)[:, None]
+    f2 = f[None, :]
+    ok2 = (r < R)[:, None] & (f < n)[None, :]
+    if DIRECT:
+        tl.store(gv_ptr + r2 * sgv_b + f2 * sgv_f, total.to(gv_ptr.dtype.element_ty), mask=ok2)
+    else:
+        tl.store(part_ptr + (r2 * n_chunks + c) * n + f2, total, mask=ok2)
+
+
+@triton.jit
+def _sum_chunks_kernel(part_ptr, gv_ptr, n, n_chunks, sgv_b, sgv_f,
+                       BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+    """gv[r, f] = Σ_c part[r, c, f] in a fixed order (deterministic), cast to gv's dtype. Loads
+    [BLOCK_C, BLOCK_N] tiles of chunks so that even one row's reduction has bytes in flight."""
+    r = tl.program_id(0).to(tl.int64)
+    f = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    f_ok = (f < n)[None, :]
+    acc = tl.zeros([BLOCK_C, BLOCK_N], dtype=part_ptr.dtype.element_ty)
+    for c0 in range(0, n_chunks, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        acc += tl.load(part_ptr + (r * n_chunks + c)[:, None] * n + f[None, :],
+                       mask=(c < n_chunks)[:, None] & f_ok, other=0.0)
+    total = tl.sum(acc, axis=0)
+    tl.store(gv_ptr + r * sgv_b + f * sgv_f, total.to(gv_ptr.dtype.element_ty), mask=f < n)
+
+
+@triton.jit
+def _scale_bwd_packed_kernel(g_ptr, x_ptr, v_ptr, rows_ptr, gx_ptr, gv_ptr, n, L, B,
+                             sg_t, sg_f, sx_t, sx_f, so_t, so_f, sv_b, sv_f,
+                             F64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (token block, feature block): grad_x of its tokens, and atomic adds of Σ grad ⊙ x
+    per distinct row of the block into gv [B, n] (contiguous, fp32/fp64, zeroed)."""
+    ACC: tl.constexpr = tl.float64 if F64 else tl.float32
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    f = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    t_ok = t < L
+    f_ok = f < n
+    mask = t_ok[:, None] & f_ok[None, :]
+    t64 = t.to(tl.int64)[:, None]
+    fo = f[None, :]
+    row = tl.load(rows_ptr + t, mask=t_ok, other=0).to(tl.int64)
+    g = tl.load(g_ptr + t64 * sg_t + fo * sg_f, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
+    xv = tl.load(x_ptr + t64 * sx_t + fo * sx_f, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
+    vv = tl.load(v_ptr + row[:, None] * sv_b + fo * sv_f, mask=mask, other=0.0,
+                 eviction_policy="evict_last").to(ACC)
+    tl.store(gx_ptr + t64 * so_t + fo * so_f, (g * vv).to(gx_ptr.dtype.element_ty), mask=mask,
+             eviction_policy="evict_first")
+    prod = g * xv  # masked lanes are 0
+    # Fold the tile per distinct row before touching memory (smallest pending row first).
+    pending = t_ok
+    while tl.max(pending.to(tl.int32), axis=0) > 0:
+        r0 = tl.min(tl.where(pending, row, B), axis=0)
+        sel = pending & (row == r0)
+        part = tl.sum(tl.where(sel[:, None], prod, 0.0), axis=0)
+        tl.atomic_add(gv_ptr + r0 * n + f, part, mask=f_ok, sem="relaxed")
+        pending = pending & (row != r0)
+
+
+# ------------------------------------------------------------------ host side
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _blocks(t: Tensor, rows: int) -> Tensor | None:
+    """t as a [rows, L, n] view (no copy), or None when its middle dims cannot merge."""
+    try:
+        return t.view(rows, -1, t.shape[-1])
+    except RuntimeError:
+        return None
+
+
+def _strides(t3: Tensor) -> tuple[int, int, int]:
+    return t3.stride(0), t3.stride(1), t3.stride(2)
+
+
+def _bwd_config() -> tuple[int, int, int]:
+    """(N_CAP, TILE, num_warps) of the backward kernels: fixed, never autotuned, so results do
+    not depend on which config a tuner happened to pick."""
+    return (4096, 16384, 4) if interpreting() else (512, 4096, 4)
+
+
+def scale(x: Tensor, v: Tensor, token_rows: Tensor | None = None) -> Tensor:
+    """x [B, ..., n] with v [B, n], or x [total, n] with token_rows [total] -> x ⊙ v[row], x's dtype."""
+    out = torch.empty_like(x)  # the fake impl's layout: keep it, so compile sees true strides
+    if out.numel() == 0:
+        return out
+    packed = token_rows is not None
+    x3, o3 = _blocks(x, 1 if packed else x.shape[0]), _blocks(out, 1 if packed else x.shape[0])
+    if x3 is None or o3 is None:  # middle dims that do not merge: one copy, then the common path
+        return out.copy_(scale(x.contiguous(), v, token_rows))
+    R, L, n = x3.shape
+    rows = token_rows.contiguous() if packed else x3  # x3: placeholder, never read
+
+    def grid(m):
+        return triton.cdiv(R, m["RPT"]) * triton.cdiv(L, m["BLOCK_T"]), triton.cdiv(n, m["BLOCK_N"])
+
+    size = R * L * n  # retune per 2x of size above _SMALL, not per shape; never below it
+    size_key = 0 if size < _SMALL else min(size.bit_length() - _SMALL.bit_length() + 1, 10)
+    _scale_fwd_kernel[grid](x3, v, rows, o3, n, R, L, *_strides(x3), *_strides(o3), v.stride(0), v.stride(1),
+                            min(_np2(L), _MAX_T), size_key, PACKED=packed, F64=x.dtype == torch.float64)
+    return out
+
+
+def scale_backward(grad: Tensor, x: Tensor, v: Tensor,
+                   token_rows: Tensor | None) -> tuple[Tensor, Tensor]:
+    """grad, x [B, ..., n] (or [total, n] with token_rows [total]), v [B, n] ->
+    (grad_x = grad ⊙ v[row] like x, grad_v [B, n] = Σ over b's tokens of grad ⊙ x, v's dtype)."""
+    grad_x, grad_v = torch.empty_like(x), torch.empty_like(v)
+    if grad_v.numel() == 0 or x.numel() == 0:
+        return grad_x, grad_v.zero_()
+    packed = token_rows is not None
+    rows = 1 if packed else x.shape[0]
+    g3, x3, o3 = _blocks(grad, rows), _blocks(x, rows), _blocks(grad_x, rows)
+    if g3 is None or x3 is None or o3 is None:
+        gx, gv = scale_backward(grad.contiguous(), x.contiguous(), v, token_rows)
+        return grad_x.copy_(gx), gv
+    R, L, n = x3.shape
+    f64 = x.dtype == torch.float64
+    acc = torch.float64 if f64 else torch.float32
+    n_cap, tile, warps = _bwd_config()
+    bn, bt, rpt = _tile(n_cap, tile, n, R, L, packed)
+    f_blocks = triton.cdiv(n, bn)
+    if packed:
+        bt = min(bt, 32)  # the per-row fold loop is O(distinct rows · tile): keep tiles short
+        gv = torch.zeros(v.shape, dtype=acc, device=x.device)
+        _scale_bwd_packed_kernel[(triton.cdiv(L, bt), f_blocks)](
+            g3, x3, v, token_rows.contiguous(), o3, gv, n, L, v.shape[0],
+            g3.stride(1), g3.stride(2), x3.stride(1), x3.stride(2), o3.stride(1), o3.stride(2),
+            v.stride(0), v.stride(1), F64=f64, BLOCK_T=bt, BLOCK_N=bn, num_warps=warps)
+        return grad_x, grad_v.copy_(gv)
+
+    # Cut long rows into chunks so that the programs fill the device: many waves of them, so the
+    # last, partial wave costs little; at most _MAX_CHUNKS so the partials stay a few % of traffic.
+    groups = triton.cdiv(R, rpt)
+    target, min_chunk = (4, 8) if interpreting() else (16 * _num_sms(x.device.index or 0), 64)
+    n_chunks = max(1, min(triton.cdiv(target, groups * f_blocks), triton.cdiv(L, max(min_chunk, bt)),
+                          _MAX_CHUNKS))
+    chunk = triton.cdiv(triton.cdiv(L, n_chunks), bt) * bt  # whole tiles, so no ragged tile mid-row
+    n_chunks = triton.cdiv(L, chunk)
+    direct = n_chunks == 1
+    part = grad_v if direct else torch.empty(R, n_chunks, n, dtype=acc, device=x.device)
+    _scale_bwd_padded_kernel[(groups * n_chunks, f_blocks)](
+        g3, x3, v, o3, grad_v, part, n, R, L, chunk, n_chunks, *_strides(g3), *_strides(x3), *_strides(o3),
+        v.stride(0), v.stride(1), grad_v.stride(0), grad_v.stride(1),
+        DIRECT=direct, F64=f64, RPT=rpt, BLOCK_T=bt, BLOCK_N=bn, num_warps=warps)
+    if not direct:
+        sn = min(_np2(n), 128)
+        _sum_chunks_kernel[(R, triton.cdiv(n, sn))](part, grad_v, n, n_chunks, grad_v.stride(0),
+                                                    grad_v.stride(1), BLOCK_C=16, BLOCK_N=sn, num_warps=4)
+    return grad_x, grad_v
