@@ -1,8 +1,11 @@
 import os
 import sys
 
-import pytest
-import torch
+# The Triton interpreter runs tiny numpy matmuls: multi-threaded OpenBLAS only adds contention.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():  # Triton's kernels run on the CPU in its interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
