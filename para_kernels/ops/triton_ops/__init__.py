@@ -16,7 +16,7 @@ import torch
 
 from .. import dispatch
 
-KERNEL_MODULES = ("pool", "generate", "scale")
+KERNEL_MODULES = ("pool", "generate", "scale", "fused", "pool_generate")
 
 
 def interpreting() -> bool:
