@@ -80,3 +80,30 @@ def test_unload_removes_forward_overrides():
     assert len(overridden) == 3 * model.config.num_hidden_layers  # q, v, and the gated FFN
     pm.unload()
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.skipif("triton" not in para_kernels.available_backends("cpu") and not torch.cuda.is_available(),
+                    reason="Triton can run neither on a GPU nor in its interpreter here")
+def test_whole_model_on_the_triton_backend():
+    """A mixed batch through every Triton kernel (pool_generate, scaled_linear, scaled_glu) —
+    forward and backward — equals the reference backend."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pm = get_para_model(tiny_llama().to(device), PARAConfig(r=4, pooler="attn"))
+    pm.add_adapter("b", PARAConfig(r=4, pooler="attn"))
+    randomize_adapter(pm)
+    randomize_adapter(pm, "b", seed=2)
+    ids = torch.randint(3, 100, (3, 6), generator=torch.Generator().manual_seed(3)).to(device)
+    results = []
+    for backend in ("reference", "triton"):
+        para_kernels.set_backend(backend)
+        try:
+            out = pm(input_ids=ids, labels=ids, prompt_lengths=[2, 3, 4], adapter_names=["default", None, "b"])
+            out.loss.backward()
+        finally:
+            para_kernels.set_backend(None)
+        grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
+        pm.zero_grad()
+        results.append((out.logits.detach(), grads))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-5)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-3, atol=1e-6)
