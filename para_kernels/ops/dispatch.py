@@ -33,6 +33,7 @@ class _Backend:
 _backends: dict[str, _Backend] = {}
 _forced: str | None = None
 _warned: set = set()
+_chosen: dict = {}  # (op, device type, forced) -> backend name; scale asks per projection per token
 
 
 def register_backend(name: str, impls: dict, is_available: Callable[[torch.device], bool],
@@ -49,6 +50,7 @@ def register_backend(name: str, impls: dict, is_available: Callable[[torch.devic
     if unknown:
         raise ValueError(f"unknown ops {sorted(unknown)} for backend {name!r}; ops are {OPS}")
     _backends[name] = _Backend(name, is_available, dict(impls), unavailable_reason, auto)
+    _chosen.clear()
 
 
 def _check_name(name: str | None, source: str) -> str | None:
@@ -65,6 +67,7 @@ def set_backend(name: str | None) -> None:
     global _forced
     _forced = _check_name(name, "backend")
     _warned.clear()
+    _chosen.clear()
 
 
 def get_backend() -> str | None:
@@ -83,6 +86,14 @@ def _warn_once(key, message: str) -> None:
 def backend_for(op: str, device: torch.device) -> str:
     """Name of the backend that runs ``op`` on ``device`` now."""
     forced = get_backend()
+    key = (op, device.type, forced)
+    name = _chosen.get(key)
+    if name is None:
+        name = _chosen[key] = _choose(op, device, forced)
+    return name
+
+
+def _choose(op: str, device: torch.device, forced: str | None) -> str:
     if forced is not None:
         backend = _backends.get(forced)
         key = (forced, device.type)  # one warning for a backend that cannot run here at all
