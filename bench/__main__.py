@@ -58,7 +58,7 @@ def configs(args, device):
                                 methods=("para", "para_none", "peft_lora", "bgmv_lora", "ia3", "bare_again"))
         ops = OpsConfig(batches=(1, 8, 32, 128), prompt_lens=(64, 512), samples=100, max_case_s=2.0)
     else:
-        serving = ServingConfig(new_tokens=32, rounds=5, prefill_rounds=5, dtype=dtype)
+        serving = ServingConfig(new_tokens=32, rounds=5, prefill_rounds=4, dtype=dtype)
         ops = OpsConfig()
     if device.type == "cuda":
         ops.dtypes = ("bfloat16", "float32")
@@ -140,6 +140,10 @@ def main(argv=None) -> int:
                 if setup.para is not None:
                     log("measuring PARA's decode path piece by piece")
                     result["attribution"] = attribution.measure(setup, delta)
+                    inter = res.get("decode_interleaved", {}).get("para")
+                    if inter:
+                        result["attribution"]["measured_interleaved_delta_s"] = \
+                            (inter["ratio"]["median"] - 1.0) * inter["bare_time"]["median"]
                 do_profile = args.profile if args.profile is not None else (
                     args.full or ("para" in dec and dec["para"]["ratio"]["median"] > 1.03))
                 if do_profile and setup.para is not None:

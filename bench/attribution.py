@@ -11,6 +11,7 @@ installs — and runs the layer's forward pre-hook; plus hooks on the wrapped mo
 """
 from __future__ import annotations
 
+import copy
 import cProfile
 import io
 import pstats
@@ -112,10 +113,15 @@ def measure(s, decode_delta_s: float | None = None) -> dict:
             how = ("forward override" if "forward" in pm.__dict__ else "") + \
                   (" + hooks" if _hooks(pm) else "")
             delta, t_para, t_bare = _paired(lambda: pm(x), lambda: bm(x), device)
+            # A/A control: a plain copy of the bare module, timed the same way
+            ctrl = copy.deepcopy(bm)
+            aa, _, _ = _paired(lambda: ctrl(x), lambda: bm(x), device)
+            del ctrl
             pieces[f"{path}: PARA - bare"] = {
-                "per_call_s": delta, "calls": n_layers,
+                "per_call_s": delta, "calls": n_layers, "aa_control_s": aa,
                 "what": f"extra time of layer 0's {path} under PARA ({how.strip(' +') or 'unchanged'}); "
-                        f"bare {t_bare * 1e6:.1f} us, PARA {t_para * 1e6:.1f} us"}
+                        f"bare {t_bare * 1e6:.1f} us, PARA {t_para * 1e6:.1f} us; A/A control (a plain copy "
+                        f"of the bare module - bare): {aa * 1e6:+.1f} us"}
         # 2. the decoder layer's PARA hooks, called as nn.Module would (decode state)
         layer = para_layers[0]
         hs = torch.randn(B, 1, d, generator=g).to(device)

@@ -390,6 +390,8 @@ def _alternated(s: Setup, methods, rounds: int, timer, keys: dict, progress) -> 
             quiet.wait(progress)
         r["contended"] = contended
         runs.append((m, r))
+        if retried:
+            progress.set_postfix_str(f"{retried} run(s) repeated (other processes were busy)")
         progress.update(1)
     primary = next(iter(keys.values()))
     shares = [r["others_cpu"] for _, r in runs if r.get("others_cpu") is not None]
