@@ -65,6 +65,23 @@ def test_fused_consumers_at_decode(monkeypatch):
     assert torch.equal(got, want)
 
 
+def test_eager_inference_rescales_in_place(monkeypatch):
+    """Under no_grad on the reference backend each rescale is one in-place multiply, with no op
+    call (the per-token decode path); with autograd on, the checked ops run. Same logits."""
+    model = tiny_llama()
+    pm = get_para_model(model, PARAConfig(r=4))
+    randomize_adapter(pm)
+    ids = torch.randint(3, 100, (3, 6), generator=torch.Generator().manual_seed(4))
+    names = ["default", None, "default"]
+    calls = _spy(monkeypatch, ["scale", "scaled_linear", "scaled_glu"])
+    with torch.no_grad():
+        fast = pm(input_ids=ids, adapter_names=names).logits
+        assert calls == {"scale": 0, "scaled_linear": 0, "scaled_glu": 0}
+    checked = pm(input_ids=ids, adapter_names=names).logits
+    assert calls["scale"] == 3 * model.config.num_hidden_layers
+    torch.testing.assert_close(fast, checked.detach(), rtol=1e-6, atol=1e-6)
+
+
 def test_unfusable_modules_keep_hooks():
     """GPT-2's fused c_attn and Phi-3's gate_up_proj are rescaled by hooks, not overridden."""
     for arch in ("gpt2", "phi3"):

@@ -2,6 +2,12 @@
 run as ``scaled_linear`` (the scale is the matmul's epilogue) and a gated FFN runs its product
 as ``scaled_glu``, so that with kernels present the rescale costs no extra pass over memory.
 With the reference backend the same forwards compute projection-then-scale, exactly as hooks do.
+
+Each consumer asks ``get_scale()`` for ``(s, plain)``: its module's scale s [B, n] (None: no
+adjustment) and whether this forward is eager inference on the reference backend. Then the
+rescale is one in-place multiply of the projection's fresh output, with no op dispatch and no
+re-check (s was made and checked at prefill, and the batch size checked per forward): this is
+the per-token decode path, and its Python cost is what PARA adds to a decode step.
 """
 from __future__ import annotations
 
@@ -48,6 +54,14 @@ def scale_output(output: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return ops.scale(output, s)
 
 
+def scale_in_place(output: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """output [B, T, n] *= s [B, n] when the shapes allow it (output must be a fresh tensor
+    that only the caller holds); else the checked op."""
+    if output.dim() == 3 and output.shape[0] == s.shape[0] and output.shape[2] == s.shape[1]:
+        return output.mul_(s.unsqueeze(1))
+    return scale_output(output, s)
+
+
 def is_fusable_linear(module: nn.Module, scaled: ScaledModule) -> bool:
     """A plain nn.Linear whose whole output is one target (q or v)."""
     return (type(module) is nn.Linear and len(scaled.segments) == 1 and scaled.segments[0].start == 0
@@ -57,9 +71,11 @@ def is_fusable_linear(module: nn.Module, scaled: ScaledModule) -> bool:
 def scaled_linear_forward(module: nn.Linear, get_scale: Callable):
     def make(original):
         def forward(x):
-            s = get_scale()
+            s, plain = get_scale()
             if s is None:
                 return original(x)
+            if plain:
+                return scale_in_place(original(x), s)
             if x.dim() >= 2 and x.shape[0] == s.shape[0] and kernels_run(x.device):
                 return ops.scaled_linear(x, module.weight, module.bias, s)
             return scale_output(original(x), s)
@@ -85,10 +101,12 @@ def glu_parts(layer: nn.Module, up_path: str) -> tuple[nn.Module, str] | None:
 def scaled_glu_forward(mlp: nn.Module, activation: str, get_scale: Callable):
     def make(original):
         def forward(x):
-            s = get_scale()
+            s, plain = get_scale()
             if s is None:
                 return original(x)
             gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            if plain:
+                return mlp.down_proj(mlp.act_fn(gate).mul_(scale_in_place(up, s)))
             if up.shape[0] == s.shape[0] and kernels_run(x.device):
                 return mlp.down_proj(ops.scaled_glu(gate, up, s, activation))
             return mlp.down_proj(mlp.act_fn(gate) * scale_output(up, s))

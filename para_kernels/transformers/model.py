@@ -71,6 +71,7 @@ class PARAModel(nn.Module):
         self._batch_size = 0
         self._ready = False
         self._decoding = False
+        self._plain = False  # this forward is eager inference on the reference backend
         self._handles.append(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._after_model))
         if config is not None:
@@ -300,6 +301,8 @@ class PARAModel(nn.Module):
         if x is None:
             x = args[0] if args else kwargs.get("inputs_embeds")
         batch, length = x.shape[0], x.shape[1]
+        self._plain = (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                       and ops.backend_for("scale", x.device) == "reference")
         if cached > 0:  # decode step: reuse the prefill's vectors
             if not self._ready or batch != self._batch_size:
                 raise RuntimeError("this forward continues a KV cache, but PARA has no vectors for it: the "
@@ -334,15 +337,16 @@ class PARAModel(nn.Module):
         return hook
 
     def _scale_getter(self, i: int, path: str):
-        """The current batch's scale of module ``path`` in layer i ([B, out] or None)."""
+        """(the current batch's scale of module ``path`` in layer i, [B, out] or None; whether
+        this forward is plain eager inference) — see consumers.py."""
         def get_scale():
-            return self._scales[i].get(path) if self._scales else None
+            return (self._scales[i].get(path) if self._scales else None), self._plain
         return get_scale
 
     @staticmethod
     def _scale_hook(get_scale):
         def hook(module, args, output):
-            s = get_scale()
+            s, _ = get_scale()  # not in place: other hooks may hold this output
             return None if s is None else consumers.scale_output(output, s)
         return hook
 
