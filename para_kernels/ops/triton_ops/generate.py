@@ -176,13 +176,12 @@ def _sum_partials(hpart_ptr, rows64, mask, B, S, R: tl.constexpr, BLOCK_B: tl.co
 
 
 @triton.jit
-def _up_kernel(hpart_ptr, bd_ptr, wu_ptr, bu_ptr, prm_ptr, ids_ptr, out_ptr, B, r, N, S,
-               ACT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-               BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr):
-    """out[rows, tile] = 1 + g(h + b_down[a]) @ W_up[a][:, tile] + b_up[a][tile] per row's adapter a,
-    exactly 1 for -1 rows; every element of the [BLOCK_B, BLOCK_N] tile is stored once."""
-    t = tl.program_id(0)
-    nb = tl.program_id(1)
+def _up_tile(hpart_ptr, bd_ptr, wu_ptr, bu_ptr, prm_ptr, ids_ptr, out_ptr, B, r, N, S, t, nb,
+             ACT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+             BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr):
+    """out[rows of block t, tile nb] = 1 + g(h + b_down[a]) @ W_up[a][:, tile] + b_up[a][tile] per
+    row's adapter a, exactly 1 for -1 rows; every element of the tile is stored once. Shared
+    with the fused pool_generate kernel."""
     rows = t * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
@@ -207,6 +206,15 @@ def _up_kernel(hpart_ptr, bd_ptr, wu_ptr, bu_ptr, prm_ptr, ids_ptr, out_ptr, B, 
         a = _next_adapter(ids, a)
     tl.store(out_ptr + rows64[:, None] * N + ns[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _up_kernel(hpart_ptr, bd_ptr, wu_ptr, bu_ptr, prm_ptr, ids_ptr, out_ptr, B, r, N, S,
+               ACT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+               BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr):
+    """grid (cdiv(B, BLOCK_B), cdiv(N, BLOCK_N)): one output tile each."""
+    _up_tile(hpart_ptr, bd_ptr, wu_ptr, bu_ptr, prm_ptr, ids_ptr, out_ptr, B, r, N, S,
+             tl.program_id(0), tl.program_id(1), ACT, ACC, PREC, BLOCK_B, BLOCK_N, R)
 
 
 # ---------------------------------------------------------------------- backward

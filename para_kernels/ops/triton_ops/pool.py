@@ -57,22 +57,14 @@ def _max_nan(x, axis: tl.constexpr):
     return tl.where(has_nan, float("nan"), tl.max(x, axis))
 
 
-@triton.autotune(configs=_configs(_TILE_CONFIGS, _INTERP_TILE), key=["d", "MODE", "ROWS_CLASS"])
-@triton.jit(do_not_specialize=["ROWS_CLASS"])
-def _pool_fwd_kernel(h_ptr, start_ptr, end_ptr, out_ptr, d, stride_b, stride_t, stride_d,
-                     ROWS_CLASS, MODE: tl.constexpr, ACC: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """last / mean / max. grid (B, cdiv(d, BLOCK_D)); out [B, d] contiguous."""
-    b = tl.program_id(0).to(tl.int64)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = offs_d < d
-    s = tl.load(start_ptr + b).to(tl.int64)
-    e = tl.load(end_ptr + b).to(tl.int64)
-    row = h_ptr + b * stride_b
+@triton.jit
+def _pool_slice(row, s, e, offs_d, d_mask, stride_t, stride_d, MODE: tl.constexpr, ACC: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """last / mean / max of one row's prompt tokens [s, e) over the features offs_d -> [BLOCK_D]
+    (ACC; 'last' in the input dtype). Shared with the fused pool_generate kernel."""
     col = offs_d.to(tl.int64) * stride_d
     if MODE == 0:  # last: a copy, no arithmetic
-        x = tl.load(row + (e - 1) * stride_t + col, mask=d_mask)
-        tl.store(out_ptr + b * d + offs_d, x, mask=d_mask)
+        res = tl.load(row + (e - 1) * stride_t + col, mask=d_mask)
     else:
         fill = 0.0 if MODE == 1 else float("-inf")
         acc = tl.full([BLOCK_T, BLOCK_D], fill, ACC)
@@ -88,22 +80,29 @@ def _pool_fwd_kernel(h_ptr, start_ptr, end_ptr, out_ptr, d, stride_b, stride_t, 
             res = tl.sum(acc, 0) / (e - s).to(ACC)
         else:
             res = _max_nan(acc, 0)
-        tl.store(out_ptr + b * d + offs_d, res, mask=d_mask)
+    return res
 
 
-@triton.autotune(configs=_configs(_ROW_CONFIGS, _INTERP_TILE), key=["d", "ROWS_CLASS"])
+@triton.autotune(configs=_configs(_TILE_CONFIGS, _INTERP_TILE), key=["d", "MODE", "ROWS_CLASS"])
 @triton.jit(do_not_specialize=["ROWS_CLASS"])
-def _attn_fwd_kernel(h_ptr, start_ptr, end_ptr, w_ptr, out_ptr, acc_ptr, d,
-                     stride_b, stride_t, stride_d, stride_wb, stride_wd, ROWS_CLASS,
-                     ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """attn pooling, one program per row. acc_ptr: scratch [B, d] in ACC dtype (this row's
-    running weighted sum, kept in global memory so any d fits)."""
+def _pool_fwd_kernel(h_ptr, start_ptr, end_ptr, out_ptr, d, stride_b, stride_t, stride_d,
+                     ROWS_CLASS, MODE: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """last / mean / max. grid (B, cdiv(d, BLOCK_D)); out [B, d] contiguous."""
     b = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs_d < d
     s = tl.load(start_ptr + b).to(tl.int64)
     e = tl.load(end_ptr + b).to(tl.int64)
-    row = h_ptr + b * stride_b
-    w_row = w_ptr + b * stride_wb
-    acc_row = acc_ptr + b * d
+    res = _pool_slice(h_ptr + b * stride_b, s, e, offs_d, d_mask, stride_t, stride_d, MODE, ACC, BLOCK_T, BLOCK_D)
+    tl.store(out_ptr + b * d + offs_d, res, mask=d_mask)
+
+
+@triton.jit
+def _attn_pool_row(row, s, e, w_row, acc_row, d, stride_t, stride_d, stride_wd,
+                   ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Flash-style attn pooling of one row: leaves sum_t exp(s_t - m) X_t in acc_row (d ACC
+    values of global scratch, so any d fits) and returns 1 / sum_t exp(s_t - m)."""
     ar_d = tl.arange(0, BLOCK_D)
     for d0 in range(0, d, BLOCK_D):
         tl.store(acc_row + d0 + ar_d, tl.zeros([BLOCK_D], ACC), mask=d0 + ar_d < d)
@@ -137,7 +136,22 @@ def _attn_fwd_kernel(h_ptr, start_ptr, end_ptr, w_ptr, out_ptr, acc_ptr, d,
         # the next tile re-reads acc_row, possibly in another thread's registers
         tl.debug_barrier()
         m = m_new
-    inv_l = 1.0 / l
+    return 1.0 / l
+
+
+@triton.autotune(configs=_configs(_ROW_CONFIGS, _INTERP_TILE), key=["d", "ROWS_CLASS"])
+@triton.jit(do_not_specialize=["ROWS_CLASS"])
+def _attn_fwd_kernel(h_ptr, start_ptr, end_ptr, w_ptr, out_ptr, acc_ptr, d,
+                     stride_b, stride_t, stride_d, stride_wb, stride_wd, ROWS_CLASS,
+                     ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """attn pooling, one program per row. acc_ptr: scratch [B, d] in ACC dtype."""
+    b = tl.program_id(0).to(tl.int64)
+    s = tl.load(start_ptr + b).to(tl.int64)
+    e = tl.load(end_ptr + b).to(tl.int64)
+    acc_row = acc_ptr + b * d
+    inv_l = _attn_pool_row(h_ptr + b * stride_b, s, e, w_ptr + b * stride_wb, acc_row, d,
+                           stride_t, stride_d, stride_wd, ACC, BLOCK_T, BLOCK_D)
+    ar_d = tl.arange(0, BLOCK_D)
     for d0 in range(0, d, BLOCK_D):
         offs_d = d0 + ar_d
         d_mask = offs_d < d

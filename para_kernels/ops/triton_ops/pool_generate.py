@@ -1,24 +1,213 @@
-"""pool_generate on the Triton backend: the pool kernel, then the generate kernels.
+"""pool_generate on the Triton backend: pool -> down -> activation -> up in one launch.
 
-Three launches per layer at prefill (pool, down-projection, up-projection); the single-launch
-fusion is future work. The pooled vector is written in the hidden states' dtype in between.
+    pool_generate(hidden [B,T,d] | [total,d], prompt_start [B], prompt_end [B], mode, w_sa,
+                  w_down [A,d,r], b_down [A,r], w_up [A,r,N], b_up [A,N], adapter_ids [B],
+                  activation, act_params) -> v [B, N] in the bank's dtype
+
+One 1-D grid, laid out per block of BLOCK_B rows as
+
+    [ BLOCK_B * S producers | C consumers ]   for row block 0, then row block 1, ...
+    (min(BLOCK_B, B) * S producers when the batch is smaller than one block)
+
+- producer (row b, d-slice s): pools its row's prompt over the slice's features (the same
+  ``_pool_slice`` as the pool kernel; ``attn`` needs every feature for its scores, so S = 1
+  and the row is pooled flash-style into a scratch row) and multiplies the pooled slice,
+  still in fp32, by W_down[a][slice] -> h partial [S, B, R]. Then it counts itself ready.
+- consumer j: waits until its row block's producers are all ready, then writes the
+  output tiles j, j + C, ... with the generate kernel's ``_up_tile`` (bias, activation and
+  up-projection, one W_up tile read per adapter of the block, ones for -1 rows).
+
+Why the wait cannot deadlock: a consumer waits only for producers of its own row block,
+which have lower program ids, and GPUs dispatch a 1-D grid's programs in increasing id
+order (as decoupled look-back scans rely on); a dispatched producer never waits. The
+interpreter runs programs one at a time in id order, so the producers are done first.
+
+The counters (ready, done per row block) live in a per-(device, stream) int32 buffer that
+the launch leaves at zero: the last consumer of each block resets them. So the one kernel
+is the whole op, with no memset between launches; the grid depends on shapes only. Inside
+a CUDA graph capture on a stream that has no buffer yet (it cannot be zeroed without an
+extra graph node), the op runs as pool + generate instead.
 """
 from __future__ import annotations
 
-from .generate import generate, generate_backward
-from .pool import pool, pool_backward
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+from .generate import (_ACT_ID, _acc, _device_ctx, _empty, _NUM_SMS, _pow2, _precision, _up_tile,
+                       generate, generate_backward)
+from .pool import _MODES, _attn_pool_row, _hidden_strides, _pool_slice, _w_strides, pool, pool_backward
+
+ATTN = 3  # MODE of the attn pooler here (pool.py's _MODES hold last / mean / max)
+
+
+@triton.jit
+def _producer(h_ptr, start_ptr, end_ptr, w_ptr, scratch_ptr, wd_ptr, ids_ptr, hpart_ptr, b, s,
+              B, d, r, d_per_split, stride_b, stride_t, stride_d, stride_wb, stride_wd,
+              MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+              R: tl.constexpr):
+    """hpart[s, b, :R] = pool(row b)[slice s] @ W_down[a][slice s] (a = adapter_ids[b]; nothing
+    for -1 rows, whose partials are never read)."""
+    if b < B:
+        a = tl.load(ids_ptr + b).to(tl.int64)
+        if a >= 0:
+            start = tl.load(start_ptr + b).to(tl.int64)
+            end = tl.load(end_ptr + b).to(tl.int64)
+            row = h_ptr + b * stride_b
+            cols = tl.arange(0, R)
+            col_ok = cols < r
+            w_base = wd_ptr + a * d * r
+            d_lo = s * d_per_split
+            d_hi = tl.minimum(d_lo + d_per_split, d)
+            h = tl.zeros([R], ACC)
+            if MODE == ATTN:  # S == 1: the whole row
+                acc_row = scratch_ptr + b * d
+                inv_l = _attn_pool_row(row, start, end, w_ptr + b * stride_wb, acc_row, d,
+                                       stride_t, stride_d, stride_wd, ACC, BLOCK_T, BLOCK_D)
+                tl.debug_barrier()  # acc_row was written by other threads
+            for k0 in range(d_lo, d_hi, BLOCK_D):
+                ks = k0 + tl.arange(0, BLOCK_D)
+                k_ok = ks < d_hi
+                if MODE == ATTN:
+                    p = tl.load(acc_row + ks, mask=k_ok, other=0.0) * inv_l
+                else:
+                    p = _pool_slice(row, start, end, ks, k_ok, stride_t, stride_d, MODE, ACC, BLOCK_T, BLOCK_D)
+                w = tl.load(w_base + ks[:, None] * r + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
+                            other=0.0).to(ACC)
+                h += tl.sum(tl.where(k_ok, p.to(ACC), 0.0)[:, None] * w, axis=0)
+            tl.store(hpart_ptr + (s * B + b) * R + cols, h)
+
+
+@triton.jit
+def _pool_generate_kernel(h_ptr, start_ptr, end_ptr, w_ptr, scratch_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr,
+                          prm_ptr, ids_ptr, hpart_ptr, out_ptr, sync_ptr,
+                          B, d, r, N, S, C, n_blocks, producers, d_per_split,
+                          stride_b, stride_t, stride_d, stride_wb, stride_wd,
+                          MODE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                          BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_N: tl.constexpr, R: tl.constexpr):
+    """grid (n_blocks * (producers + C),) with producers = min(BLOCK_B, B) * S; sync_ptr: int32
+    [2, n_blocks] (ready, done), zero on entry and left zero."""
+    pid = tl.program_id(0)
+    t = pid // (producers + C)
+    k = pid % (producers + C)
+    ready = sync_ptr + t
+    done = sync_ptr + n_blocks + t
+    if k < producers:
+        _producer(h_ptr, start_ptr, end_ptr, w_ptr, scratch_ptr, wd_ptr, ids_ptr, hpart_ptr,
+                  t.to(tl.int64) * BLOCK_B + k // S, k % S, B, d, r, d_per_split,
+                  stride_b, stride_t, stride_d, stride_wb, stride_wd, MODE, ACC, BLOCK_T, BLOCK_D, R)
+        tl.debug_barrier()  # every thread's partials are stored before the release below
+        tl.atomic_add(ready, 1, sem="release")
+    else:
+        n_ready = tl.atomic_add(ready, 0, sem="acquire")
+        while n_ready < producers:
+            n_ready = tl.atomic_add(ready, 0, sem="acquire")
+        for nb in range(k - producers, tl.cdiv(N, BLOCK_N), C):
+            _up_tile(hpart_ptr, bd_ptr, wu_ptr, bu_ptr, prm_ptr, ids_ptr, out_ptr, B, r, N, S, t, nb,
+                     ACT, ACC, PREC, BLOCK_B, BLOCK_N, R)
+        if tl.atomic_add(done, 1, sem="acq_rel") == C - 1:  # the block's last consumer: all have
+            tl.atomic_xchg(ready, 0, sem="relaxed")        # stopped waiting, so reset for the
+            tl.atomic_xchg(done, 0, sem="relaxed")         # next launch on this stream
+
+
+# ---------------------------------------------------------------------- launch configuration
+@dataclass(frozen=True)
+class Config:
+    block_b: int   # rows per block (>= 16: tl.dot's minimum)
+    splits: int    # S: d-slices per row (1 for attn)
+    consumers: int  # C: programs per row block writing output tiles
+    block_n: int
+    block_d: int
+    block_t: int
+
+
+# Tests set this (small tiles, several splits and consumers) to drive every loop under the interpreter.
+CONFIG_OVERRIDE: dict | None = None
+
+
+def _config(B: int, d: int, N: int, R: int, attn: bool, device: torch.device) -> Config:
+    if interpreting():  # ~0.5 ms per program instance: few, wide programs
+        cfg = Config(block_b=_pow2(B, hi=128), splits=1, consumers=1, block_n=_pow2(N, hi=4096),
+                     block_d=_pow2(d, hi=4096), block_t=4)
+    else:
+        if device not in _NUM_SMS:
+            _NUM_SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _NUM_SMS[device]
+        block_b = 16 if B <= 16 else (32 if B <= 32 else 64)
+        block_d = 256
+        # producers: about 2 per SM in all; consumers: enough tiles in flight to stream W_up
+        splits = 1 if attn else max(1, min(triton.cdiv(d, block_d), triton.cdiv(2 * sms, B)))
+        block_n = max(32, 2048 // R)
+        n_blocks = triton.cdiv(B, block_b)
+        consumers = max(1, min(triton.cdiv(N, block_n), triton.cdiv(2 * sms, n_blocks)))
+        cfg = Config(block_b=block_b, splits=splits, consumers=consumers, block_n=block_n,
+                     block_d=block_d, block_t=8)
+    cfg = cfg if CONFIG_OVERRIDE is None else replace(cfg, **CONFIG_OVERRIDE)
+    return replace(cfg, splits=1) if attn else cfg
+
+
+_SYNC: dict = {}  # (device, stream) -> int32 counters, zero between launches
+
+
+def _sync_buffer(n: int, device: torch.device) -> torch.Tensor | None:
+    """Counters for n row blocks, or None inside a graph capture that would have to create them."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _SYNC.get(key)
+    if buf is None or buf.numel() < 2 * n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _SYNC[key] = torch.zeros(2 * max(n, 64), dtype=torch.int32, device=device)
+    return buf
 
 
 def pool_generate(hidden, prompt_start, prompt_end, mode, w_sa, w_down, b_down, w_up, b_up, adapter_ids,
                   activation, act_params=None):
-    """hidden [B,T,d] | [total,d] -> v [B,N] in the bank's dtype."""
-    pooled = pool(hidden, prompt_start, prompt_end, mode, w_sa)
-    return generate(pooled.to(w_down.dtype), w_down, b_down, w_up, b_up, adapter_ids, activation, act_params)
+    """hidden [B,T,d] | [total,d] -> v [B,N] in the bank's dtype (arguments checked by the op)."""
+    B, d = prompt_start.shape[0], hidden.shape[-1]
+    r, N = w_up.shape[1], w_up.shape[2]
+    device = hidden.device
+    out = _empty((B, N), w_down.dtype, device)
+    if out.numel() == 0:
+        return out
+    R = _pow2(r)
+    attn = mode == "attn"
+    cfg = _config(B, d, N, R, attn, device)
+    n_blocks = triton.cdiv(B, cfg.block_b)
+    with _device_ctx(device):
+        sync = _sync_buffer(n_blocks, device)
+        if sync is None:  # see the module docstring
+            pooled = pool(hidden, prompt_start, prompt_end, mode, w_sa)
+            return generate(pooled.to(w_down.dtype), w_down, b_down, w_up, b_up, adapter_ids, activation,
+                            act_params)
+        acc_tl, acc_torch = _acc(torch.float64 if torch.float64 in (hidden.dtype, w_down.dtype) else w_down.dtype)
+        w_down, b_down, w_up, b_up, ids = (t.contiguous() for t in (w_down, b_down, w_up, b_up, adapter_ids))
+        prm = (b_down if act_params is None else act_params).contiguous()  # a placeholder when unused
+        d_per_split = triton.cdiv(triton.cdiv(d, cfg.splits), cfg.block_d) * cfg.block_d
+        splits = max(1, triton.cdiv(d, d_per_split))
+        hpart = _empty((splits, B, R), acc_torch, device)
+        scratch = _empty((B, d), acc_torch, device) if attn else hpart
+        w = w_sa if attn else hpart  # a placeholder pointer when unused
+        stride_wb, stride_wd = _w_strides(w_sa) if attn else (0, 0)
+        producers = min(cfg.block_b, B) * splits  # a batch smaller than a block has fewer
+        grid = (n_blocks * (producers + cfg.consumers),)
+        _pool_generate_kernel[grid](
+            hidden, prompt_start, prompt_end, w, scratch, w_down, b_down, w_up, b_up, prm, ids, hpart, out, sync,
+            B, d, r, N, splits, cfg.consumers, n_blocks, producers, d_per_split, *_hidden_strides(hidden),
+            stride_wb, stride_wd, MODE=ATTN if attn else _MODES[mode], ACT=_ACT_ID[activation], ACC=acc_tl,
+            PREC=_precision(w_down.dtype), BLOCK_B=cfg.block_b, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
+            BLOCK_N=cfg.block_n, R=R)
+    return out
 
 
 def pool_generate_backward(grad, hidden, prompt_start, prompt_end, mode, w_sa, w_down, b_down, w_up, b_up,
                            adapter_ids, activation, act_params):
-    """-> gradients of (hidden, w_sa or empty, w_down, b_down, w_up, b_up, act_params or empty)."""
+    """-> gradients of (hidden, w_sa or empty, w_down, b_down, w_up, b_up, act_params or empty).
+    Training, not the prefill hot path: the pool and generate backward kernels in turn."""
     pooled = pool(hidden, prompt_start, prompt_end, mode, w_sa).to(w_down.dtype)
     g_pooled, *g_bank = generate_backward(grad, pooled, w_down, b_down, w_up, b_up, adapter_ids, activation,
                                           act_params)

@@ -1,0 +1,192 @@
+"""Triton ``pool_generate``: one kernel launch for the whole op (pool -> down -> activation ->
+up), against the fp64 oracle on every pooler, padded and packed, mixed adapters with -1 rows,
+prompt length 1 and full; small forced tiles drive several row blocks, d-slices and consumer
+programs through the producer / consumer wait under the interpreter; the sync counters are
+left at zero; every output element is written; (GPU only) CUDA-graph capture and replay."""
+import importlib
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import oracles
+from para_kernels import ops
+from para_kernels.ops import dispatch
+from para_kernels.ops.activations import ACTIVATIONS, RATIONAL_GELU_INIT
+from test_ops import ranges
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+tri = importlib.import_module("para_kernels.ops.triton_ops.pool_generate") \
+    if "triton" in dispatch.available_backends(DEVICE) else None
+pytestmark = pytest.mark.skipif(tri is None, reason="the Triton backend cannot run here")
+
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+# 3 d-slices of 16 features, 2 consumers of 16-wide tiles, 2-token tiles: every loop and tail
+SMALL = dict(block_b=16, splits=3, consumers=2, block_n=16, block_d=16, block_t=2)
+
+
+def rel_err(out, expected):
+    assert not torch.isnan(out).any(), "NaN in output"
+    out, expected = out.double().cpu(), expected.double().cpu()
+    return ((out - expected).norm() / expected.norm().clamp_min(1e-3)).item()
+
+
+def case(B, T, d, r, N, A, mode, dtype, activation="gelu", packed=False, seed=0, bank_dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    t = lambda *s, scale=1.0, dt=bank_dtype: (torch.randn(*s, generator=gen) * scale).to(DEVICE, dt)
+    start, end = ranges(gen, B, T, DEVICE)
+    hidden = t(B, T, d, dt=dtype)
+    if packed:  # rows back to back in one token axis: ranges index it
+        hidden = hidden.reshape(B * T, d)
+        start, end = start + torch.arange(B, device=DEVICE) * T, end + torch.arange(B, device=DEVICE) * T
+    w_sa = t(B, d, scale=1 / math.sqrt(d), dt=dtype) if mode == "attn" else None
+    params = None
+    if activation == "rational":
+        params = (torch.tensor([RATIONAL_GELU_INIT] * A) + 0.05 * torch.randn(A, 10, generator=gen)).to(DEVICE, bank_dtype)
+    ids = torch.randint(-1, A, (B,), generator=gen)
+    ids[0] = -1 if B > 1 else ids[0]
+    bank = (t(A, d, r, scale=1 / math.sqrt(d)), t(A, r), t(A, r, N, scale=1 / math.sqrt(r)), t(A, N))
+    return (hidden, start, end, mode, w_sa, *bank, ids.to(DEVICE), activation, params)
+
+
+def check(args, tol):
+    out = tri.pool_generate(*args)
+    cpu = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
+    expected = oracles.pool_generate(*cpu)
+    bank_dtype, ids = args[5].dtype, args[9]
+    assert out.shape == (ids.shape[0], args[7].shape[2]) and out.dtype == bank_dtype
+    assert rel_err(out, expected) <= tol
+    assert torch.all(out[ids < 0] == 1), "rows with adapter -1 must be exactly one"
+    return out
+
+
+@pytest.fixture(params=[None, SMALL], ids=["default_tiles", "small_tiles"])
+def tiles(request, monkeypatch):
+    monkeypatch.setattr(tri, "CONFIG_OVERRIDE", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("mode", ops.POOL_MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_matches_oracle(tiles, mode, dtype, packed):
+    check(case(19, 5, 37, 5, 41, 3, mode, dtype, packed=packed, seed=len(mode)), TOL[dtype])
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activations(tiles, activation):
+    check(case(6, 4, 24, 12, 33, 2, "mean", torch.float32, activation, seed=3), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_other_dtypes(dtype):
+    check(case(5, 3, 20, 4, 18, 2, "attn", dtype, seed=4, bank_dtype=dtype if dtype == torch.float64
+               else torch.float32), TOL[dtype])
+
+
+def test_real_model_sizes():
+    """SmolLM2's layer: d = 576, N = q 576 + v 192 + up 1536; r = 12."""
+    check(case(4, 3, 576, 12, 2304, 2, "last", torch.bfloat16, seed=5), TOL[torch.bfloat16])
+
+
+def test_one_launch_and_counters_left_at_zero(monkeypatch):
+    """The op is one kernel: neither the pool nor the generate kernels run, and the launch
+    leaves its sync counters at zero for the next one."""
+    launches = []
+    kernel = tri._pool_generate_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(tri, "_pool_generate_kernel", Counted())
+    for name in ("pool", "generate"):
+        monkeypatch.setattr(tri, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} kernel launched"))
+    monkeypatch.setattr(tri, "CONFIG_OVERRIDE", SMALL)
+    for seed in range(2):  # the second launch needs the counters the first one left
+        check(case(35, 4, 40, 3, 50, 3, "max", torch.float32, seed=seed), TOL[torch.float32])
+    assert len(launches) == 2
+    assert all(int(buf.abs().sum()) == 0 for buf in tri._SYNC.values())
+
+
+def test_every_output_element_is_written(monkeypatch):
+    monkeypatch.setattr(tri, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"),
+                                                                               dtype=dtype, device=device))
+    for override in (None, SMALL):
+        monkeypatch.setattr(tri, "CONFIG_OVERRIDE", override)
+        for mode in ("attn", "mean"):
+            check(case(21, 4, 33, 6, 35, 4, mode, torch.float32, seed=6), TOL[torch.float32])
+
+
+def test_through_the_op_and_autograd():
+    """The registered op runs this kernel under set_backend('triton'); its backward (pool and
+    generate backward kernels) matches the oracle's autograd."""
+    ops.set_backend("triton")
+    try:
+        args = case(7, 5, 24, 4, 30, 3, "attn", torch.float32, "silu", seed=7)
+        assert ops.backend_for("pool_generate", torch.device(DEVICE)) == "triton"
+        hidden, start, end, mode, w_sa, *bank, ids, act, _ = args
+        leaves = [t.detach().requires_grad_() for t in (hidden, w_sa, *bank)]
+        out = ops.pool_generate(leaves[0], start, end, mode, leaves[1], *leaves[2:], ids, act)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(8)).to(out)
+        (out * g).sum().backward()
+        leaves64 = [t.detach().double().cpu().requires_grad_() for t in leaves]
+        ref = oracles.pool_generate(leaves64[0], start.cpu(), end.cpu(), mode, leaves64[1], *leaves64[2:],
+                                    ids.cpu(), act)
+        (ref * g.double().cpu()).sum().backward()
+        assert rel_err(out, ref.detach()) <= 1e-5
+        for t, t64 in zip(leaves, leaves64):
+            assert rel_err(t.grad, t64.grad) <= 2e-5
+    finally:
+        ops.set_backend(None)
+
+
+@st.composite
+def cases(draw):
+    B, T = draw(st.integers(1, 20)), draw(st.integers(1, 6))
+    return dict(B=B, T=T, d=draw(st.integers(1, 40)), r=draw(st.integers(1, 20)), N=draw(st.integers(1, 40)),
+                A=draw(st.integers(1, 4)), mode=draw(st.sampled_from(ops.POOL_MODES)),
+                packed=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)),
+                tiles=draw(st.sampled_from([None, SMALL, dict(SMALL, splits=1, consumers=3, block_b=32)])))
+
+
+@settings(max_examples=20, deadline=None)
+@given(cases())
+def test_property_matches_oracle(c):
+    tri.CONFIG_OVERRIDE = c.pop("tiles")  # not a fixture: hypothesis re-runs the body per example
+    try:
+        check(case(c["B"], c["T"], c["d"], c["r"], c["N"], c["A"], c["mode"], torch.float32, packed=c["packed"],
+                   seed=c["seed"]), TOL[torch.float32])
+    finally:
+        tri.CONFIG_OVERRIDE = None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("B,mode", [(1, "last"), (32, "mean"), (200, "attn")])
+def test_cuda_graph_replay(B, mode):
+    """LLaMA-2-7B sizes (d 4096, N = 4096 + 4096 + 11008): warm up on the capture stream, then
+    capture and replay with new tenants; the launch needs no host sync."""
+    args = list(case(B, 64, 4096, 12, 19200, 8, mode, torch.bfloat16, seed=9))
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        tri.pool_generate(*args)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            tri.pool_generate(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = tri.pool_generate(*args)
+        ids = args[9]
+        ids.copy_(torch.randint(-1, 8, (B,), generator=torch.Generator().manual_seed(10)))
+        graph.replay()
+        graph.replay()  # the counters were reset by the first replay
+    torch.cuda.synchronize()
+    expected = oracles.pool_generate(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
+    assert rel_err(out, expected) <= TOL[torch.bfloat16]
+    assert torch.all(out[ids < 0] == 1)
