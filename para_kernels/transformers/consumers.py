@@ -3,11 +3,12 @@ run as ``scaled_linear`` (the scale is the matmul's epilogue) and a gated FFN ru
 as ``scaled_glu``, so that with kernels present the rescale costs no extra pass over memory.
 With the reference backend the same forwards compute projection-then-scale, exactly as hooks do.
 
-Each consumer asks ``get_scale()`` for ``(s, plain)``: its module's scale s [B, n] (None: no
-adjustment) and whether this forward is eager inference on the reference backend. Then the
-rescale is one in-place multiply of the projection's fresh output, with no op dispatch and no
-re-check (s was made and checked at prefill, and the batch size checked per forward): this is
-the per-token decode path, and its Python cost is what PARA adds to a decode step.
+Each consumer reads its module's ``ScaleSlot`` (s [B, n], None: no adjustment, set at prefill)
+and the model's ``RunState``. When the forward is eager inference on the reference backend
+(``state.plain``), the rescale is one in-place multiply of the projection's fresh output by
+the slot's [B, 1, n] view, with no op dispatch and no re-check (s was made and checked at
+prefill, and the batch size is checked per forward): this is the per-token decode path, and
+its Python cost is what PARA adds to a decode step, so it is kept to a few attribute reads.
 """
 from __future__ import annotations
 
@@ -23,6 +24,26 @@ from .mapping import ScaledModule
 _MISSING = object()
 GLU_ACTIVATIONS = {"SiLU": "silu", "SiLUActivation": "silu", "GELU": "gelu", "GELUActivation": "gelu",
                    "PytorchGELUTanh": "gelu_tanh", "GELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh"}
+
+
+class ScaleSlot:
+    """One module's scale for the current batch: s [B, n] (None: no adjustment) and s3, the same
+    values viewed as [B, 1, n] to multiply a [B, T, n] output in place."""
+    __slots__ = ("s", "s3")
+
+    def __init__(self):
+        self.s = self.s3 = None
+
+    def set(self, s: torch.Tensor | None) -> None:
+        self.s, self.s3 = s, (None if s is None else s.unsqueeze(1))
+
+
+class RunState:
+    """Per-forward facts the consumers read: ``plain`` = eager inference on the reference backend."""
+    __slots__ = ("plain",)
+
+    def __init__(self):
+        self.plain = False
 
 
 class ForwardOverride:
@@ -54,12 +75,12 @@ def scale_output(output: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return ops.scale(output, s)
 
 
-def scale_in_place(output: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """output [B, T, n] *= s [B, n] when the shapes allow it (output must be a fresh tensor
-    that only the caller holds); else the checked op."""
-    if output.dim() == 3 and output.shape[0] == s.shape[0] and output.shape[2] == s.shape[1]:
-        return output.mul_(s.unsqueeze(1))
-    return scale_output(output, s)
+def scale_in_place(output: torch.Tensor, slot: ScaleSlot) -> torch.Tensor:
+    """output [B, T, n] *= s (output must be a fresh tensor that only the caller holds); other
+    layouts (e.g. OPT's flattened [B*T, n]) take the checked op."""
+    if output.dim() == 3 and output.shape[0] == slot.s.shape[0]:
+        return output.mul_(slot.s3)
+    return scale_output(output, slot.s)
 
 
 def is_fusable_linear(module: nn.Module, scaled: ScaledModule) -> bool:
@@ -68,14 +89,14 @@ def is_fusable_linear(module: nn.Module, scaled: ScaledModule) -> bool:
             and "forward" not in module.__dict__)
 
 
-def scaled_linear_forward(module: nn.Linear, get_scale: Callable):
+def scaled_linear_forward(module: nn.Linear, slot: ScaleSlot, state: RunState):
     def make(original):
         def forward(x):
-            s, plain = get_scale()
+            s = slot.s
             if s is None:
                 return original(x)
-            if plain:
-                return scale_in_place(original(x), s)
+            if state.plain:
+                return scale_in_place(original(x), slot)
             if x.dim() >= 2 and x.shape[0] == s.shape[0] and kernels_run(x.device):
                 return ops.scaled_linear(x, module.weight, module.bias, s)
             return scale_output(original(x), s)
@@ -98,15 +119,15 @@ def glu_parts(layer: nn.Module, up_path: str) -> tuple[nn.Module, str] | None:
     return mlp, act
 
 
-def scaled_glu_forward(mlp: nn.Module, activation: str, get_scale: Callable):
+def scaled_glu_forward(mlp: nn.Module, activation: str, slot: ScaleSlot, state: RunState):
     def make(original):
         def forward(x):
-            s, plain = get_scale()
+            s = slot.s
             if s is None:
                 return original(x)
             gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-            if plain:
-                return mlp.down_proj(mlp.act_fn(gate).mul_(scale_in_place(up, s)))
+            if state.plain:
+                return mlp.down_proj(mlp.act_fn(gate).mul_(scale_in_place(up, slot)))
             if up.shape[0] == s.shape[0] and kernels_run(x.device):
                 return mlp.down_proj(ops.scaled_glu(gate, up, s, activation))
             return mlp.down_proj(mlp.act_fn(gate) * scale_output(up, s))

@@ -67,11 +67,12 @@ class PARAModel(nn.Module):
         self._disabled = False
         self._groups: list[_Group] = []
         self._start = self._end = None
-        self._scales: list[dict] = []
+        self._scales: list[dict] = []  # per layer: {module path: s [B, out]} of this batch
+        self._slots: dict[int, dict[str, consumers.ScaleSlot]] = {}  # layer -> path -> what its consumer reads
         self._batch_size = 0
         self._ready = False
         self._decoding = False
-        self._plain = False  # this forward is eager inference on the reference backend
+        self._state = consumers.RunState()
         self._handles.append(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._after_model))
         if config is not None:
@@ -153,17 +154,17 @@ class PARAModel(nn.Module):
             once((i, "<norm>"), lambda: norm.register_forward_hook(self._norm_hook(i)))
         for m in lmap.modules:
             module = layer.get_submodule(m.path)
-            get_scale = self._scale_getter(i, m.path)
+            slot = self._slots.setdefault(i, {}).setdefault(m.path, consumers.ScaleSlot())
             glu = consumers.glu_parts(layer, m.path) if m.segments[-1].target == "up" else None
             if glu is not None:
                 mlp, act = glu
                 once((i, m.path), lambda: consumers.ForwardOverride(
-                    mlp, consumers.scaled_glu_forward(mlp, act, get_scale)))
+                    mlp, consumers.scaled_glu_forward(mlp, act, slot, self._state)))
             elif consumers.is_fusable_linear(module, m):
                 once((i, m.path), lambda: consumers.ForwardOverride(
-                    module, consumers.scaled_linear_forward(module, get_scale)))
+                    module, consumers.scaled_linear_forward(module, slot, self._state)))
             else:
-                once((i, m.path), lambda: module.register_forward_hook(self._scale_hook(get_scale)))
+                once((i, m.path), lambda: module.register_forward_hook(self._scale_hook(slot)))
 
     def _adapter_weights(self, adapter_name: str):
         """(layer index, AdapterWeights) for every layer the adapter lives in."""
@@ -219,6 +220,7 @@ class PARAModel(nn.Module):
             handle.remove()
         self._handles.clear()
         self._hooked.clear()
+        self._slots.clear()
         for layer in self._layers or []:
             if hasattr(layer, GENERATOR_ATTR):
                 delattr(layer, GENERATOR_ATTR)
@@ -271,7 +273,10 @@ class PARAModel(nn.Module):
             self._release()
 
     def _release(self) -> None:
-        self._scales = [dict() for _ in self._scales]
+        self._scales = [dict() for _ in self._layers or []]
+        for slots in self._slots.values():
+            for slot in slots.values():
+                slot.set(None)
         self._ready = False
 
     def _make_groups(self, batch: int, device) -> list[_Group]:
@@ -301,7 +306,7 @@ class PARAModel(nn.Module):
         if x is None:
             x = args[0] if args else kwargs.get("inputs_embeds")
         batch, length = x.shape[0], x.shape[1]
-        self._plain = (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        self._state.plain = (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
                        and ops.backend_for("scale", x.device) == "reference")
         if cached > 0:  # decode step: reuse the prefill's vectors
             if not self._ready or batch != self._batch_size:
@@ -316,7 +321,7 @@ class PARAModel(nn.Module):
                                                kwargs.get("labels"), self._prompt_lengths)
         self._groups = self._make_groups(batch, x.device)
         self._batch_size = batch
-        self._scales = [dict() for _ in self._layers]
+        self._release()
 
     def _after_model(self, module, args, output):
         self._ready = True
@@ -326,6 +331,8 @@ class PARAModel(nn.Module):
             if self._decoding:
                 return
             self._scales[i] = {}
+            for slot in self._slots.get(i, {}).values():
+                slot.set(None)
             if self._groups:
                 self._compute(i, args[0] if args else kwargs["hidden_states"], "residual")
         return hook
@@ -336,18 +343,10 @@ class PARAModel(nn.Module):
                 self._compute(i, output, "normed")
         return hook
 
-    def _scale_getter(self, i: int, path: str):
-        """(the current batch's scale of module ``path`` in layer i, [B, out] or None; whether
-        this forward is plain eager inference) — see consumers.py."""
-        def get_scale():
-            return (self._scales[i].get(path) if self._scales else None), self._plain
-        return get_scale
-
     @staticmethod
-    def _scale_hook(get_scale):
-        def hook(module, args, output):
-            s, _ = get_scale()  # not in place: other hooks may hold this output
-            return None if s is None else consumers.scale_output(output, s)
+    def _scale_hook(slot: consumers.ScaleSlot):
+        def hook(module, args, output):  # not in place: other hooks may hold this output
+            return None if slot.s is None else consumers.scale_output(output, slot.s)
         return hook
 
     def _compute(self, i: int, hidden: torch.Tensor, source: str) -> None:
@@ -369,6 +368,7 @@ class PARAModel(nn.Module):
                 s = module_scale(m, pieces, v.shape[0], v)
                 if s is not None:
                     scales[m.path] = s if m.path not in scales else scales[m.path] * s
+                    self._slots[i][m.path].set(scales[m.path])
 
     # ------------------------------------------------------------------ training helpers
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
