@@ -34,8 +34,8 @@ PY
 cat "$OUT/env.txt"
 
 step install
-# Installs in place (and builds the CUDA extension once csrc/ has one); no network is needed.
-"$PY" -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { status=1; tail -20 "$OUT/install.log"; }
+# Installs in place and builds the CUDA C++ extension (csrc/); no network is needed.
+MAX_JOBS=${MAX_JOBS:-16} "$PY" -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { status=1; tail -20 "$OUT/install.log"; }
 
 step tests
 if [ -n "${GPU_CHECK_QUICK:-}" ]; then
@@ -45,6 +45,18 @@ else
 fi
 "$PY" -m pytest "${tests[@]}" -q -p no:cacheprovider --durations=15 > "$OUT/tests.log" 2>&1 || status=1
 tail -25 "$OUT/tests.log"
+
+step memcheck
+# the CUDA C++ kernel tests under compute-sanitizer (small shapes only: it is ~100x slower)
+SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+if [ -x "$SAN" ] && [ -z "${GPU_CHECK_QUICK:-}" ]; then
+  timeout 420 "$SAN" --tool memcheck --error-exitcode 99 "$PY" -m pytest -q -x -p no:cacheprovider \
+    tests/test_cuda_kernels_pool_scale.py tests/test_cuda_kernels_generate.py -k "not llama and not 4097" \
+    > "$OUT/memcheck.log" 2>&1 || status=1
+  tail -5 "$OUT/memcheck.log"
+else
+  echo "compute-sanitizer not found (or quick run): memcheck skipped" | tee "$OUT/memcheck.log"
+fi
 
 step bench
 mode=--full
