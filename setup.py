@@ -9,7 +9,14 @@ pure package). Switches, all environment variables:
     PARA_KERNELS_FORCE_BUILD=1      build the extension or fail, never fall back to the pure package
     TORCH_CUDA_ARCH_LIST            GPU archs to compile for (default "8.0;9.0+PTX")
     MAX_JOBS                        parallel compile jobs (default: from free memory and CPUs)
+    NVCC_THREADS                    threads per nvcc job, one per arch (default: nvcc's, 1)
     CUDA_HOME                       the toolkit (default: found from nvcc, through wrapper scripts)
+    PARA_KERNELS_LOCAL_VERSION      the wheel's local version label (default: cu130torch2.14 for
+                                    a build with _C, none for the pure package; "" for none)
+
+A wheel with _C is versioned 0.1.0+cu<CUDA>torch<major.minor> (0.1.0+cu130torch2.14): it runs
+only beside that torch and CUDA. The pure wheel (no _C: Triton and PyTorch kernels) is plain
+0.1.0, py3-none-any, and runs beside any torch.
 
 The build writes para_kernels/_build_info.json (versions it was built for), which
 para_kernels/ops/cuda_backend.py checks against the running torch before loading _C.
@@ -158,6 +165,22 @@ def _package_version() -> str:
         return re.search(r"__version__\s*=\s*['\"]([^'\"]+)", f.read()).group(1)
 
 
+def local_version(env, torch_version: str | None, torch_cuda: str | None, with_extension: bool) -> str:
+    """The local version label ('cu130torch2.14' or ''): what a wheel with _C was built for,
+    so that wheels for several torch / CUDA pairs can sit side by side on one index."""
+    if "PARA_KERNELS_LOCAL_VERSION" in env:
+        return env["PARA_KERNELS_LOCAL_VERSION"].strip().lstrip("+")
+    if not with_extension:
+        return ""
+    torch_minor = ".".join(torch_version.split("+")[0].split(".")[:2])
+    return f"cu{torch_cuda.replace('.', '')}torch{torch_minor}"
+
+
+def full_version(env, torch_version: str | None, torch_cuda: str | None, with_extension: bool) -> str:
+    local = local_version(env, torch_version, torch_cuda, with_extension)
+    return _package_version() + (f"+{local}" if local else "")
+
+
 def _compiler_version() -> str:
     try:
         return subprocess.run([os.environ.get("CXX", "c++"), "--version"], capture_output=True, text=True,
@@ -200,6 +223,8 @@ def cuda_extension_kwargs(cuda_home: str, build_info: dict) -> dict:
     # -g0 overrides Python's -g: debug info for torch's headers made a 16 MB module and a
     # slower compile, for no use in a release build.
     cxx_flags, nvcc_flags = ["-O3", "-g0"], ["-O3", "-std=c++17"]
+    if os.environ.get("NVCC_THREADS"):  # nvcc compiles the archs of one file in parallel
+        nvcc_flags += ["--threads", os.environ["NVCC_THREADS"]]
     toolkit_include = os.path.join(cuda_home, "include")
     if not all(os.path.isfile(os.path.join(toolkit_include, h)) for h in LIBRARY_HEADERS):
         # For the .cpp files (torch's CUDA headers include these). -isystem is searched after
@@ -255,14 +280,15 @@ def main() -> None:
     if not build:
         _log(f"installing the pure-Python package without the CUDA extension: {why}")
         _remove_stale_build()
-        setup()
+        setup(version=full_version(os.environ, torch_version, torch_cuda, False))
         return
     _log(f"building the CUDA extension {EXTENSION}: {why}")
+    version = full_version(os.environ, torch_version, torch_cuda, True)
     build_info = {
-        "para_kernels": _package_version(), "torch": torch_version, "torch_cuda": torch_cuda,
+        "para_kernels": version, "torch": torch_version, "torch_cuda": torch_cuda,
         "nvcc_cuda": nvcc_cuda, "cuda_home": cuda_home, "compiler": _compiler_version(),
     }
-    setup(**cuda_extension_kwargs(cuda_home, build_info))
+    setup(version=version, **cuda_extension_kwargs(cuda_home, build_info))
 
 
 if __name__ == "__main__":  # setuptools runs this file as __main__; tests import the functions

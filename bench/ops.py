@@ -3,7 +3,11 @@ the fused ops ``pool_generate``, ``scaled_glu`` and ``scaled_linear`` where the 
 
 For every backend that runs on the device (``para_kernels.ops.available_backends``), forward
 (the public ``para_kernels.ops`` functions, no grad) and backward (the ``para::*_backward``
-ops, as autograd calls them), on the hidden sizes of SmolLM2-135M and LLaMA-2-7B.
+ops, as autograd calls them), on the hidden sizes of SmolLM2-135M, LLaMA-2-7B and (``--full``
+or on a GPU) LLaMA-2-13B. Beside them, backend ``reference+compile``: the reference's PyTorch
+function (``para_kernels.ops.torch_ops.<op>``) under ``torch.compile(dynamic=False)``, forward
+only, compiled once per case before timing (the compile time is reported, not timed), and
+the same function eager, so the compiled row has a like-for-like eager baseline.
 
 Each case reports the median and IQR of many timed runs (CPU: perf_counter over a calibrated
 number of back-to-back calls; GPU: CUDA events, L2 flushed before each run), the bytes the op
@@ -14,19 +18,26 @@ rate) with both rates measured here.
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 
 from para_kernels import ops as para_ops
+from para_kernels.ops import torch_ops
 
-from .common import CpuShare, L2Flusher, summary, time_fn
+from .common import CpuShare, L2Flusher, summary, sync, time_fn
 
 # hidden size d and the three scaled widths (n_q, n_v, n_u) of each model
 MODELS = {
     "SmolLM2-135M": {"d": 576, "n_q": 576, "n_v": 192, "n_u": 1536},
     "LLaMA-2-7B": {"d": 4096, "n_q": 4096, "n_v": 4096, "n_u": 11008},
+    "LLaMA-2-13B": {"d": 5120, "n_q": 5120, "n_v": 5120, "n_u": 13824},
 }
+
+COMPILED = "reference+compile"  # the backend name of the torch.compile'd reference rows
 
 
 @dataclass
@@ -44,6 +55,21 @@ class OpsConfig:
     copy_mib: int = 256
     matmul_n: int = 1024
     seed: int = 0
+    compile: bool = True  # also time the reference under torch.compile
+    compile_batches: tuple | None = (8,)  # batch sizes of the compiled rows (None: every batch)
+
+
+@dataclass
+class Case:
+    """One op at one shape: what is timed and what it must move."""
+    meta: dict
+    forward: Callable
+    backward: Callable
+    bytes_fwd: int
+    bytes_bwd: int
+    flops_fwd: int
+    flops_bwd: int
+    reference: tuple = field(default=())  # (torch_ops function, its arguments): the compiled rows
 
 
 # ----------------------------------------------------------------- machine rates
@@ -74,7 +100,7 @@ def _prompt(B: int, T: int, device):
 
 
 def cases(cfg: OpsConfig, device: torch.device, dtype: torch.dtype):
-    """Yield (meta, forward fn, backward fn, bytes fwd, bytes bwd, flops fwd, flops bwd)."""
+    """Yield a :class:`Case` per op, shape and variant of pool, generate and scale."""
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
     es = torch.tensor([], dtype=dtype).element_size()
 
@@ -98,11 +124,12 @@ def cases(cfg: OpsConfig, device: torch.device, dtype: torch.dtype):
             bwd_bytes = es * (B * d + (B * T * d if mode in ("max", "attn") else 0) + B * T * d
                               + (2 * d if w is not None else 0)) + 2 * B * 8
             flops = 0 if mode in ("last", "max") else 2 * B * T * d * (2 if mode == "attn" else 1)
-            yield ({**base, "op": "pool", "variant": mode, "n": d},
-                   (lambda h=hidden, w=w, m=mode, s=start, e=end: para_ops.pool(h, s, e, m, w)),
-                   (lambda h=hidden, w=w, m=mode, s=start, e=end, gp=grad_p:
-                    torch.ops.para.pool_backward(gp, h, s, e, m, w)),
-                   fwd_bytes, bwd_bytes, flops, 2 * flops)
+            yield Case({**base, "op": "pool", "variant": mode, "n": d},
+                       (lambda h=hidden, w=w, m=mode, s=start, e=end: para_ops.pool(h, s, e, m, w)),
+                       (lambda h=hidden, w=w, m=mode, s=start, e=end, gp=grad_p:
+                        torch.ops.para.pool_backward(gp, h, s, e, m, w)),
+                       fwd_bytes, bwd_bytes, flops, 2 * flops,
+                       (torch_ops.pool, (hidden, start, end, mode, w)))
         # ---- generate: bank of `adapters`, rows spread over them
         A, r = cfg.adapters, cfg.r
         pooled = rnd(B, d)
@@ -115,11 +142,12 @@ def cases(cfg: OpsConfig, device: torch.device, dtype: torch.dtype):
         gen_bytes = es * (B * d + weights + B * N) + B * 8
         gen_bwd_bytes = es * (B * N + B * d + weights + B * d + A * (d * r + r + r * N + N)) + B * 8
         gen_flops = 2 * B * (d * r + r * N)
-        yield ({**base, "op": "generate", "variant": f"A={A} r={r} N={N}", "n": N},
-               (lambda a=(pooled, w_down, b_down, w_up, b_up, ids): para_ops.generate(*a, cfg.activation)),
-               (lambda a=(grad_v, pooled, w_down, b_down, w_up, b_up, ids):
-                torch.ops.para.generate_backward(*a, cfg.activation, None)),
-               gen_bytes, gen_bwd_bytes, gen_flops, 2 * B * (3 * d * r + 2 * r * N))
+        bank = (pooled, w_down, b_down, w_up, b_up, ids)
+        yield Case({**base, "op": "generate", "variant": f"A={A} r={r} N={N}", "n": N},
+                   (lambda a=bank: para_ops.generate(*a, cfg.activation)),
+                   (lambda a=(grad_v, *bank): torch.ops.para.generate_backward(*a, cfg.activation, None)),
+                   gen_bytes, gen_bwd_bytes, gen_flops, 2 * B * (3 * d * r + 2 * r * N),
+                   (torch_ops.generate, (*bank, cfg.activation)))
         # ---- scale: the FFN up projection's output (the widest scaled activation),
         # at decode (1 token per row) and at prefill (T tokens per row)
         n = sz["n_u"]
@@ -129,10 +157,11 @@ def cases(cfg: OpsConfig, device: torch.device, dtype: torch.dtype):
             grad_x = rnd(B, tokens, n)
             fwd_bytes = es * (2 * B * tokens * n + B * n)
             bwd_bytes = es * (3 * B * tokens * n + 2 * B * n)
-            yield ({**base, "op": "scale", "variant": variant, "n": n, "tokens": tokens},
-                   (lambda x=x, v=v: para_ops.scale(x, v)),
-                   (lambda x=x, gx=grad_x, v=v: torch.ops.para.scale_backward(gx, x, v, None)),
-                   fwd_bytes, bwd_bytes, B * tokens * n, 2 * B * tokens * n)
+            yield Case({**base, "op": "scale", "variant": variant, "n": n, "tokens": tokens},
+                       (lambda x=x, v=v: para_ops.scale(x, v)),
+                       (lambda x=x, gx=grad_x, v=v: torch.ops.para.scale_backward(gx, x, v, None)),
+                       fwd_bytes, bwd_bytes, B * tokens * n, 2 * B * tokens * n,
+                       (torch_ops.scale, (x, v)))
 
 
 def fused_cases(cfg: OpsConfig, device: torch.device, dtype: torch.dtype):
@@ -156,38 +185,115 @@ def fused_cases(cfg: OpsConfig, device: torch.device, dtype: torch.dtype):
         ids = (torch.arange(B) % A).to(device)
         weights = min(A, B) * (d * r + r + r * N + N)
         grad_v = rnd(B, N)
-        yield ({**base, "op": "pool_generate", "variant": f"last A={A} r={r} N={N}", "n": N},
-               (lambda a=(hidden, start, end, "last", None, *bank, ids): para_ops.pool_generate(*a, cfg.activation)),
-               (lambda a=(grad_v, hidden, start, end, "last", None, *bank, ids):
-                torch.ops.para.pool_generate_backward(*a, cfg.activation, None)),
-               es * (B * d + weights + B * N) + 3 * B * 8,
-               es * (B * N + B * d + weights + B * T * d + A * (d * r + r + r * N + N)) + 3 * B * 8,
-               2 * B * (d * r + r * N), 2 * B * (3 * d * r + 2 * r * N))
+        args = (hidden, start, end, "last", None, *bank, ids)
+        yield Case({**base, "op": "pool_generate", "variant": f"last A={A} r={r} N={N}", "n": N},
+                   (lambda a=args: para_ops.pool_generate(*a, cfg.activation)),
+                   (lambda a=(grad_v, *args): torch.ops.para.pool_generate_backward(*a, cfg.activation, None)),
+                   es * (B * d + weights + B * N) + 3 * B * 8,
+                   es * (B * N + B * d + weights + B * T * d + A * (d * r + r + r * N + N)) + 3 * B * 8,
+                   2 * B * (d * r + r * N), 2 * B * (3 * d * r + 2 * r * N),
+                   (torch_ops.pool_generate, (*args, cfg.activation)))
         for tokens, variant in ((1, "decode T=1"), (T, f"prefill T={T}")):
             gate, up = rnd(B, tokens, nu), rnd(B, tokens, nu)
             v = 1.0 + rnd(B, nu) * 0.1
             grad = rnd(B, tokens, nu)
             m = B * tokens * nu
-            yield ({**base, "op": "scaled_glu", "variant": f"silu {variant}", "n": nu, "tokens": tokens},
-                   (lambda a=(gate, up, v): para_ops.scaled_glu(*a, "silu")),
-                   (lambda a=(grad, gate, up, v): torch.ops.para.scaled_glu_backward(*a, "silu")),
-                   es * (3 * m + B * nu), es * (5 * m + 2 * B * nu), 6 * m, 12 * m)
+            yield Case({**base, "op": "scaled_glu", "variant": f"silu {variant}", "n": nu, "tokens": tokens},
+                       (lambda a=(gate, up, v): para_ops.scaled_glu(*a, "silu")),
+                       (lambda a=(grad, gate, up, v): torch.ops.para.scaled_glu_backward(*a, "silu")),
+                       es * (3 * m + B * nu), es * (5 * m + 2 * B * nu), 6 * m, 12 * m,
+                       (torch_ops.scaled_glu, (gate, up, v, "silu")))
         # scaled_linear as the q projection, at decode only (prefill-sized matmuls take seconds on a CPU)
         x, w = rnd(B, 1, d), rnd(nq, d) / d ** 0.5
         v = 1.0 + rnd(B, nq) * 0.1
         grad = rnd(B, 1, nq)
-        yield ({**base, "op": "scaled_linear", "variant": "q_proj decode T=1", "n": nq, "tokens": 1},
-               (lambda a=(x, w, None, v): para_ops.scaled_linear(*a)),
-               (lambda a=(grad, x, w, None, v): torch.ops.para.scaled_linear_backward(*a)),
-               es * (B * d + nq * d + B * nq + B * nq), es * (2 * B * nq + 2 * B * d + 2 * nq * d + B * nq),
-               2 * B * d * nq, 4 * B * d * nq)
+        yield Case({**base, "op": "scaled_linear", "variant": "q_proj decode T=1", "n": nq, "tokens": 1},
+                   (lambda a=(x, w, None, v): para_ops.scaled_linear(*a)),
+                   (lambda a=(grad, x, w, None, v): torch.ops.para.scaled_linear_backward(*a)),
+                   es * (B * d + nq * d + B * nq + B * nq), es * (2 * B * nq + 2 * B * d + 2 * nq * d + B * nq),
+                   2 * B * d * nq, 4 * B * d * nq,
+                   (torch_ops.scaled_linear, (x, w, None, v)))
+
+
+def _time_case(fn, device, cfg: OpsConfig, flush) -> tuple[dict, float | None]:
+    """(summary of the seconds per call, share of the CPUs other processes used meanwhile)."""
+    share = CpuShare()
+    share.start()
+    with torch.no_grad():
+        times = time_fn(fn, device, samples=cfg.samples, max_total_s=cfg.max_case_s, flush=flush)
+    return summary(times), share.stop()
+
+
+def _row(case: Case, direction: str, backend: str, dtype_name: str, s: dict, others, rates, mm) -> dict:
+    nbytes, flops = (case.bytes_fwd, case.flops_fwd) if direction == "forward" else (case.bytes_bwd, case.flops_bwd)
+    bw = nbytes / s["median"]
+    floor = max(nbytes / rates["copy"]["bytes_per_s"], flops / mm["flops_per_s"])
+    return {**case.meta, "direction": direction, "backend": backend, "dtype": dtype_name, "time": s,
+            "bytes": nbytes, "flops": flops, "gb_per_s": bw / 1e9,
+            "frac_of_copy_bw": bw / rates["copy"]["bytes_per_s"], "floor_s": floor,
+            "floor_over_time": floor / s["median"], "others_cpu": others}
+
+
+_COMPILE_LOGGERS = ("torch._dynamo", "torch._inductor", "torch.utils.cpp_extension")
+
+
+def _compile(case: Case, device: torch.device) -> dict:
+    """torch.compile(dynamic=False) the case's reference function from a clean dynamo state and
+    call it once (the compile). Returns the compiled callable, the compile time, how many graphs
+    dynamo made (more than one: graph breaks) and the largest difference from the eager
+    function's output; or the error text if compiling failed."""
+    fn, args = case.reference
+    levels = {name: logging.getLogger(name).level for name in _COMPILE_LOGGERS}
+    for name in _COMPILE_LOGGERS:  # graph-break advice would flood the console
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        torch._dynamo.reset()
+        graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        compiled = torch.compile(fn, dynamic=False)
+        with torch.no_grad():
+            sync(device)
+            t0 = time.perf_counter()
+            out = compiled(*args)
+            sync(device)
+            compile_s = time.perf_counter() - t0
+            ref = fn(*args)
+        diff = float((out.double() - ref.double()).abs().max()) if out.numel() else 0.0
+        return {"fn": lambda: compiled(*args), "compile_s": compile_s, "max_abs_diff": diff,
+                "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before}
+    except Exception as e:  # no C++ compiler, an op inductor cannot lower, ...
+        return {"fn": None, "error": f"{type(e).__name__}: {e}"[:600]}
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _compiled_rows(case: Case, device, cfg: OpsConfig, flush, dtype_name: str, rates, mm, bar) -> tuple:
+    """(entry of the compile table, ops row of the compiled reference or None)."""
+    entry = {**case.meta, "dtype": dtype_name}
+    c = _compile(case, device)
+    fn = c.pop("fn")
+    entry.update(c)
+    bar.update(1)
+    row = None
+    if fn is not None:
+        ref_fn, args = case.reference
+        entry["eager_function_time"], _ = _time_case(lambda: ref_fn(*args), device, cfg, flush)
+        s, others = _time_case(fn, device, cfg, flush)
+        entry["compiled_time"] = s
+        row = _row(case, "forward", COMPILED, dtype_name, s, others, rates, mm)
+    bar.update(1)
+    return entry, row
+
+
+def _wants_compile(case: Case, cfg: OpsConfig) -> bool:
+    return cfg.compile and bool(case.reference) and (cfg.compile_batches is None or case.meta["B"] in cfg.compile_batches)
 
 
 def run(cfg: OpsConfig, device: torch.device, *, progress_factory, log=print) -> dict:
     rates = {"copy": copy_rate(device, cfg.copy_mib)}
     log(f"measured copy bandwidth: {rates['copy']['bytes_per_s'] / 1e9:.1f} GB/s (read + write)")
     flush = L2Flusher(device) if device.type == "cuda" else None
-    rows, errors = [], []
+    rows, errors, compiled = [], [], []
     backends = para_ops.available_backends(device)
     previous = para_ops.get_backend()
     try:
@@ -197,37 +303,37 @@ def run(cfg: OpsConfig, device: torch.device, *, progress_factory, log=print) ->
             rates[f"matmul_{dtype_name}"] = mm
             log(f"measured {dtype_name} matmul rate: {mm['flops_per_s'] / 1e9:.1f} GFLOP/s")
             all_cases = list(cases(cfg, device, dtype)) + list(fused_cases(cfg, device, dtype))
-            total = len(all_cases) * 2 * len(backends)
+            to_compile = [c for c in all_cases if _wants_compile(c, cfg)]
+            total = len(all_cases) * 2 * len(backends) + 2 * len(to_compile)
             with progress_factory(total=total, desc=f"ops {dtype_name}") as bar:
                 for backend in backends:
                     para_ops.set_backend(backend)
-                    for meta, fwd, bwd, b_fwd, b_bwd, f_fwd, f_bwd in all_cases:
-                        for direction, fn, nbytes, flops in (("forward", fwd, b_fwd, f_fwd),
-                                                             ("backward", bwd, b_bwd, f_bwd)):
-                            share = CpuShare()
-                            share.start()
+                    for case in all_cases:
+                        for direction, fn in (("forward", case.forward), ("backward", case.backward)):
                             try:
-                                with torch.no_grad():
-                                    times = time_fn(fn, device, samples=cfg.samples,
-                                                    max_total_s=cfg.max_case_s, flush=flush)
+                                s, others = _time_case(fn, device, cfg, flush)
                             except Exception as e:  # a backend may not implement every op / shape
-                                errors.append({**meta, "direction": direction, "backend": backend,
+                                errors.append({**case.meta, "direction": direction, "backend": backend,
                                                "dtype": dtype_name, "error": f"{type(e).__name__}: {e}"[:300]})
-                                bar.update(1)
-                                continue
-                            others = share.stop()
-                            s = summary(times)
-                            bw = nbytes / s["median"]
-                            floor = max(nbytes / rates["copy"]["bytes_per_s"], flops / mm["flops_per_s"])
-                            rows.append({**meta, "direction": direction, "backend": backend, "dtype": dtype_name,
-                                         "time": s, "bytes": nbytes, "flops": flops,
-                                         "gb_per_s": bw / 1e9,
-                                         "frac_of_copy_bw": bw / rates["copy"]["bytes_per_s"],
-                                         "floor_s": floor, "floor_over_time": floor / s["median"],
-                                         "others_cpu": others})
+                            else:
+                                rows.append(_row(case, direction, backend, dtype_name, s, others, rates, mm))
                             bar.update(1)
+                para_ops.set_backend(previous)
+                if to_compile:
+                    bar.set_postfix_str("torch.compile")
+                for case in to_compile:
+                    entry, row = _compiled_rows(case, device, cfg, flush, dtype_name, rates, mm, bar)
+                    compiled.append(entry)
+                    if row is not None:
+                        rows.append(row)
+                    else:
+                        errors.append({**case.meta, "direction": "forward", "backend": COMPILED,
+                                       "dtype": dtype_name, "error": entry["error"]})
     finally:
         para_ops.set_backend(previous)
-    return {"config": asdict(cfg), "backends": backends, "rates": rates, "rows": rows, "errors": errors,
+        if compiled:
+            torch._dynamo.reset()
+    return {"config": asdict(cfg), "backends": backends + ([COMPILED] if compiled else []), "rates": rates,
+            "rows": rows, "errors": errors, "compiled": compiled,
             "timer": "CUDA events, L2 flushed before each run" if device.type == "cuda"
             else "perf_counter_ns over a calibrated number of back-to-back calls (>= 0.2 ms per sample)"}

@@ -84,6 +84,78 @@ def attribution_rows(attr) -> list[list[str]]:
 ATTR_HEADER = ["piece", "us per call", "calls per token", "ms per token", "what"]
 
 
+def _layout_head(pop, kind) -> str:
+    lay = pop["layouts"][kind]
+    return f"{kind} ({lay['distinct_tenants']} tenant{'s' if lay['distinct_tenants'] != 1 else ''})"
+
+
+def popularity_header(pop) -> list[str]:
+    return ["method"] + [_layout_head(pop, k) + ", ratio [IQR]" for k in pop["layouts"]]
+
+
+def popularity_rows(pop) -> list[list[str]]:
+    """Ratio to the bare decode step, per method (rows) and layout (columns); first row: the
+    bare model's ms per step."""
+    kinds = list(pop["layouts"])
+    rows = [["bare backbone, ms per step [IQR]"] + [
+        f"{_ms(pop['layouts'][k]['bare_time']['median'])} [{_ms(pop['layouts'][k]['bare_time']['q1'])}, "
+        f"{_ms(pop['layouts'][k]['bare_time']['q3'])}]" for k in kinds]]
+    for m in pop["methods"]:
+        rows.append([pop["labels"][m]] + [_ratio(pop["layouts"][k]["methods"][m]["ratio"]) for k in kinds])
+    return rows
+
+
+def popularity_ms_rows(pop) -> list[list[str]]:
+    """ms per decode step of every method, per layout, median [IQR]."""
+    kinds = list(pop["layouts"])
+    rows = []
+    for m in pop["methods"]:
+        cells = []
+        for k in kinds:
+            t = pop["layouts"][k]["methods"][m]["time"]
+            cells.append(f"{_ms(t['median'])} [{_ms(t['q1'])}, {_ms(t['q3'])}]")
+        rows.append([pop["labels"][m]] + cells)
+    return rows
+
+
+def compile_rows(ops, batch=None) -> list[list[str]]:
+    """The compiled reference beside the eager public op and the eager reference function."""
+    eager = {(r["model"], r["op"], r["variant"], r["B"], r["T"], r["dtype"]): r["time"]
+             for r in ops["rows"] if r["backend"] == "reference" and r["direction"] == "forward"}
+    rows = []
+    for c in ops.get("compiled", []):
+        if batch is not None and c["B"] != batch:
+            continue
+        op_t = eager.get((c["model"], c["op"], c["variant"], c["B"], c["T"], c["dtype"]))
+        head = [c["dtype"], c["model"], c["op"], c["variant"], c["B"], c["T"],
+                _us(op_t["median"]) if op_t else ""]
+        if c.get("error"):
+            rows.append(head + ["", "", "", "", "", "", "failed: " + c["error"].replace("|", "/").replace("\n", " ")[:200]])
+            continue
+        fe, ct = c["eager_function_time"], c["compiled_time"]
+        rows.append(head + [f"{_us(fe['median'])} [{_us(fe['iqr'])}]", f"{_us(ct['median'])} [{_us(ct['iqr'])}]",
+                            f"{fe['median'] / ct['median']:.2f}", f"{c['compile_s']:.2f}", c["graphs"],
+                            f"{c['max_abs_diff']:.2g}", ""])
+    return rows
+
+
+COMPILE_HEADER = ["dtype", "model", "op", "variant", "B", "T", "public op, eager: median us",
+                  "reference fn, eager: median [IQR] us", "reference fn, compiled: median [IQR] us",
+                  "eager fn / compiled", "compile s", "graphs", "max |compiled - eager|", "error"]
+
+
+def phases_line(result) -> str | None:
+    """Seconds each part of the run took, in the order they ran."""
+    serving = result.get("serving") or {}
+    parts = {"setup": serving.get("setup_s"), "checks": serving.get("checks_s"),
+             **(serving.get("phases_s") or {}),
+             **{k: v for k, v in (result.get("phases_s") or {}).items() if k != "serving"}}
+    parts = {k: v for k, v in parts.items() if v and v >= 0.5}
+    if not parts:
+        return None
+    return "Time by part: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in parts.items()) + "."
+
+
 def contention_line(part: dict, what: str, limit: float) -> str | None:
     """One sentence on what other processes did during the timed runs of ``part``."""
     oc = part.get("others_cpu")
@@ -117,6 +189,12 @@ def console(result) -> str:
             line = contention_line(serving[phase], phase, cfg["max_other_cpu"])
             if line:
                 out.append(line)
+    pop = (serving or {}).get("popularity")
+    if pop:
+        out.append(f"\nTenant popularity: decode-step ratio to the bare model, median [IQR] of "
+                   f"{pop['rounds']} x {pop['steps_per_run']} lockstep steps per layout (adapters for "
+                   f"{pop['pool_tenants']} tenants per method):")
+        out.append(_text_table(popularity_header(pop), popularity_rows(pop)))
     if serving and "checks" in serving:
         bad = [k for k, v in serving["checks"].items() if isinstance(v, dict) and v.get("ok") is False]
         out.append("checks: " + ("all passed" if not bad else f"FAILED {bad}"))
@@ -136,7 +214,13 @@ def console(result) -> str:
         out.append(f"\nOp microbenchmarks (copy bandwidth {ops['rates']['copy']['bytes_per_s'] / 1e9:.1f} GB/s); "
                    f"B = {b} shown, every shape in the Markdown report:")
         out.append(_text_table(OPS_HEADER, ops_rows(ops, batch=b)))
+        if ops.get("compiled"):
+            out.append(f"\nReference under torch.compile (forward, B = {b} shown):")
+            out.append(_text_table(COMPILE_HEADER, compile_rows(ops, batch=b)))
     out.append(f"\nruntime {result['runtime_s']:.0f} s")
+    line = phases_line(result)
+    if line:
+        out.append(line)
     return "\n".join(out)
 
 
@@ -153,6 +237,47 @@ def _jsonable(x):
     return str(x)
 
 
+def _lockstep_text(serving) -> str:
+    pop = serving.get("popularity")
+    cfg = serving["config"]
+    if pop and "uniform" in pop["layouts"]:
+        return (f"taken from the tenant-popularity table's uniform layout (below): the bare model and all its "
+                f"methods decode {pop['steps_per_run']} greedy steps in lockstep, {pop['rounds']} times (model "
+                "forwards with their own KV caches, the order rotating every step)")
+    return (f"the method and the bare model decode {cfg.get('interleaved_steps', 0)} greedy steps in lockstep "
+            "(model forwards with their own KV caches, the order alternating every step)")
+
+
+def popularity_markdown(serving, files: dict) -> list[str]:
+    pop, cfg = serving["popularity"], serving["config"]
+    layouts = pop["layouts"]
+    assign = "; ".join(f"{k}: {lay['row_tenants']}" for k, lay in layouts.items())
+    lines = ["## Tenant popularity: decode-step ratio to the bare model", "",
+             f"The headline's batch ({cfg['batch']} rows, {cfg['prompt_len']}-token prompts) with its rows assigned "
+             f"to tenants four ways: distinct (every row its own tenant), uniform (row b → tenant b mod "
+             f"{cfg['tenants']}, the headline's layout), zipf (each row's tenant drawn from {pop['pool_tenants']} "
+             f"with probability ∝ 1/k^{cfg['zipf_s']}, seed {cfg['seed']}) and identical (every row tenant 0). "
+             f"Rows → tenants: {assign}. Every method holds adapters for {pop['pool_tenants']} tenants; LoRA runs "
+             f"at ranks {', '.join(str(r) for r in cfg['lora_ranks'])}. For each layout the bare model and every "
+             f"method decode {pop['steps_per_run']} greedy steps in lockstep from their own prefill and KV cache "
+             "(one forward each per step, the order rotating every step); each method's step time is divided by "
+             "the bare model's step time of the same step, and the table gives the median of those per-step "
+             f"ratios [IQR] over {pop['rounds']} such runs per layout (the layout order rotating each run), all in "
+             "one process.", "",
+             _md_table(popularity_header(pop), popularity_rows(pop)), "",
+             "ms per decode step, median [IQR]:", "",
+             _md_table(["method"] + [_layout_head(pop, k) for k in layouts], popularity_ms_rows(pop)), ""]
+    shares = [lay["others_cpu"]["max"] for lay in layouts.values() if lay.get("others_cpu")]
+    repeated = sum(r.get("repeated", False) for lay in layouts.values() for r in lay["runs"])
+    if shares:
+        lines += [f"Other processes used at most {max(shares):.1%} of the CPUs during a lockstep run; {repeated} "
+                  f"run(s) repeated because they used more than {cfg['max_other_cpu']:.0%}, "
+                  f"{pop.get('waited_s', 0):.0f} s spent waiting for a quiet machine.", ""]
+    if files.get("popularity_png"):
+        lines += [f"![ratio to bare per popularity layout]({os.path.basename(files['popularity_png'])})", ""]
+    return lines
+
+
 def markdown(result, files: dict) -> str:
     env = result["env"]
     git = env["git"]
@@ -166,11 +291,14 @@ def markdown(result, files: dict) -> str:
              f"| torch / transformers / peft | {env['torch']} / {env['transformers']} / {env['peft']} |",
              f"| para_kernels | {env['para_kernels']}, commit {git['commit']}{' (uncommitted changes)' if git['dirty'] else ''} |",
              f"| python / platform | {env['python']} / {env['platform']} |", ""]
+    if phases_line(result):
+        lines += [phases_line(result), ""]
     for w in result.get("warnings", []):
         lines += [f"> **Warning:** {w}", ""]
     serving = result.get("serving")
     if serving:
         cfg = serving["config"]
+        pool = serving.get("pool_tenants", cfg["tenants"])
         lines += ["## Headline: multi-tenant greedy decode of SmolLM2-135M-Instruct", "",
                   f"Batch of {cfg['batch']} rows from {cfg['tenants']} tenants (row b → tenant b mod "
                   f"{cfg['tenants']}), prompts of exactly {cfg['prompt_len']} tokens, "
@@ -182,15 +310,15 @@ def markdown(result, files: dict) -> str:
                   "ratio reported is the median of those per-run ratios, with its interquartile range. "
                   "\"ratio (mean step)\" uses the mean step interval instead; \"ratio (whole generate)\" the "
                   f"wall time of the whole generate() call (prefill included). \"Steps interleaved\": a cross-check "
-                  f"with less noise — the method and the bare model decode {cfg.get('interleaved_steps', 0)} greedy "
-                  "steps in lockstep (model forwards with their own KV caches, the order alternating every step), "
-                  "and the ratio is the median of the per-step ratios. Prefill: one forward of the prompt "
+                  f"with less noise — {_lockstep_text(serving)}, and the ratio is the median of the per-step "
+                  "ratios to the bare forward of the same step. Prefill: one forward of the prompt "
                   f"batch (use_cache=True, logits of the last position, as generate's prefill), {cfg['prefill_rounds']} "
                   "alternated runs per method.", "",
-                  "Methods: PARA — 4 adapters, r = 12, q/v/up, random W_up ~ N(0, "
+                  f"Methods (each holds adapters for {pool} tenants; the headline's rows use {cfg['tenants']} of them): "
+                  "PARA — r = 12, q/v/up, random W_up ~ N(0, "
                   f"{cfg['para_w_up_std']}²), b_up ~ N(0, {cfg['para_b_up_std']}²), `PARAModel.generate(adapter_names=...)`; "
-                  f"PEFT LoRA — r = {cfg['lora_r']}, alpha = {cfg['lora_alpha']}, q_proj + v_proj, 4 adapters via "
-                  f"`add_adapter`, lora_B ~ N(0, {cfg['lora_b_std']}²), `generate(adapter_names=...)`; BGMV-style "
+                  f"PEFT LoRA — r = {cfg['lora_r']}, alpha = {cfg['lora_alpha']}, q_proj + v_proj, one adapter per tenant "
+                  f"and rank via `add_adapter`, lora_B ~ N(0, {cfg['lora_b_std']}²), `generate(adapter_names=...)`; BGMV-style "
                   "LoRA — the same weights, per-row gathered A[ids] [B,d,r] and B[ids] [B,r,n] with `bmm`/`baddbmm` "
                   f"in forward hooks on q_proj and v_proj (bench/lora.py); (IA)³ — per-tenant vectors 1 + N(0, "
                   f"{cfg['ia3_std']}²) on the outputs of k_proj, v_proj and up_proj, gathered per row once per batch, "
@@ -212,6 +340,8 @@ def markdown(result, files: dict) -> str:
             if vs:
                 lines += [f"PARA vectors in the check's prefill: |v − 1| mean {vs['abs_mean']:.4f}, std {vs['std']:.4f}, "
                           f"range [{vs['min']:.3f}, {vs['max']:.3f}].", ""]
+        if serving.get("popularity"):
+            lines += popularity_markdown(serving, files)
         if serving.get("failed_checks"):
             lines += [f"**Checks failed: {serving['failed_checks']}; timing was skipped.**", ""]
     attr = result.get("attribution")
@@ -257,86 +387,200 @@ def markdown(result, files: dict) -> str:
             lines += [line, ""]
         if files.get("ops_png"):
             lines += [f"![op time vs batch size]({os.path.basename(files['ops_png'])})", ""]
+        if files.get("ops_backends_png"):
+            lines += [f"![forward time vs batch size per backend]({os.path.basename(files['ops_backends_png'])})", ""]
         lines += [_md_table(OPS_HEADER, ops_rows(ops)), ""]
+        if ops.get("compiled"):
+            cb = ops["config"].get("compile_batches")
+            lines += ["### The reference under torch.compile", "",
+                      "Backend `reference+compile` above: the reference's PyTorch function "
+                      "(`para_kernels.ops.torch_ops.<op>`, what the public op runs after its argument checks and "
+                      "dispatch) under `torch.compile(dynamic=False)` (inductor), forward only, "
+                      + ("at every batch size" if not cb else f"at B = {', '.join(str(b) for b in cb)}")
+                      + ". Each case is compiled from a clean dynamo state and called once before timing: "
+                      "\"compile s\" is that first call (inductor's on-disk cache may shorten it on a second run), "
+                      "excluded from the timings. \"graphs\" counts the graphs dynamo compiled (more than one: graph "
+                      "breaks, e.g. at data-dependent sizes). The public op's eager time (the `reference` row) and the "
+                      "same function run eagerly are the baselines; \"eager fn / compiled\" > 1 means compiling helped. "
+                      "A compile that failed shows its error.", "",
+                      _md_table(COMPILE_HEADER, compile_rows(ops)), ""]
     return "\n".join(lines) + "\n"
 
 
+def _plot_ratios(plt, result, path: str) -> bool:
+    """Headline: decode and prefill ratio to bare per method, median with IQR bars."""
+    serving = result.get("serving")
+    if not (serving and "decode" in serving):
+        return False
+    methods = _methods(serving)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.38
+    for k, (phase, label) in enumerate((("decode", "decode (per token)"), ("prefill", "prefill"))):
+        med = [serving[phase][m]["ratio"]["median"] for m in methods]
+        lo = [med[i] - serving[phase][m]["ratio"]["q1"] for i, m in enumerate(methods)]
+        hi = [serving[phase][m]["ratio"]["q3"] - med[i] for i, m in enumerate(methods)]
+        xs = [i + (k - 0.5) * width for i in range(len(methods))]
+        ax.bar(xs, med, width, yerr=[lo, hi], capsize=3, label=label)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks(range(len(methods)))
+    ax.set_xticklabels([m.replace("_", " ") for m in methods])
+    ax.set_ylabel("time ratio to bare model")
+    lo_y = min(0.9, min(serving[p][m]["ratio"]["q1"] for p in ("decode", "prefill") for m in methods) - 0.02)
+    ax.set_ylim(bottom=lo_y)
+    cfg = serving["config"]
+    ax.set_title(f"SmolLM2-135M, batch {cfg['batch']} from {cfg['tenants']} tenants — {result['env']['device_name']}",
+                 fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_ops(plt, result, path: str) -> bool:
+    """Time vs batch size of each op, forward and backward, first backend and dtype."""
+    ops = result.get("ops")
+    if not (ops and ops["rows"]):
+        return False
+    models = list(dict.fromkeys(r["model"] for r in ops["rows"]))
+    groups = [("pool",), ("generate", "pool_generate"), ("scale",), ("scaled_glu", "scaled_linear")]
+    backend0, dtype0 = ops["backends"][0], ops["rows"][0]["dtype"]
+    T0 = ops["rows"][0]["T"]
+    fig, axes = plt.subplots(len(models), len(groups), figsize=(4.2 * len(groups), 3.4 * len(models)),
+                             squeeze=False)
+    for i, model in enumerate(models):
+        for j, group in enumerate(groups):
+            ax = axes[i][j]
+            series = {}
+            for r in ops["rows"]:
+                if (r["model"] != model or r["op"] not in group or r["backend"] != backend0
+                        or r["dtype"] != dtype0 or r["T"] != T0):
+                    continue
+                variant = r["variant"].split(" A=")[0].split(" N=")[0]
+                name = r["op"] if r["op"] != group[0] or len(group) > 1 else ""
+                key = (f"{name} {variant}".strip(), r["direction"])
+                series.setdefault(key, []).append((r["B"], r["time"]["median"] * 1e6))
+            colors = {}
+            for (label, direction), pts in sorted(series.items()):
+                pts.sort()
+                c = colors.setdefault(label, f"C{len(colors) % 10}")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1, color=c,
+                        ls="-" if direction == "forward" else "--",
+                        label=f"{label} ({'fwd' if direction == 'forward' else 'bwd'})")
+            if not series:
+                ax.set_visible(False)
+                continue
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("batch size B")
+            if j == 0:
+                ax.set_ylabel("median µs per call")
+            ax.set_title(f"{' / '.join(group)} — {model}, T={T0}", fontsize=8)
+            ax.legend(fontsize=6)
+    fig.suptitle(f"para ops, {backend0} backend, {dtype0}, {result['env'].get('device_name', '')} "
+                 "(solid: forward, dashed: backward)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+
+
+def _plot_popularity(plt, result, path: str) -> bool:
+    """Ratio to bare per popularity layout (groups) and method (bars), median with IQR bars."""
+    pop = (result.get("serving") or {}).get("popularity")
+    if not pop:
+        return False
+    kinds, methods = list(pop["layouts"]), pop["methods"]
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.6 * len(kinds) + 0.25 * len(kinds) * len(methods)), 4))
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        stats = [pop["layouts"][k]["methods"][m]["ratio"] for k in kinds]
+        med = [x["median"] for x in stats]
+        err = [[x["median"] - x["q1"] for x in stats], [x["q3"] - x["median"] for x in stats]]
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(kinds))]
+        ax.bar(xs, med, width, yerr=err, capsize=2, label=pop["labels"][m], color=f"C{j % 10}")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks(range(len(kinds)))
+    ax.set_xticklabels([_layout_head(pop, k) for k in kinds])
+    ax.set_ylabel("decode-step time ratio to bare")
+    lows = [pop["layouts"][k]["methods"][m]["ratio"]["q1"] for k in kinds for m in methods]
+    ax.set_ylim(bottom=min(0.9, min(lows) - 0.02))
+    cfg = result["serving"]["config"]
+    ax.set_title(f"SmolLM2-135M decode step, batch {cfg['batch']}, by tenant popularity — "
+                 f"{result['env']['device_name']}", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+OP_PANELS = ("pool", "generate", "scale", "pool_generate", "scaled_glu", "scaled_linear")
+
+
+def _plot_ops_backends(plt, result, path: str) -> bool:
+    """Forward time vs batch size per backend (colour) and variant (line style), one panel per
+    model and op, first dtype and prompt length."""
+    ops = result.get("ops")
+    if not (ops and ops["rows"]):
+        return False
+    rows = [r for r in ops["rows"] if r["direction"] == "forward"]
+    dtype0, T0 = rows[0]["dtype"], rows[0]["T"]
+    rows = [r for r in rows if r["dtype"] == dtype0 and r["T"] == T0]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    colours = {b: f"C{i % 10}" for i, b in enumerate(ops["backends"])}
+    styles = ("-", "--", ":", "-.")
+    fig, axes = plt.subplots(len(models), len(OP_PANELS), figsize=(3.4 * len(OP_PANELS), 3.0 * len(models)),
+                             squeeze=False)
+    for i, model in enumerate(models):
+        for j, op in enumerate(OP_PANELS):
+            ax = axes[i][j]
+            series = {}
+            for r in rows:
+                if r["model"] == model and r["op"] == op:
+                    series.setdefault((r["backend"], r["variant"]), []).append((r["B"], r["time"]["median"] * 1e6))
+            if not series:
+                ax.set_visible(False)
+                continue
+            variants = list(dict.fromkeys(v for _, v in series))
+            for (backend, variant), pts in series.items():
+                pts.sort()
+                label = backend + (f", {variant.split(' A=')[0].split(' N=')[0]}" if len(variants) > 1 else "")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1, color=colours[backend],
+                        ls=styles[variants.index(variant) % len(styles)], label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("batch size B")
+            if j == 0:
+                ax.set_ylabel("median µs per call")
+            ax.set_title(f"{op} — {model}", fontsize=8)
+            ax.legend(fontsize=5)
+    fig.suptitle(f"forward time per backend, {dtype0}, T={T0}, {result['env'].get('device_name', '')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+PLOTS = (("ratios_png", "ratios", _plot_ratios), ("popularity_png", "popularity", _plot_popularity),
+         ("ops_png", "ops", _plot_ops), ("ops_backends_png", "ops-backends", _plot_ops_backends))
+
+
 def plots(result, out_dir: str, slug: str) -> dict:
-    files = {}
+    """PNG files <out_dir>/<slug>-<name>.png; {key: path} of those written."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return files
-    serving = result.get("serving")
-    if serving and "decode" in serving:
-        methods = _methods(serving)
-        fig, ax = plt.subplots(figsize=(8, 4))
-        width = 0.38
-        for k, (phase, label) in enumerate((("decode", "decode (per token)"), ("prefill", "prefill"))):
-            med = [serving[phase][m]["ratio"]["median"] for m in methods]
-            lo = [med[i] - serving[phase][m]["ratio"]["q1"] for i, m in enumerate(methods)]
-            hi = [serving[phase][m]["ratio"]["q3"] - med[i] for i, m in enumerate(methods)]
-            xs = [i + (k - 0.5) * width for i in range(len(methods))]
-            ax.bar(xs, med, width, yerr=[lo, hi], capsize=3, label=label)
-        ax.axhline(1.0, color="black", lw=0.8)
-        ax.set_xticks(range(len(methods)))
-        ax.set_xticklabels([m.replace("_", " ") for m in methods])
-        ax.set_ylabel("time ratio to bare model")
-        lo_y = min(0.9, min(serving[p][m]["ratio"]["q1"] for p in ("decode", "prefill") for m in methods) - 0.02)
-        ax.set_ylim(bottom=lo_y)
-        cfg = serving["config"]
-        ax.set_title(f"SmolLM2-135M, batch {cfg['batch']} from {cfg['tenants']} tenants — {result['env']['device_name']}",
-                     fontsize=9)
-        ax.legend()
-        fig.tight_layout()
-        files["ratios_png"] = os.path.join(out_dir, f"{slug}-ratios.png")
-        fig.savefig(files["ratios_png"], dpi=110)
-        plt.close(fig)
-    ops = result.get("ops")
-    if ops and ops["rows"]:
-        models = list(dict.fromkeys(r["model"] for r in ops["rows"]))
-        groups = [("pool",), ("generate", "pool_generate"), ("scale",), ("scaled_glu", "scaled_linear")]
-        backend0, dtype0 = ops["backends"][0], ops["rows"][0]["dtype"]
-        T0 = ops["rows"][0]["T"]
-        fig, axes = plt.subplots(len(models), len(groups), figsize=(4.2 * len(groups), 3.4 * len(models)),
-                                 squeeze=False)
-        for i, model in enumerate(models):
-            for j, group in enumerate(groups):
-                ax = axes[i][j]
-                series = {}
-                for r in ops["rows"]:
-                    if (r["model"] != model or r["op"] not in group or r["backend"] != backend0
-                            or r["dtype"] != dtype0 or r["T"] != T0):
-                        continue
-                    variant = r["variant"].split(" A=")[0].split(" N=")[0]
-                    name = r["op"] if r["op"] != group[0] or len(group) > 1 else ""
-                    key = (f"{name} {variant}".strip(), r["direction"])
-                    series.setdefault(key, []).append((r["B"], r["time"]["median"] * 1e6))
-                colors = {}
-                for (label, direction), pts in sorted(series.items()):
-                    pts.sort()
-                    c = colors.setdefault(label, f"C{len(colors) % 10}")
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1, color=c,
-                            ls="-" if direction == "forward" else "--",
-                            label=f"{label} ({'fwd' if direction == 'forward' else 'bwd'})")
-                if not series:
-                    ax.set_visible(False)
-                    continue
-                ax.set_xscale("log", base=2)
-                ax.set_yscale("log")
-                ax.set_xlabel("batch size B")
-                if j == 0:
-                    ax.set_ylabel("median µs per call")
-                ax.set_title(f"{' / '.join(group)} — {model}, T={T0}", fontsize=8)
-                ax.legend(fontsize=6)
-        fig.suptitle(f"para ops, {backend0} backend, {dtype0}, {result['env'].get('device_name', '')} "
-                     "(solid: forward, dashed: backward)", fontsize=9)
-        fig.tight_layout()
-        files["ops_png"] = os.path.join(out_dir, f"{slug}-ops.png")
-        fig.savefig(files["ops_png"], dpi=100)
-        plt.close(fig)
+        return {}
+    files = {}
+    for key, name, draw in PLOTS:
+        path = os.path.join(out_dir, f"{slug}-{name}.png")
+        if draw(plt, result, path):
+            files[key] = path
     return files
 
 

@@ -4,10 +4,12 @@ One process, one prompt batch of ``batch`` rows from ``tenants`` tenants (row b 
 tenant b mod tenants), every method decoding exactly ``new_tokens`` tokens:
 
     bare       the backbone alone
-    para       PARA, 4 adapters with random nonzero W_up (PARAModel.generate(adapter_names=...))
-    peft_lora  PEFT LoRA r=8 on q_proj, v_proj, 4 adapters, random nonzero lora_B, mixed batch
+    para       PARA, random nonzero W_up (PARAModel.generate(adapter_names=...))
+    peft_lora  PEFT LoRA r=8 on q_proj, v_proj, random nonzero lora_B, mixed batch
     bgmv_lora  the same LoRA weights served per row by batched gathers (bench.lora.BGMVLoRA)
     ia3        (IA)³-style per-tenant vectors on k, v, up (bench.lora.IA3)
+
+Every method holds adapters for max(tenants, batch) tenants, so any row may have its own.
 
 Runs alternate with the bare model in one sequence  bare, m1, bare, m2, ..., bare  (the method
 order rotates each round); each method run is divided by the mean of the bare runs on either
@@ -15,11 +17,19 @@ side of it (so a slow drift of the machine cancels), and the reported ratio is t
 those per-run ratios. A run's time per token is the median of its decode-step intervals,
 stamped by a logits processor (each interval is one forward of one token per row plus
 greedy selection); the mean interval and the prefill are recorded too.
+
+Tenant popularity (:func:`run_popularity`): the same batch with its rows assigned to tenants
+four ways — distinct (row b -> tenant b), uniform (b mod tenants, the headline's layout), zipf
+(tenant k drawn with probability ∝ 1/k^zipf_s, seeded) and identical (every row tenant 0) — and
+LoRA at every rank of ``lora_ranks`` as well. For each layout, the bare model and every method
+decode in lockstep (:func:`_lockstep`: one forward each per step, the order rotating every
+step), so each per-step ratio to the bare forward of the same step cancels the machine's drift.
 """
 from __future__ import annotations
 
 import copy
 import gc
+import re
 import statistics
 import time
 from contextlib import nullcontext
@@ -34,11 +44,43 @@ METHOD_LABELS = {
     "bare": "bare backbone",
     "para": "PARA (q, v, up; r=12)",
     "para_none": "PARA model, all rows None",
-    "peft_lora": "PEFT LoRA r=8 (q, v), mixed batch",
-    "bgmv_lora": "BGMV-style LoRA r=8 (q, v), per-row gather",
+    "peft_lora": "PEFT LoRA r={r} (q, v), mixed batch",
+    "bgmv_lora": "BGMV-style LoRA r={r} (q, v), per-row gather",
     "ia3": "(IA)3 per-row vectors (k, v, up)",
     "bare_again": "bare backbone again (A/A control)",
 }
+
+_LORA_METHOD = re.compile(r"^(peft_lora|bgmv_lora)(?:_r(\d+))?$")
+
+
+def lora_method(method: str, cfg: "ServingConfig") -> tuple[str, int] | None:
+    """'peft_lora' -> ('peft_lora', lora_r); 'bgmv_lora_r16' -> ('bgmv_lora', 16); else None."""
+    m = _LORA_METHOD.match(method)
+    if m is None:
+        return None
+    return m.group(1), int(m.group(2)) if m.group(2) else cfg.lora_r
+
+
+def method_label(method: str, cfg: "ServingConfig") -> str:
+    lora = lora_method(method, cfg)
+    if lora is not None:
+        return METHOD_LABELS[lora[0]].format(r=lora[1])
+    return METHOD_LABELS[method]
+
+
+def popularity_methods(cfg: "ServingConfig") -> list[str]:
+    """The methods of the popularity table: the headline's (but para_none, which shares the PARA
+    model with para and so cannot decode in lockstep with it) plus each LoRA method at every
+    other rank of ``lora_ranks``."""
+    out = []
+    for m in cfg.methods:
+        if m == "para_none":
+            continue
+        out.append(m)
+        if m in ("peft_lora", "bgmv_lora"):
+            out += [f"{m}_r{r}" for r in cfg.lora_ranks if r != cfg.lora_r]
+    return out
+
 
 PROMPT_TEXT = (
     "The history of computing is a story of abstraction. Early machines were programmed by "
@@ -61,9 +103,14 @@ class ServingConfig:
     new_tokens: int = 32
     rounds: int = 5  # alternated runs per method
     prefill_rounds: int = 7
-    interleaved_steps: int = 32  # lockstep decode steps per method (0: skip)
+    interleaved_steps: int = 8  # lockstep decode steps per run (0: no lockstep measurement)
     warmup_tokens: int = 8
     methods: tuple = ("para", "peft_lora", "bgmv_lora", "ia3")
+    # tenant popularity: row layouts, lockstep runs of each, LoRA ranks measured (headline: lora_r)
+    popularity: tuple = ("distinct", "uniform", "zipf", "identical")
+    popularity_rounds: int = 2
+    zipf_s: float = 1.1
+    lora_ranks: tuple = (8, 16)
     para_r: int = 12
     para_w_up_std: float = 0.005
     para_b_up_std: float = 0.005
@@ -96,8 +143,36 @@ def prompt_batch(tokenizer, cfg: ServingConfig, device) -> tuple[torch.Tensor, t
     return input_ids, torch.ones_like(input_ids)
 
 
-def tenant_names(cfg: ServingConfig) -> list[str]:
-    return [f"tenant{k}" for k in range(cfg.tenants)]
+def tenant_pool(cfg: ServingConfig) -> int:
+    """Adapters every method holds: enough for each row to have its own when the popularity
+    table runs (its 'distinct' layout)."""
+    return max(cfg.tenants, cfg.batch) if cfg.popularity and cfg.interleaved_steps else cfg.tenants
+
+
+def tenant_names(n: int) -> list[str]:
+    return [f"tenant{k}" for k in range(n)]
+
+
+def lora_adapter_name(tenant: str, rank: int, cfg: ServingConfig) -> str:
+    """PEFT adapter of ``tenant`` at ``rank`` (the headline rank keeps the plain name)."""
+    return tenant if rank == cfg.lora_r else f"{tenant}_r{rank}"
+
+
+def popularity_rows(kind: str, cfg: ServingConfig, pool: int) -> list[int]:
+    """Tenant of each row under one popularity layout."""
+    B = cfg.batch
+    if kind == "distinct":
+        return list(range(B))
+    if kind == "uniform":
+        return row_tenants(cfg)
+    if kind == "identical":
+        return [0] * B
+    if kind == "zipf":
+        k = torch.arange(1, pool + 1, dtype=torch.float64)
+        p = k ** -cfg.zipf_s
+        g = torch.Generator().manual_seed(cfg.seed)
+        return torch.multinomial(p / p.sum(), B, replacement=True, generator=g).tolist()
+    raise ValueError(f"unknown popularity layout {kind!r}")
 
 
 def row_tenants(cfg: ServingConfig) -> list[int]:
@@ -105,10 +180,9 @@ def row_tenants(cfg: ServingConfig) -> list[int]:
     return [b % cfg.tenants for b in range(cfg.batch)]
 
 
-def build_para(model, cfg: ServingConfig, gen: torch.Generator):
+def build_para(model, cfg: ServingConfig, gen: torch.Generator, names: list[str]):
     from para_kernels import PARAConfig, get_para_model
 
-    names = tenant_names(cfg)
     para = get_para_model(model, PARAConfig(r=cfg.para_r), adapter_name=names[0])
     for name in names[1:]:
         para.add_adapter(name, PARAConfig(r=cfg.para_r))
@@ -120,23 +194,24 @@ def build_para(model, cfg: ServingConfig, gen: torch.Generator):
     return para.eval()
 
 
-def build_peft(model, cfg: ServingConfig, gen: torch.Generator):
+def build_peft(model, cfg: ServingConfig, gen: torch.Generator, names: list[str], ranks):
+    """One PEFT model holding every tenant's adapter at every rank (a mixed batch runs only the
+    adapters its rows name, so the others cost nothing)."""
     from peft import LoraConfig, get_peft_model
 
-    names = tenant_names(cfg)
-
-    def config():
-        return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+    def config(r):
+        return LoraConfig(r=r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                           target_modules=["q_proj", "v_proj"], bias="none", task_type="CAUSAL_LM")
 
-    peft_model = get_peft_model(model, config(), adapter_name=names[0])
-    for name in names[1:]:
-        peft_model.add_adapter(name, config())
+    adapters = [(lora_adapter_name(n, r, cfg), r) for r in ranks for n in names]
+    peft_model = get_peft_model(model, config(adapters[0][1]), adapter_name=adapters[0][0])
+    for name, r in adapters[1:]:
+        peft_model.add_adapter(name, config(r))
     with torch.no_grad():
         for module in peft_model.modules():
             lora_b = getattr(module, "lora_B", None)
             if isinstance(lora_b, torch.nn.ModuleDict):
-                for name in names:
+                for name, _ in adapters:
                     w = lora_b[name].weight
                     w.copy_(torch.randn(w.shape, generator=gen) * cfg.lora_b_std)
     return peft_model.eval()
@@ -159,36 +234,44 @@ class Setup:
         del model
         self.input_ids, self.attention_mask = prompt_batch(self.tokenizer, cfg, device)
         gen = torch.Generator().manual_seed(cfg.seed)
-        self.names = tenant_names(cfg)
+        self.names = tenant_names(tenant_pool(cfg))
+        self._index = {n: k for k, n in enumerate(self.names)}
         self.row_ids = row_tenants(cfg)
         self.row_names = [self.names[i] for i in self.row_ids]
-        need = set(cfg.methods)
-        self.para = build_para(copy.deepcopy(self.bare), cfg, gen) if need & {"para", "para_none"} else None
-        self.peft = build_peft(copy.deepcopy(self.bare), cfg, gen) if need & {"peft_lora", "bgmv_lora"} else None
-        self.bgmv = BGMVLoRA.from_peft(copy.deepcopy(self.bare), self.peft, self.names).attach() \
-            if "bgmv_lora" in need else None
-        self.ia3 = IA3.random(copy.deepcopy(self.bare), cfg.tenants, cfg.ia3_std, gen).attach() \
+        need = set(cfg.methods) | set(popularity_methods(cfg) if cfg.popularity else ())
+        ranks = sorted({lora_method(m, cfg)[1] for m in need if lora_method(m, cfg)})
+        self.para = build_para(copy.deepcopy(self.bare), cfg, gen, self.names) \
+            if need & {"para", "para_none"} else None
+        self.peft = build_peft(copy.deepcopy(self.bare), cfg, gen, self.names, ranks) if ranks else None
+        # one BGMV model per rank: its hooks stay attached, so ranks cannot share a model
+        self.bgmv = {r: BGMVLoRA.from_peft(copy.deepcopy(self.bare), self.peft,
+                                           [lora_adapter_name(n, r, cfg) for n in self.names]).attach()
+                     for r in ranks if any(lora_method(m, cfg) == ("bgmv_lora", r) for m in need)}
+        self.ia3 = IA3.random(copy.deepcopy(self.bare), len(self.names), cfg.ia3_std, gen).attach() \
             if "ia3" in need else None
         self.pad_id = self.tokenizer.pad_token_id
 
     # one call per method: (context manager, callable model, extra kwargs)
     def _route(self, method: str, row_names=None):
         names = self.row_names if row_names is None else row_names
-        ids = [-1 if n is None else self.names.index(n) for n in names]
         if method in ("bare", "bare_again"):
             return nullcontext(), self.bare, {}
         if method == "para":
             return nullcontext(), self.para, {"adapter_names": list(names)}
         if method == "para_none":
             return nullcontext(), self.para, {"adapter_names": [None] * len(names)}
-        if method == "peft_lora":
-            peft_names = ["__base__" if n is None else n for n in names]
-            return nullcontext(), self.peft, {"adapter_names": peft_names}
-        if method == "bgmv_lora":
-            return self.bgmv.rows(ids), self.bgmv.model, {}
+        ids = [-1 if n is None else self._index[n] for n in names]
         if method == "ia3":
             return self.ia3.rows(ids), self.ia3.model, {}
-        raise ValueError(f"unknown method {method!r}")
+        lora = lora_method(method, self.cfg)
+        if lora is None:
+            raise ValueError(f"unknown method {method!r}")
+        kind, rank = lora
+        if kind == "peft_lora":
+            peft_names = ["__base__" if n is None else lora_adapter_name(n, rank, self.cfg) for n in names]
+            return nullcontext(), self.peft, {"adapter_names": peft_names}
+        bgmv = self.bgmv[rank]
+        return bgmv.rows(ids), bgmv.model, {}
 
     def forward(self, method: str, input_ids=None, attention_mask=None, row_names=None, **kw):
         input_ids = self.input_ids if input_ids is None else input_ids
@@ -258,7 +341,7 @@ def run_checks(s: Setup, log=print) -> dict:
         effect = _rel(peft_logits, bare_logits)
         record("peft_lora_differs", effect, "> 1e-3", effect > 1e-3,
                "relative change of PEFT LoRA logits vs bare (random nonzero lora_B)")
-        if s.bgmv is not None:
+        if cfg.lora_r in s.bgmv:
             bgmv_logits = s.forward("bgmv_lora", **keep).logits
             err = _rel(bgmv_logits, peft_logits)
             record("bgmv_lora_equals_peft_logits", err, f"<= {tol:g}", err <= tol,
@@ -268,6 +351,12 @@ def run_checks(s: Setup, log=print) -> dict:
                          s.forward("peft_lora", row_names=half, **keep).logits)
             record("bgmv_lora_equals_peft_logits_with_base_rows", err_b, f"<= {tol:g}", err_b <= tol,
                    "as above with every other row on the bare model (PEFT '__base__', BGMV id -1)")
+        distinct = [s.names[b % len(s.names)] for b in range(cfg.batch)]
+        for r in sorted(set(s.bgmv) - {cfg.lora_r}):
+            err_r = _rel(s.forward(f"bgmv_lora_r{r}", row_names=distinct, **keep).logits,
+                         s.forward(f"peft_lora_r{r}", row_names=distinct, **keep).logits)
+            record(f"bgmv_lora_r{r}_equals_peft_logits", err_r, f"<= {tol:g}", err_r <= tol,
+                   f"BGMV vs PEFT logits at rank {r}, every row its own tenant")
     if s.ia3 is not None:
         ia3_logits = s.forward("ia3", **keep).logits
         effect = _rel(ia3_logits, bare_logits)
@@ -411,39 +500,106 @@ def _alternated(s: Setup, methods, rounds: int, timer, keys: dict, progress) -> 
     return out
 
 
-def _interleaved(s: Setup, method: str, steps: int) -> dict:
-    """Greedy decode of ``method`` and of the bare model in lockstep, one forward each in turn
-    (order alternating every step), each from its own prefill and KV cache: the per-step
-    ratio cancels the machine's drift at the scale of one step."""
+def _lockstep(s: Setup, methods, steps: int, row_names=None) -> dict:
+    """Greedy decode of the bare model and of every method in ``methods`` in lockstep: each from
+    its own prefill and KV cache, one forward each per step, the order rotating every step (for
+    one method: bare, m / m, bare / ...). The per-step ratio to that step's bare forward cancels
+    the machine's drift at the scale of one step. The first step after the prefills is run
+    untimed (first-call allocations). Returns each model's step times."""
+    order = ["bare", *methods]
     B, T = s.input_ids.shape
+    times = {m: [] for m in order}
     share = CpuShare()
     share.start()
     with torch.no_grad():
         state = {}
-        for m in ("bare", method):
-            out = s.forward(m, use_cache=True, logits_to_keep=1)
+        for m in order:
+            out = s.forward(m, use_cache=True, logits_to_keep=1, row_names=row_names)
             state[m] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
-        times = {"bare": [], method: []}
-        for i in range(steps):
+        for i in range(steps + 1):
             mask = torch.ones(B, T + i + 1, dtype=torch.long, device=s.device)
-            for m in (("bare", method) if i % 2 == 0 else (method, "bare")):
+            k = i % len(order)
+            for m in order[k:] + order[:k]:
                 cache, tok = state[m]
                 sync(s.device)
                 t0 = time.perf_counter()
                 out = s.forward(m, input_ids=tok, attention_mask=mask, past_key_values=cache, use_cache=True,
-                                logits_to_keep=1)
+                                logits_to_keep=1, row_names=row_names)
                 nxt = out.logits[:, -1:].argmax(-1)
                 sync(s.device)
-                times[m].append(time.perf_counter() - t0)
+                if i > 0:
+                    times[m].append(time.perf_counter() - t0)
                 state[m] = (out.past_key_values, nxt)
+    return {"times": times, "others_cpu": share.stop()}
+
+
+def _lockstep_quiet(s: Setup, methods, steps: int, row_names, quiet: "_Quiet", bar) -> dict:
+    """:func:`_lockstep`, run once more (after waiting for a quiet moment) if other processes
+    used more than ``max_other_cpu`` of the CPUs during it."""
+    r = _lockstep(s, methods, steps, row_names)
+    if r["others_cpu"] is not None and r["others_cpu"] > s.cfg.max_other_cpu:
+        bar.set_postfix_str(f"run again: others used {r['others_cpu']:.0%} of the CPUs")
+        quiet.wait(bar)
+        r = _lockstep(s, methods, steps, row_names)
+        r["repeated"] = True
+    return r
+
+
+def _step_summary(times: dict, method: str, others, steps: int) -> dict:
     ratios = [a / b for a, b in zip(times[method], times["bare"])]
     return {"ratio": summary(ratios), "time": summary(times[method]), "bare_time": summary(times["bare"]),
-            "steps": steps, "others_cpu": share.stop()}
+            "steps": steps, "others_cpu": others}
+
+
+def _interleaved(s: Setup, method: str, steps: int) -> dict:
+    """``method`` and the bare model alone in lockstep (see :func:`_lockstep`), as ratio summaries."""
+    r = _lockstep(s, [method], steps)
+    return _step_summary(r["times"], method, r["others_cpu"], steps)
+
+
+def run_popularity(s: Setup, progress_factory) -> dict:
+    """Decode-step ratios to the bare model of every popularity method under every row layout.
+    Each round runs every layout once (the layout order rotating each round); each run is one
+    :func:`_lockstep` of all methods, so all methods of a layout are measured side by side."""
+    cfg = s.cfg
+    methods = popularity_methods(cfg)
+    kinds = list(cfg.popularity)
+    layouts = {k: popularity_rows(k, cfg, len(s.names)) for k in kinds}
+    times = {k: {m: [] for m in ["bare", *methods]} for k in kinds}
+    rounds = {k: [] for k in kinds}
+    quiet = _Quiet(cfg.max_other_cpu, cfg.max_wait_s / 4)
+    desc = f"tenant popularity ({cfg.interleaved_steps} lockstep steps x {len(methods) + 1} models)"
+    with progress_factory(total=cfg.popularity_rounds * len(kinds), desc=desc) as bar:
+        for rnd in range(cfg.popularity_rounds):
+            j = rnd % len(kinds)
+            for kind in kinds[j:] + kinds[:j]:
+                names = [s.names[t] for t in layouts[kind]]
+                r = _lockstep_quiet(s, methods, cfg.interleaved_steps, names, quiet, bar)
+                for m, ts in r["times"].items():
+                    times[kind][m] += ts
+                rounds[kind].append({"others_cpu": r["others_cpu"], "repeated": r.get("repeated", False),
+                                     "ratio_medians": {m: statistics.median(a / b for a, b in zip(
+                                         r["times"][m], r["times"]["bare"])) for m in methods}})
+                bar.update(1)
+    out = {"methods": methods, "labels": {m: method_label(m, cfg) for m in ["bare", *methods]},
+           "pool_tenants": len(s.names), "steps_per_run": cfg.interleaved_steps,
+           "rounds": cfg.popularity_rounds, "waited_s": quiet.waited_s, "layouts": {}}
+    for kind in kinds:
+        shares = [x["others_cpu"] for x in rounds[kind] if x["others_cpu"] is not None]
+        others = summary(shares) if shares else None
+        n = len(times[kind]["bare"])
+        out["layouts"][kind] = {
+            "row_tenants": layouts[kind], "distinct_tenants": len(set(layouts[kind])),
+            "bare_time": summary(times[kind]["bare"]), "runs": rounds[kind], "others_cpu": others,
+            "methods": {m: _step_summary(times[kind], m, others, n) for m in methods}}
+    return out
 
 
 def run_timing(s: Setup, progress_factory, log=print) -> dict:
     cfg = s.cfg
     methods = list(cfg.methods)
+    phases = {}
+    t0 = time.perf_counter()
     # warm-up: every method decodes once (allocator, caches, lazy init) and runs its prefill
     with progress_factory(total=2 * (len(methods) + 1), desc="warm-up") as bar:
         for m in ["bare", *methods]:
@@ -451,27 +607,43 @@ def run_timing(s: Setup, progress_factory, log=print) -> dict:
             bar.update(1)
             _time_prefill(s, m)
             bar.update(1)
+    phases["warm_up"] = time.perf_counter() - t0
     n_decode = 1 + 2 * cfg.rounds * len(methods)
+    t0 = time.perf_counter()
     with progress_factory(total=n_decode, desc=f"decode ({cfg.new_tokens} tokens/run)") as bar:
         decode = _alternated(s, methods, cfg.rounds, _time_generate,
                              {"ratio": "step_median_s", "ratio_mean_interval": "step_mean_s",
                               "ratio_total_time": "total_s"}, bar)
+    phases["decode"] = time.perf_counter() - t0
+    out = {"decode": decode}
+    t0 = time.perf_counter()
     interleaved = {}
-    if cfg.interleaved_steps:
+    if cfg.interleaved_steps and cfg.popularity:
+        out["popularity"] = pop = run_popularity(s, progress_factory)
+        if "uniform" in pop["layouts"]:  # the headline's layout: its lockstep column comes from here
+            for m, r in pop["layouts"]["uniform"]["methods"].items():
+                if m in methods:
+                    interleaved[m] = {**r, "source": "tenant popularity, uniform layout"}
+    phases["popularity"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    missing = [m for m in methods if m not in interleaved] if cfg.interleaved_steps else []
+    if missing:
         quiet = _Quiet(cfg.max_other_cpu, cfg.max_wait_s / 4)
-        with progress_factory(total=len(methods), desc=f"decode, steps interleaved ({cfg.interleaved_steps} each)") as bar:
-            for m in methods:
-                r = _interleaved(s, m, cfg.interleaved_steps)
-                if r["others_cpu"] is not None and r["others_cpu"] > cfg.max_other_cpu:
-                    quiet.wait(bar)
-                    r = _interleaved(s, m, cfg.interleaved_steps)
-                    r["repeated"] = True
-                interleaved[m] = r
+        with progress_factory(total=len(missing), desc=f"decode, steps interleaved ({cfg.interleaved_steps} each)") as bar:
+            for m in missing:
+                r = _lockstep_quiet(s, [m], cfg.interleaved_steps, None, quiet, bar)
+                interleaved[m] = {**_step_summary(r["times"], m, r["others_cpu"], cfg.interleaved_steps),
+                                  "repeated": r.get("repeated", False)}
                 bar.update(1)
+    phases["decode_interleaved"] = time.perf_counter() - t0
+    out["decode_interleaved"] = interleaved
     n_prefill = 1 + 2 * cfg.prefill_rounds * len(methods)
+    t0 = time.perf_counter()
     with progress_factory(total=n_prefill, desc="prefill (1 forward)") as bar:
-        prefill = _alternated(s, methods, cfg.prefill_rounds, _time_prefill, {"ratio": "total_s"}, bar)
-    return {"decode": decode, "prefill": prefill, "decode_interleaved": interleaved}
+        out["prefill"] = _alternated(s, methods, cfg.prefill_rounds, _time_prefill, {"ratio": "total_s"}, bar)
+    phases["prefill"] = time.perf_counter() - t0
+    out["phases_s"] = phases
+    return out
 
 
 def run(cfg: ServingConfig, device: torch.device, *, check: bool, progress_factory, log=print) -> dict:
@@ -479,17 +651,20 @@ def run(cfg: ServingConfig, device: torch.device, *, check: bool, progress_facto
     t0 = time.perf_counter()
     s = Setup(cfg, device, log=log)
     result = {"config": asdict(cfg), "device": str(device), "load_s": s.load_s,
-              "row_tenants": s.row_ids, "prompt_tokens": list(s.input_ids.shape)}
+              "row_tenants": s.row_ids, "pool_tenants": len(s.names), "prompt_tokens": list(s.input_ids.shape),
+              "setup_s": time.perf_counter() - t0}
     if check:
         log("checks:")
+        t1 = time.perf_counter()
         result["checks"] = run_checks(s, log=log)
+        result["checks_s"] = time.perf_counter() - t1
         failed = [k for k, v in result["checks"].items() if isinstance(v, dict) and v.get("ok") is False]
         if failed:
             result["failed_checks"] = failed
             log(f"checks FAILED: {failed}; timing skipped")
             return result
     result.update(run_timing(s, progress_factory, log=log))
-    result["methods"] = {m: METHOD_LABELS[m] for m in ["bare", *cfg.methods]}
+    result["methods"] = {m: method_label(m, cfg) for m in ["bare", *cfg.methods]}
     result["wall_s"] = time.perf_counter() - t0
     result["setup"] = s  # dropped before serialisation; used by the attribution and profile
     return result

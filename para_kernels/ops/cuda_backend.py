@@ -31,7 +31,9 @@ PACKAGE = "para_kernels"
 EXTENSION = f"{PACKAGE}._C"
 BUILD_INFO_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_build_info.json")
 OPS = ("pool", "pool_backward", "generate", "generate_backward", "scale", "scale_backward")  # csrc/library.cpp
-HOW_TO_BUILD = "pip install -e . --no-build-isolation with a CUDA build of torch and nvcc"
+# a wheel's user has no source tree: point at the matching wheel first (README, "Wheels")
+HOW_TO_BUILD = ("install the para_kernels wheel built for this torch and CUDA, or rebuild from source: "
+                "pip install --no-build-isolation . with a CUDA build of torch and nvcc")
 NOT_BUILT = f"the CUDA C++ extension is not built ({HOW_TO_BUILD})"
 
 loaded = False       # _C imported and its kernels registered
@@ -58,12 +60,12 @@ def _major_minor(version: str | None) -> str | None:
 def version_mismatch(info: dict, torch_version: str, torch_cuda: str | None) -> str | None:
     """Why an extension built as ``info`` says must not be loaded into this torch, or None."""
     if "error" in info:
-        return f"its build metadata {BUILD_INFO_PATH} is unreadable ({info['error']}); rebuild it: {HOW_TO_BUILD}"
+        return f"its build metadata {BUILD_INFO_PATH} is unreadable ({info['error']}); {HOW_TO_BUILD}"
     built_torch, built_cuda = info.get("torch"), info.get("torch_cuda")
     if _major_minor(built_torch) == _major_minor(torch_version) and built_cuda == torch_cuda:
         return None
     return (f"the CUDA C++ extension was built for torch {built_torch} with CUDA {built_cuda}, but torch "
-            f"{torch_version} with CUDA {torch_cuda} is running; rebuild it: {HOW_TO_BUILD}")
+            f"{torch_version} with CUDA {torch_cuda} is running; {HOW_TO_BUILD}")
 
 
 def extension_built() -> bool:
@@ -76,14 +78,14 @@ def load() -> tuple[bool, str, dict | None]:
         return False, NOT_BUILT, None
     info = read_build_info()
     if info is None:
-        return False, f"the CUDA C++ extension has no build metadata ({BUILD_INFO_PATH}); rebuild it: {HOW_TO_BUILD}", None
+        return False, f"the CUDA C++ extension has no build metadata ({BUILD_INFO_PATH}); {HOW_TO_BUILD}", None
     mismatch = version_mismatch(info, torch.__version__, torch.version.cuda)
     if mismatch:
         return False, mismatch, info
     try:
         importlib.import_module(EXTENSION)
     except Exception as e:  # a broken build must not break the package
-        return False, f"{EXTENSION} does not load ({type(e).__name__}: {e}); rebuild it: {HOW_TO_BUILD}", info
+        return False, f"{EXTENSION} does not load ({type(e).__name__}: {e}); {HOW_TO_BUILD}", info
     return True, "", info
 
 
