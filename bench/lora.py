@@ -114,6 +114,25 @@ class BGMVLoRA(_RowHooks):
         dtype = next(model.parameters()).dtype
         return cls(model, {p: a.to(dtype) for p, a in A.items()}, {p: b.to(dtype) for p, b in B.items()})
 
+    @classmethod
+    def random(cls, model: nn.Module, tenants: int, rank: int, b_std: float, scaling: float,
+               seed: int = 0) -> "BGMVLoRA":
+        """Random banks for ``tenants`` tenants without a PEFT model (the tenant sweep): A [d, r]
+        ~ U(-1/sqrt(d), 1/sqrt(d)) (PEFT's default lora_A init) and B [r, n] ~ N(0, b_std²) x
+        ``scaling`` (alpha / r, folded in), drawn on the model's device from ``seed``."""
+        layers = decoder_layers(model)
+        p = next(model.parameters())
+        g = torch.Generator(device=p.device).manual_seed(seed)
+        A, B = {}, {}
+        for path in cls.modules:
+            lin = layers[0].get_submodule(path)
+            d, n = lin.in_features, lin.out_features
+            a = torch.rand(tenants, len(layers), d, rank, generator=g, device=p.device)
+            A[path] = ((2 * a - 1) / d ** 0.5).to(p.dtype)
+            b = torch.randn(tenants, len(layers), rank, n, generator=g, device=p.device)
+            B[path] = (b * (b_std * scaling)).to(p.dtype)
+        return cls(model, A, B)
+
     def _hook(self, i: int, path: str):
         A, B = self.A[path], self.B[path]
 

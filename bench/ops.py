@@ -57,6 +57,9 @@ class OpsConfig:
     seed: int = 0
     compile: bool = True  # also time the reference under torch.compile
     compile_batches: tuple | None = (8,)  # batch sizes of the compiled rows (None: every batch)
+    compile_models: tuple | None = None  # models of the compiled rows (None: every model)
+    compile_dtypes: tuple | None = None  # dtypes of the compiled rows (None: every dtype)
+    compile_prompt_lens: tuple | None = None  # prompt lengths of the compiled rows (None: every one)
 
 
 @dataclass
@@ -285,8 +288,13 @@ def _compiled_rows(case: Case, device, cfg: OpsConfig, flush, dtype_name: str, r
     return entry, row
 
 
-def _wants_compile(case: Case, cfg: OpsConfig) -> bool:
-    return cfg.compile and bool(case.reference) and (cfg.compile_batches is None or case.meta["B"] in cfg.compile_batches)
+def _wants_compile(case: Case, cfg: OpsConfig, dtype_name: str) -> bool:
+    """Compile this case? (each compile takes seconds: the compiled rows are a subset)"""
+    def chosen(allowed, value):
+        return allowed is None or value in allowed
+    return (cfg.compile and bool(case.reference) and chosen(cfg.compile_batches, case.meta["B"])
+            and chosen(cfg.compile_models, case.meta["model"]) and chosen(cfg.compile_dtypes, dtype_name)
+            and chosen(cfg.compile_prompt_lens, case.meta["T"]))
 
 
 def run(cfg: OpsConfig, device: torch.device, *, progress_factory, log=print) -> dict:
@@ -303,7 +311,7 @@ def run(cfg: OpsConfig, device: torch.device, *, progress_factory, log=print) ->
             rates[f"matmul_{dtype_name}"] = mm
             log(f"measured {dtype_name} matmul rate: {mm['flops_per_s'] / 1e9:.1f} GFLOP/s")
             all_cases = list(cases(cfg, device, dtype)) + list(fused_cases(cfg, device, dtype))
-            to_compile = [c for c in all_cases if _wants_compile(c, cfg)]
+            to_compile = [c for c in all_cases if _wants_compile(c, cfg, dtype_name)]
             total = len(all_cases) * 2 * len(backends) + 2 * len(to_compile)
             with progress_factory(total=total, desc=f"ops {dtype_name}") as bar:
                 for backend in backends:

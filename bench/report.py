@@ -5,7 +5,7 @@ import json
 import math
 import os
 
-METHOD_ORDER = ("para", "para_none", "peft_lora", "bgmv_lora", "ia3", "bare_again")
+METHOD_ORDER = ("para", "para_none", "peft_lora", "bgmv_lora", "ia3", "bare_again")  # JSON without "methods"
 
 
 def _ms(x):
@@ -21,7 +21,28 @@ def _ratio(s):
 
 
 def _methods(serving):
-    return [m for m in METHOD_ORDER if m in serving.get("decode", {})]
+    """The measured methods (bare excluded), in the run's order."""
+    order = list(serving.get("methods") or ()) or list(METHOD_ORDER)
+    return [m for m in order if m != "bare" and m in serving.get("decode", {})]
+
+
+def serving_parts(result) -> list[dict]:
+    """Every model's serving result: result["serving"] (the first model) and result["serving_more"]."""
+    return [p for p in [result.get("serving"), *result.get("serving_more", [])] if p]
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+def part_suffix(result, i: int) -> str:
+    """File-name suffix of the i-th serving part's plots: '' for the first, '-<model>' after."""
+    return "" if i == 0 else "-" + _slug(serving_parts(result)[i].get("model", str(i)))
+
+
+def _tokens_per_s(entry) -> str:
+    t = entry.get("tokens_per_s")
+    return "" if not t else f"{t['median']:.1f}"
 
 
 # ----------------------------------------------------------------- tables
@@ -29,18 +50,105 @@ def headline_rows(serving) -> list[list[str]]:
     dec, pre = serving["decode"], serving["prefill"]
     inter = serving.get("decode_interleaved") or {}
     rows = [["bare backbone", _ms(dec["bare"]["time"]["median"]), "1", "", "", "1" if inter else "",
-             _ms(pre["bare"]["time"]["median"]), "1"]]
+             _tokens_per_s(dec["bare"]), _ms(pre["bare"]["time"]["median"]), "1"]]
     for m in _methods(serving):
         rows.append([serving["methods"][m], _ms(dec[m]["time"]["median"]), _ratio(dec[m]["ratio"]),
                      f"{dec[m]['ratio_mean_interval']['median']:.3f}", f"{dec[m]['ratio_total_time']['median']:.3f}",
-                     _ratio(inter[m]["ratio"]) if m in inter else "",
+                     _ratio(inter[m]["ratio"]) if m in inter else "", _tokens_per_s(dec[m]),
                      _ms(pre[m]["time"]["median"]), _ratio(pre[m]["ratio"])])
     return rows
 
 
 HEADLINE_HEADER = ["method", "decode ms/token", "decode ratio to bare, median [IQR]",
                    "ratio (mean step)", "ratio (whole generate)", "ratio, steps interleaved [IQR]",
-                   "prefill ms", "prefill ratio, median [IQR]"]
+                   "generate() tokens/s", "prefill ms", "prefill ratio, median [IQR]"]
+
+
+def graph_rows(serving) -> list[list[str]]:
+    """The decode step under CUDA-graph replay: ms per step [IQR], ratio to bare [IQR], and the
+    replay-vs-eager logits check, per method; failures as rows."""
+    g = serving["graph"]
+    labels = serving.get("methods", {})
+    rows = []
+    for m, e in g["methods"].items():
+        t = e["time"]
+        rows.append([labels.get(m, m), f"{_ms(t['median'])} [{_ms(t['q1'])}, {_ms(t['q3'])}]",
+                     "1" if m == "bare" else _ratio(e["ratio"]), f"{e['check']['value']:.2g}", ""])
+    for m, err in g.get("errors", {}).items():
+        rows.append([labels.get(m, m), "", "", "", "failed: " + err.replace("|", "/").replace("\n", " ")[:240]])
+    return rows
+
+
+GRAPH_HEADER = ["method", "ms per decode step, median [IQR]", "ratio to bare, median [IQR]",
+                "replay vs eager logits (rel.)", "error"]
+
+
+def graph_markdown(serving) -> list[str]:
+    g = serving["graph"]
+    if g.get("skipped"):
+        return []
+    return ["### Decode step under CUDA-graph replay", "",
+            f"One decode forward (batch {g['batch']}, context {g['context']} positions in a StaticCache, the "
+            "headline's rows and adapters) captured into a CUDA graph after the prefill (PARA's scale vectors "
+            "are made there and read by the graph) and warm-up forwards; each replay is timed with CUDA events, "
+            f"{g['rounds']} rounds of one replay per method (the order rotating each round), the cache position "
+            "reset before each replay outside the timed window. The ratio is the median of the per-round ratios "
+            "to the bare replay of the same round. Each graph's logits were checked against the same step run "
+            "eagerly before timing (bench/graphs.py).", "",
+            _md_table(GRAPH_HEADER, graph_rows(serving)), ""]
+
+
+def _sweep_graphed(sweep) -> bool:
+    return any(e.get("graph") and not e["graph"].get("skipped") for e in sweep["by_tenants"].values())
+
+
+def sweep_rows(sweep, labels) -> list[list[str]]:
+    """Per tenant count: bare ms per step, each method's lockstep ratio [IQR] and prefill ratio,
+    and (where graphs ran) the bare replay ms and each method's replay ratio [IQR]."""
+    rows = []
+    for k, e in sweep["by_tenants"].items():
+        row = [str(k), _ms(e["bare_time"]["median"])]
+        row += [_ratio(e["methods"][m]["ratio"]) for m in sweep["methods"]]
+        row += [_ratio(e["prefill"][m]["ratio"]) for m in sweep["methods"]]
+        if _sweep_graphed(sweep):
+            g = e.get("graph") or {}
+            gm = g.get("methods", {})
+            row.append(_ms(gm["bare"]["time"]["median"]) if "bare" in gm else "")
+            row += [_ratio(gm[m]["ratio"]) if m in gm else ("failed" if m in g.get("errors", {}) else "")
+                    for m in sweep["methods"]]
+        rows.append(row)
+    return rows
+
+
+def sweep_header(sweep) -> list[str]:
+    ms = sweep["methods"]
+    head = (["tenants", "bare ms/step (eager)"] + [f"{m} ratio, eager lockstep [IQR]" for m in ms]
+            + [f"{m} prefill ratio [IQR]" for m in ms])
+    if _sweep_graphed(sweep):
+        head += ["bare ms/step (graph)"] + [f"{m} ratio, graph replay [IQR]" for m in ms]
+    return head
+
+
+def sweep_markdown(serving, files: dict, suffix: str = "") -> list[str]:
+    sw = serving["sweep"]
+    if sw.get("error"):
+        return ["### Tenant-count sweep", "", f"**The sweep failed:** `{sw['error']}`", ""]
+    labels = sw.get("labels", {})
+    errors = {f"{k} tenants, {m}": err for k, e in sw["by_tenants"].items()
+              for m, err in (e.get("graph") or {}).get("errors", {}).items()}
+    lines = ["### Tenant-count sweep: decode-step ratio to the bare model", "",
+             f"Batch {sw['batch']}, row b → tenant b mod K, every method holding adapters for "
+             f"{max(sw['tenants'])} tenants ({', '.join(f'{m} = {labels.get(m, m)}' for m in sw['methods'])}; "
+             "BGMV banks drawn at random, no PEFT model). Eager: the bare model and the methods decode "
+             f"{sw['steps_per_run']} greedy steps in lockstep, {sw['rounds']} runs per K (the K order rotating), the "
+             "ratio being the median of the per-step ratios to the bare step; the prefill ratio is per run."
+             + (" Graph: the decode step under CUDA-graph replay as above, per K." if _sweep_graphed(sw) else ""), "",
+             _md_table(sweep_header(sw), sweep_rows(sw, labels)), ""]
+    if errors:
+        lines += ["CUDA-graph failures: " + "; ".join(f"{k}: `{v[:200]}`" for k, v in errors.items()), ""]
+    if files.get("sweep_png" + suffix):
+        lines += [f"![ratio to bare vs tenant count]({os.path.basename(files['sweep_png' + suffix])})", ""]
+    return lines
 
 
 def _md_table(header, rows) -> str:
@@ -105,6 +213,20 @@ def popularity_rows(pop) -> list[list[str]]:
     return rows
 
 
+def popularity_prefill_rows(pop) -> list[list[str]]:
+    """Prefill ratio to the bare model per method and layout (first row: bare prefill ms)."""
+    kinds = [k for k in pop["layouts"] if pop["layouts"][k].get("prefill")]
+    if not kinds:
+        return []
+    rows = [["bare backbone, prefill ms [IQR]"] + [
+        f"{_ms(pop['layouts'][k]['prefill']['bare']['time']['median'])} "
+        f"[{_ms(pop['layouts'][k]['prefill']['bare']['time']['q1'])}, "
+        f"{_ms(pop['layouts'][k]['prefill']['bare']['time']['q3'])}]" for k in kinds]]
+    for m in pop["methods"]:
+        rows.append([pop["labels"][m]] + [_ratio(pop["layouts"][k]["prefill"][m]["ratio"]) for k in kinds])
+    return rows
+
+
 def popularity_ms_rows(pop) -> list[list[str]]:
     """ms per decode step of every method, per layout, median [IQR]."""
     kinds = list(pop["layouts"])
@@ -137,6 +259,17 @@ def compile_rows(ops, batch=None) -> list[list[str]]:
                             f"{fe['median'] / ct['median']:.2f}", f"{c['compile_s']:.2f}", c["graphs"],
                             f"{c['max_abs_diff']:.2g}", ""])
     return rows
+
+
+def compile_scope(cfg: dict) -> str:
+    """Which cases were compiled, in words (each compile takes seconds, so a subset may be)."""
+    parts = []
+    for key, what in (("compile_batches", "B"), ("compile_models", "model"), ("compile_dtypes", "dtype"),
+                      ("compile_prompt_lens", "T")):
+        chosen = cfg.get(key)
+        if chosen:
+            parts.append(f"{what} = {' / '.join(str(c) for c in chosen)}")
+    return "at every shape and dtype" if not parts else "at " + ", ".join(parts)
 
 
 COMPILE_HEADER = ["dtype", "model", "op", "variant", "B", "T", "public op, eager: median us",
@@ -176,28 +309,53 @@ def ops_contention(ops) -> str | None:
             f"the CPUs during the op cases; {busy} of {len(shares)} cases had more than 10%.")
 
 
-def console(result) -> str:
+def serving_console(serving, env) -> list[str]:
+    """The console lines of one model's serving run."""
     out = []
-    serving = result.get("serving")
-    if serving and "decode" in serving:
-        cfg = serving["config"]
-        out.append(f"\nHeadline: SmolLM2-135M greedy decode, batch {cfg['batch']} from {cfg['tenants']} tenants, "
-                   f"prompt {cfg['prompt_len']} tokens, {cfg['new_tokens']} new tokens, {cfg['rounds']} alternated runs "
-                   f"per method ({result['env']['device_name']}, {result['env']['torch_threads']} threads)")
+    if "config" not in serving:
+        return [f"\n{serving.get('model', '?')}: the serving run failed: {serving.get('error', '?')}"]
+    cfg = serving["config"]
+    title = _short_title(serving)
+    if "decode" in serving:
+        out.append(f"\nHeadline — {title}: greedy decode, batch {cfg['batch']} from {cfg['tenants']} tenants, "
+                   f"prompt {cfg['prompt_len']} tokens, {cfg['new_tokens']} new tokens, {cfg['dtype']}, "
+                   f"{cfg['rounds']} alternated runs per method ({env['device_name']}, {env['torch_threads']} threads)")
         out.append(_text_table(HEADLINE_HEADER, headline_rows(serving)))
         for phase in ("decode", "prefill"):
             line = contention_line(serving[phase], phase, cfg["max_other_cpu"])
             if line:
                 out.append(line)
-    pop = (serving or {}).get("popularity")
+    g = serving.get("graph")
+    if g and not g.get("skipped"):
+        out.append(f"\n{title}: decode step under CUDA-graph replay ({g['rounds']} rounds, batch {g['batch']}):")
+        out.append(_text_table(GRAPH_HEADER, graph_rows(serving)))
+    pop = serving.get("popularity")
     if pop:
-        out.append(f"\nTenant popularity: decode-step ratio to the bare model, median [IQR] of "
+        out.append(f"\n{title}, tenant popularity: decode-step ratio to the bare model, median [IQR] of "
                    f"{pop['rounds']} x {pop['steps_per_run']} lockstep steps per layout (adapters for "
                    f"{pop['pool_tenants']} tenants per method):")
         out.append(_text_table(popularity_header(pop), popularity_rows(pop)))
-    if serving and "checks" in serving:
+        prefill = popularity_prefill_rows(pop)
+        if prefill:
+            out.append("prefill ratio to bare per layout, median [IQR] over the runs:")
+            out.append(_text_table(popularity_header(pop), prefill))
+    sw = serving.get("sweep")
+    if sw:
+        if sw.get("error"):
+            out.append(f"\n{title}, tenant sweep failed: {sw['error']}")
+        else:
+            out.append(f"\n{title}, tenant-count sweep at batch {sw['batch']} (row b -> tenant b mod K):")
+            out.append(_text_table(sweep_header(sw), sweep_rows(sw, sw.get("labels", {}))))
+    if "checks" in serving:
         bad = [k for k, v in serving["checks"].items() if isinstance(v, dict) and v.get("ok") is False]
-        out.append("checks: " + ("all passed" if not bad else f"FAILED {bad}"))
+        out.append(f"{title} checks: " + ("all passed" if not bad else f"FAILED {bad}"))
+    return out
+
+
+def console(result) -> str:
+    out = []
+    for serving in serving_parts(result):
+        out += serving_console(serving, result["env"])
     attr = result.get("attribution")
     if attr:
         out.append("\nPARA decode overhead, piece by piece (measured in isolation):")
@@ -248,11 +406,11 @@ def _lockstep_text(serving) -> str:
             "(model forwards with their own KV caches, the order alternating every step)")
 
 
-def popularity_markdown(serving, files: dict) -> list[str]:
+def popularity_markdown(serving, files: dict, suffix: str = "") -> list[str]:
     pop, cfg = serving["popularity"], serving["config"]
     layouts = pop["layouts"]
     assign = "; ".join(f"{k}: {lay['row_tenants']}" for k, lay in layouts.items())
-    lines = ["## Tenant popularity: decode-step ratio to the bare model", "",
+    lines = [f"### Tenant popularity: decode-step ratio to the bare model ({_short_title(serving)})", "",
              f"The headline's batch ({cfg['batch']} rows, {cfg['prompt_len']}-token prompts) with its rows assigned "
              f"to tenants four ways: distinct (every row its own tenant), uniform (row b → tenant b mod "
              f"{cfg['tenants']}, the headline's layout), zipf (each row's tenant drawn from {pop['pool_tenants']} "
@@ -267,14 +425,115 @@ def popularity_markdown(serving, files: dict) -> list[str]:
              _md_table(popularity_header(pop), popularity_rows(pop)), "",
              "ms per decode step, median [IQR]:", "",
              _md_table(["method"] + [_layout_head(pop, k) for k in layouts], popularity_ms_rows(pop)), ""]
+    prefill = popularity_prefill_rows(pop)
+    if prefill:
+        lines += ["Prefill per layout: the prefill forward that starts each lockstep run (input_ids [B, T] → KV "
+                  "cache and the last position's logits, synchronised before and after, the order rotating each "
+                  f"run), as a ratio to the bare prefill of the same run, median [IQR] over the {pop['rounds']} "
+                  "runs:", "", _md_table(["method"] + [_layout_head(pop, k) + ", ratio [IQR]" for k in layouts],
+                                         prefill), ""]
     shares = [lay["others_cpu"]["max"] for lay in layouts.values() if lay.get("others_cpu")]
     repeated = sum(r.get("repeated", False) for lay in layouts.values() for r in lay["runs"])
     if shares:
         lines += [f"Other processes used at most {max(shares):.1%} of the CPUs during a lockstep run; {repeated} "
                   f"run(s) repeated because they used more than {cfg['max_other_cpu']:.0%}, "
                   f"{pop.get('waited_s', 0):.0f} s spent waiting for a quiet machine.", ""]
-    if files.get("popularity_png"):
-        lines += [f"![ratio to bare per popularity layout]({os.path.basename(files['popularity_png'])})", ""]
+    if files.get("popularity_png" + suffix):
+        lines += [f"![ratio to bare per popularity layout]({os.path.basename(files['popularity_png' + suffix])})", ""]
+    return lines
+
+
+def _model_title(serving) -> str:
+    return serving.get("model_name") or "SmolLM2-135M-Instruct"
+
+
+def _short_title(serving) -> str:
+    """The model's name without its shapes: 'LLaMA-2-7B shapes, random weights'."""
+    return _model_title(serving).split(" (")[0]
+
+
+def _prompt_text(serving) -> str:
+    cfg = serving["config"]
+    if serving.get("random_weights"):
+        return f"prompts of exactly {cfg['prompt_len']} random token ids (seed {cfg['seed']}; no tokenizer)"
+    return f"prompts of exactly {cfg['prompt_len']} tokens"
+
+
+def _backend_text(serving) -> str:
+    """Which backend ran each PARA op for every PARA method (dispatch, as measured)."""
+    used = serving.get("para_backends") or {}
+    if len(used) <= 1:
+        return ""
+    parts = [f"`{m}`: " + ", ".join(f"{op} → {b}" for op, b in ops.items()) for m, ops in used.items()]
+    return ("PARA through each backend: the same PARA model, with `para_kernels.ops.set_backend(X)` around each "
+            "of its calls (`para` is the default dispatch; an op a backend lacks falls back). Ops ran on: "
+            + "; ".join(parts) + ".")
+
+
+def serving_markdown(serving, files: dict, suffix: str = "") -> list[str]:
+    """The Markdown section of one model's serving run: headline, checks, CUDA-graph replay,
+    popularity, tenant sweep."""
+    if "config" not in serving:  # the run raised
+        return [f"## Headline: {serving.get('model', '?')}", "",
+                f"**The serving run failed:** `{serving.get('error', '?')}`", ""]
+    cfg = serving["config"]
+    pool = serving.get("pool_tenants", cfg["tenants"])
+    title = _model_title(serving)
+    lines = [f"## Headline: multi-tenant greedy decode of {title}", "",
+             f"Batch of {cfg['batch']} rows from {cfg['tenants']} tenants (row b → tenant b mod "
+             f"{cfg['tenants']}), {_prompt_text(serving)}, "
+             f"min_new_tokens = max_new_tokens = {cfg['new_tokens']}, {cfg['dtype']}, one process. "
+             f"Runs alternate with the bare model (bare, m1, bare, m2, …, bare; the method order rotates each "
+             f"round; {cfg['rounds']} runs per method after one warm-up generate per method). A run's time per "
+             f"token is the median of its {cfg['new_tokens'] - 1} decode-step intervals (stamped by a logits "
+             "processor); each method run is divided by the mean of the two bare runs beside it, and the "
+             "ratio reported is the median of those per-run ratios, with its interquartile range. "
+             "\"ratio (mean step)\" uses the mean step interval instead; \"ratio (whole generate)\" the "
+             f"wall time of the whole generate() call (prefill included). \"Steps interleaved\": a cross-check "
+             f"with less noise — {_lockstep_text(serving)}, and the ratio is the median of the per-step "
+             "ratios to the bare forward of the same step. \"generate() tokens/s\": end to end, rows × new "
+             "tokens / wall time of the whole generate() call (prefill included), median over the runs. "
+             "Prefill: one forward of the prompt "
+             f"batch (use_cache=True, logits of the last position, as generate's prefill), {cfg['prefill_rounds']} "
+             "alternated runs per method.", "",
+             f"Methods (each holds adapters for {pool} tenants; the headline's rows use {cfg['tenants']} of them): "
+             "PARA — r = 12, q/v/up, random W_up ~ N(0, "
+             f"{cfg['para_w_up_std']}²), b_up ~ N(0, {cfg['para_b_up_std']}²), `PARAModel.generate(adapter_names=...)`; "
+             f"PEFT LoRA — r = {cfg['lora_r']}, alpha = {cfg['lora_alpha']}, q_proj + v_proj, one adapter per tenant "
+             f"and rank via `add_adapter`, lora_B ~ N(0, {cfg['lora_b_std']}²), `generate(adapter_names=...)`; BGMV-style "
+             "LoRA — the same weights, per-row gathered A[ids] [B,d,r] and B[ids] [B,r,n] with `bmm`/`baddbmm` "
+             f"in forward hooks on q_proj and v_proj (bench/lora.py); (IA)³ — per-tenant vectors 1 + N(0, "
+             f"{cfg['ia3_std']}²) on the outputs of k_proj, v_proj and up_proj, gathered per row once per batch, "
+             "applied in forward hooks." + (" Every method's copy of the model shares the random weights "
+                                             "(one backbone in device memory)." if serving.get("random_weights") else ""),
+             ""]
+    if _backend_text(serving):
+        lines += [_backend_text(serving), ""]
+    if "decode" in serving:
+        lines += [_md_table(HEADLINE_HEADER, headline_rows(serving)), ""]
+        for phase in ("decode", "prefill"):
+            line = contention_line(serving[phase], phase.capitalize(), cfg["max_other_cpu"])
+            if line:
+                lines += [line, ""]
+        if files.get("ratios_png" + suffix):
+            lines += [f"![ratios to the bare model]({os.path.basename(files['ratios_png' + suffix])})", ""]
+    if "checks" in serving:
+        lines += ["### Correctness checks (run before timing)", "",
+                  _md_table(["check", "measured", "bar", "ok", "what"],
+                            [[k, f"{v['value']:.3g}", v["bar"], "yes" if v["ok"] else "**NO**", v["what"]]
+                             for k, v in serving["checks"].items() if isinstance(v, dict) and "ok" in v]), ""]
+        vs = serving["checks"].get("para_vector_stats")
+        if vs:
+            lines += [f"PARA vectors in the check's prefill: |v − 1| mean {vs['abs_mean']:.4f}, std {vs['std']:.4f}, "
+                      f"range [{vs['min']:.3f}, {vs['max']:.3f}].", ""]
+    if serving.get("graph"):
+        lines += graph_markdown(serving)
+    if serving.get("popularity"):
+        lines += popularity_markdown(serving, files, suffix)
+    if serving.get("sweep"):
+        lines += sweep_markdown(serving, files, suffix)
+    if serving.get("failed_checks"):
+        lines += [f"**Checks failed: {serving['failed_checks']}; timing was skipped.**", ""]
     return lines
 
 
@@ -293,61 +552,17 @@ def markdown(result, files: dict) -> str:
              f"| python / platform | {env['python']} / {env['platform']} |", ""]
     if phases_line(result):
         lines += [phases_line(result), ""]
+    if result.get("partial"):
+        lines += ["> **Partial report:** written while the run was still going (after the serving comparison "
+                  "of each model); the parts not listed here had not run yet.", ""]
     for w in result.get("warnings", []):
         lines += [f"> **Warning:** {w}", ""]
-    serving = result.get("serving")
-    if serving:
-        cfg = serving["config"]
-        pool = serving.get("pool_tenants", cfg["tenants"])
-        lines += ["## Headline: multi-tenant greedy decode of SmolLM2-135M-Instruct", "",
-                  f"Batch of {cfg['batch']} rows from {cfg['tenants']} tenants (row b → tenant b mod "
-                  f"{cfg['tenants']}), prompts of exactly {cfg['prompt_len']} tokens, "
-                  f"min_new_tokens = max_new_tokens = {cfg['new_tokens']}, {cfg['dtype']}, one process. "
-                  f"Runs alternate with the bare model (bare, m1, bare, m2, …, bare; the method order rotates each "
-                  f"round; {cfg['rounds']} runs per method after one warm-up generate per method). A run's time per "
-                  f"token is the median of its {cfg['new_tokens'] - 1} decode-step intervals (stamped by a logits "
-                  "processor); each method run is divided by the mean of the two bare runs beside it, and the "
-                  "ratio reported is the median of those per-run ratios, with its interquartile range. "
-                  "\"ratio (mean step)\" uses the mean step interval instead; \"ratio (whole generate)\" the "
-                  f"wall time of the whole generate() call (prefill included). \"Steps interleaved\": a cross-check "
-                  f"with less noise — {_lockstep_text(serving)}, and the ratio is the median of the per-step "
-                  "ratios to the bare forward of the same step. Prefill: one forward of the prompt "
-                  f"batch (use_cache=True, logits of the last position, as generate's prefill), {cfg['prefill_rounds']} "
-                  "alternated runs per method.", "",
-                  f"Methods (each holds adapters for {pool} tenants; the headline's rows use {cfg['tenants']} of them): "
-                  "PARA — r = 12, q/v/up, random W_up ~ N(0, "
-                  f"{cfg['para_w_up_std']}²), b_up ~ N(0, {cfg['para_b_up_std']}²), `PARAModel.generate(adapter_names=...)`; "
-                  f"PEFT LoRA — r = {cfg['lora_r']}, alpha = {cfg['lora_alpha']}, q_proj + v_proj, one adapter per tenant "
-                  f"and rank via `add_adapter`, lora_B ~ N(0, {cfg['lora_b_std']}²), `generate(adapter_names=...)`; BGMV-style "
-                  "LoRA — the same weights, per-row gathered A[ids] [B,d,r] and B[ids] [B,r,n] with `bmm`/`baddbmm` "
-                  f"in forward hooks on q_proj and v_proj (bench/lora.py); (IA)³ — per-tenant vectors 1 + N(0, "
-                  f"{cfg['ia3_std']}²) on the outputs of k_proj, v_proj and up_proj, gathered per row once per batch, "
-                  "applied in forward hooks.", ""]
-        if "decode" in serving:
-            lines += [_md_table(HEADLINE_HEADER, headline_rows(serving)), ""]
-            for phase in ("decode", "prefill"):
-                line = contention_line(serving[phase], phase.capitalize(), cfg["max_other_cpu"])
-                if line:
-                    lines += [line, ""]
-            if files.get("ratios_png"):
-                lines += [f"![ratios to the bare model]({os.path.basename(files['ratios_png'])})", ""]
-        if "checks" in serving:
-            lines += ["### Correctness checks (run before timing)", "",
-                      _md_table(["check", "measured", "bar", "ok", "what"],
-                                [[k, f"{v['value']:.3g}", v["bar"], "yes" if v["ok"] else "**NO**", v["what"]]
-                                 for k, v in serving["checks"].items() if isinstance(v, dict) and "ok" in v]), ""]
-            vs = serving["checks"].get("para_vector_stats")
-            if vs:
-                lines += [f"PARA vectors in the check's prefill: |v − 1| mean {vs['abs_mean']:.4f}, std {vs['std']:.4f}, "
-                          f"range [{vs['min']:.3f}, {vs['max']:.3f}].", ""]
-        if serving.get("popularity"):
-            lines += popularity_markdown(serving, files)
-        if serving.get("failed_checks"):
-            lines += [f"**Checks failed: {serving['failed_checks']}; timing was skipped.**", ""]
+    for i, serving in enumerate(serving_parts(result)):
+        lines += serving_markdown(serving, files, part_suffix(result, i))
     attr = result.get("attribution")
     if attr:
         delta = attr.get("measured_decode_delta_s")
-        lines += ["## Where PARA's decode overhead comes from", "",
+        lines += [f"## Where PARA's decode overhead comes from ({_model_title(result.get('serving') or {})})", "",
                   f"Each piece of PARA's decode path timed in isolation on the real modules with decode-sized "
                   f"tensors ({attr['batch']} rows × 1 token), times the number of calls per decode step "
                   f"({attr['layers']} layers). {attr['note']}.", "",
@@ -391,12 +606,11 @@ def markdown(result, files: dict) -> str:
             lines += [f"![forward time vs batch size per backend]({os.path.basename(files['ops_backends_png'])})", ""]
         lines += [_md_table(OPS_HEADER, ops_rows(ops)), ""]
         if ops.get("compiled"):
-            cb = ops["config"].get("compile_batches")
             lines += ["### The reference under torch.compile", "",
                       "Backend `reference+compile` above: the reference's PyTorch function "
                       "(`para_kernels.ops.torch_ops.<op>`, what the public op runs after its argument checks and "
                       "dispatch) under `torch.compile(dynamic=False)` (inductor), forward only, "
-                      + ("at every batch size" if not cb else f"at B = {', '.join(str(b) for b in cb)}")
+                      + compile_scope(ops["config"])
                       + ". Each case is compiled from a clean dynamo state and called once before timing: "
                       "\"compile s\" is that first call (inductor's on-disk cache may shorten it on a second run), "
                       "excluded from the timings. \"graphs\" counts the graphs dynamo compiled (more than one: graph "
@@ -407,29 +621,44 @@ def markdown(result, files: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot_ratios(plt, result, path: str) -> bool:
-    """Headline: decode and prefill ratio to bare per method, median with IQR bars."""
-    serving = result.get("serving")
+def _ratio_series(serving) -> list[tuple[str, dict]]:
+    """(label, {method: ratio summary}) of every ratio the headline plot shows."""
+    series = [("decode (per token)", {m: serving["decode"][m]["ratio"] for m in _methods(serving)}),
+              ("prefill", {m: serving["prefill"][m]["ratio"] for m in _methods(serving)})]
+    g = (serving.get("graph") or {}).get("methods", {})
+    graphed = {m: e["ratio"] for m, e in g.items() if m != "bare"}
+    if graphed:
+        series.append(("decode step, CUDA-graph replay", graphed))
+    return series
+
+
+def _plot_ratios(plt, result, path: str, serving=None) -> bool:
+    """Headline: decode and prefill ratio to bare per method (and the CUDA-graph replay ratio
+    where measured), median with IQR bars."""
+    serving = serving if serving is not None else result.get("serving")
     if not (serving and "decode" in serving):
         return False
     methods = _methods(serving)
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.38
-    for k, (phase, label) in enumerate((("decode", "decode (per token)"), ("prefill", "prefill"))):
-        med = [serving[phase][m]["ratio"]["median"] for m in methods]
-        lo = [med[i] - serving[phase][m]["ratio"]["q1"] for i, m in enumerate(methods)]
-        hi = [serving[phase][m]["ratio"]["q3"] - med[i] for i, m in enumerate(methods)]
-        xs = [i + (k - 0.5) * width for i in range(len(methods))]
+    series = _ratio_series(serving)
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.9 * len(methods) + 2), 4))
+    width = 0.8 / len(series)
+    lows = []
+    for k, (label, stats) in enumerate(series):
+        idx = [i for i, m in enumerate(methods) if m in stats]
+        med = [stats[methods[i]]["median"] for i in idx]
+        lo = [stats[methods[i]]["median"] - stats[methods[i]]["q1"] for i in idx]
+        hi = [stats[methods[i]]["q3"] - stats[methods[i]]["median"] for i in idx]
+        lows += [stats[methods[i]]["q1"] for i in idx]
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in idx]
         ax.bar(xs, med, width, yerr=[lo, hi], capsize=3, label=label)
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks(range(len(methods)))
-    ax.set_xticklabels([m.replace("_", " ") for m in methods])
+    ax.set_xticklabels([m.replace("_", " ") for m in methods], fontsize=8, rotation=20)
     ax.set_ylabel("time ratio to bare model")
-    lo_y = min(0.9, min(serving[p][m]["ratio"]["q1"] for p in ("decode", "prefill") for m in methods) - 0.02)
-    ax.set_ylim(bottom=lo_y)
+    ax.set_ylim(bottom=min(0.9, min(lows, default=0.92) - 0.02))
     cfg = serving["config"]
-    ax.set_title(f"SmolLM2-135M, batch {cfg['batch']} from {cfg['tenants']} tenants — {result['env']['device_name']}",
-                 fontsize=9)
+    ax.set_title(f"{_short_title(serving)}, batch {cfg['batch']} from {cfg['tenants']} tenants, "
+                 f"{cfg['dtype']} — {result['env']['device_name']}", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -487,9 +716,10 @@ def _plot_ops(plt, result, path: str) -> bool:
 
 
 
-def _plot_popularity(plt, result, path: str) -> bool:
+def _plot_popularity(plt, result, path: str, serving=None) -> bool:
     """Ratio to bare per popularity layout (groups) and method (bars), median with IQR bars."""
-    pop = (result.get("serving") or {}).get("popularity")
+    serving = serving if serving is not None else result.get("serving")
+    pop = (serving or {}).get("popularity")
     if not pop:
         return False
     kinds, methods = list(pop["layouts"]), pop["methods"]
@@ -507,8 +737,8 @@ def _plot_popularity(plt, result, path: str) -> bool:
     ax.set_ylabel("decode-step time ratio to bare")
     lows = [pop["layouts"][k]["methods"][m]["ratio"]["q1"] for k in kinds for m in methods]
     ax.set_ylim(bottom=min(0.9, min(lows) - 0.02))
-    cfg = result["serving"]["config"]
-    ax.set_title(f"SmolLM2-135M decode step, batch {cfg['batch']}, by tenant popularity — "
+    cfg = serving["config"]
+    ax.set_title(f"{_short_title(serving)} decode step, batch {cfg['batch']}, by tenant popularity — "
                  f"{result['env']['device_name']}", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -564,12 +794,51 @@ def _plot_ops_backends(plt, result, path: str) -> bool:
     return True
 
 
-PLOTS = (("ratios_png", "ratios", _plot_ratios), ("popularity_png", "popularity", _plot_popularity),
-         ("ops_png", "ops", _plot_ops), ("ops_backends_png", "ops-backends", _plot_ops_backends))
+def _plot_sweep(plt, result, path: str, serving=None) -> bool:
+    """Tenant sweep: ratio to bare vs tenant count per method, eager lockstep (solid) and
+    CUDA-graph replay (dashed), median with IQR bars; the 3 % line of the claim."""
+    sw = (serving or {}).get("sweep")
+    if not sw or sw.get("error") or not sw.get("by_tenants"):
+        return False
+    ks = list(sw["by_tenants"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for j, m in enumerate(sw["methods"]):
+        for kind, style in (("eager", "-"), ("graph", "--")):
+            pts = []
+            for k in ks:
+                e = sw["by_tenants"][k]
+                r = e["methods"][m]["ratio"] if kind == "eager" else \
+                    (e.get("graph") or {}).get("methods", {}).get(m, {}).get("ratio")
+                if r:
+                    pts.append((int(k), r))
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1]["median"] for p in pts],
+                            yerr=[[p[1]["median"] - p[1]["q1"] for p in pts], [p[1]["q3"] - p[1]["median"] for p in pts]],
+                            color=f"C{j}", ls=style, marker="o", ms=3, capsize=2,
+                            label=f"{sw.get('labels', {}).get(m, m)} ({'eager lockstep' if kind == 'eager' else 'CUDA graph'})")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.axhline(1.03, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([int(k) for k in ks])
+    ax.set_xticklabels([str(k) for k in ks])
+    ax.set_xlabel(f"tenants in the batch of {sw['batch']} (row b → tenant b mod K)")
+    ax.set_ylabel("decode-step ratio to bare")
+    ax.set_title(f"{_short_title(serving)}, {serving['config']['dtype']} — "
+                 f"{result['env']['device_name']}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+PART_PLOTS = (("ratios_png", "ratios", _plot_ratios), ("popularity_png", "popularity", _plot_popularity),
+              ("sweep_png", "sweep", _plot_sweep))  # one per serving model
+PLOTS = (("ops_png", "ops", _plot_ops), ("ops_backends_png", "ops-backends", _plot_ops_backends))
 
 
 def plots(result, out_dir: str, slug: str) -> dict:
-    """PNG files <out_dir>/<slug>-<name>.png; {key: path} of those written."""
+    """PNG files <out_dir>/<slug>-<name>[-<model>].png; {key[-<model>]: path} of those written."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -577,6 +846,12 @@ def plots(result, out_dir: str, slug: str) -> dict:
     except ImportError:
         return {}
     files = {}
+    for i, serving in enumerate(serving_parts(result)):
+        suffix = part_suffix(result, i)
+        for key, name, draw in PART_PLOTS:
+            path = os.path.join(out_dir, f"{slug}-{name}{suffix}.png")
+            if draw(plt, result, path, serving):
+                files[key + suffix] = path
     for key, name, draw in PLOTS:
         path = os.path.join(out_dir, f"{slug}-{name}.png")
         if draw(plt, result, path):

@@ -58,10 +58,23 @@ else
   echo "compute-sanitizer not found (or quick run): memcheck skipped" | tee "$OUT/memcheck.log"
 fi
 
+step racecheck
+# a Triton subset under racecheck (shared-memory hazards in the compiled kernels; fp32, small shapes)
+if [ -x "$SAN" ] && [ -z "${GPU_CHECK_QUICK:-}" ]; then
+  timeout 240 "$SAN" --tool racecheck --error-exitcode 99 "$PY" -m pytest -q -x -p no:cacheprovider \
+    tests/test_triton_scale.py tests/test_triton_pool.py tests/test_triton_pool_generate.py \
+    -k "float32 and not llama and not property" > "$OUT/racecheck.log" 2>&1 || status=1
+  tail -5 "$OUT/racecheck.log"
+else
+  echo "compute-sanitizer not found (or quick run): racecheck skipped" | tee "$OUT/racecheck.log"
+fi
+
 step bench
 mode=--full
 [ -n "${GPU_CHECK_QUICK:-}" ] && mode=--quick
-"$PY" -m bench "$mode" --out "$OUT/bench" > "$OUT/bench.log" 2>&1 || status=1
+# bounded, so the archive below is still made if it overruns (the report is written after each
+# serving model, so a cut-short run keeps its finished parts)
+timeout "${BENCH_TIMEOUT_S:-480}" "$PY" -m bench "$mode" --out "$OUT/bench" > "$OUT/bench.log" 2>&1 || status=1
 tail -60 "$OUT/bench.log"
 tar czf "$OUT/bench.tgz" -C "$OUT" bench 2>/dev/null && rm -rf "$OUT/bench"
 
