@@ -155,22 +155,33 @@ def measure(s, decode_delta_s: float | None = None) -> dict:
         pieces["model-level hooks (bodies)"] = {
             "per_call_s": _t(run_model_hooks, device), "calls": 1,
             "what": f"{sum(k == 'pre' for k, _, _ in model_hooks)} pre-hook(s) on the wrapped model at a decode step"}
-        # 5. inside the module deltas: ops.scale and a bare multiply on the same tensors
-        scale_s, mul_s = 0.0, 0.0
+        # 5. inside the module deltas: the rescale as eager decoding runs it (one in-place
+        # multiply by the module's slot), the checked public op (training / compile paths), and
+        # a bare multiply on the same tensors
+        from para_kernels.transformers import consumers
+
+        inplace_s, scale_s, mul_s = 0.0, 0.0, 0.0
         for name, n in (("q", s.bare.config.num_attention_heads * s.bare.config.head_dim),
                         ("v", s.bare.config.num_key_value_heads * s.bare.config.head_dim),
                         ("up", s.bare.config.intermediate_size)):
             y = torch.randn(B, 1, n, generator=g).to(device)
             v = 1.0 + 0.1 * torch.randn(B, n, generator=g).to(device)
             vv = v[:, None, :]
+            slot = consumers.ScaleSlot()
+            slot.set(v)
+            inplace_s += _t(lambda: consumers.scale_in_place(y, slot), device)
             scale_s += _t(lambda: ops.scale(y, v), device)
             mul_s += _t(lambda: y * vv, device)
-        pieces["  of which: para_kernels.ops.scale, q+v+up"] = {
-            "per_call_s": scale_s, "calls": n_layers, "nested": True,
-            "what": "ops.scale(x, v) on q, v and up sized tensors (argument checks, dispatch, multiply)"}
+        pieces["  of which: in-place rescale, q+v+up"] = {
+            "per_call_s": inplace_s, "calls": n_layers, "nested": True,
+            "what": "consumers.scale_in_place(x, slot) on q, v and up sized tensors: what eager decoding runs"}
         pieces["  of which: plain x * v, q+v+up"] = {
             "per_call_s": mul_s, "calls": n_layers, "nested": True,
             "what": "the arithmetic alone: x * v[:, None, :] on the same tensors"}
+        pieces["  (not on this path) para_kernels.ops.scale, q+v+up"] = {
+            "per_call_s": scale_s, "calls": n_layers, "nested": True,
+            "what": "the checked public op (argument checks, dispatch, multiply), which training, "
+                    "torch.compile and kernel backends take; for comparison"}
         profile_rows = calls_per_decode_step(s)
         n_dispatch = next((r["calls"] for r in profile_rows if r["function"].endswith("(backend_for)")), None)
         if n_dispatch:
