@@ -10,5 +10,12 @@ from .transformers import AdapterFileError, MappingError, PARAModel, get_para_mo
 
 __all__ = [
     "__version__", "PARAConfig", "PARAModel", "get_para_model", "set_backend", "get_backend",
-    "available_backends", "MappingError", "AdapterFileError",
+    "available_backends", "MappingError", "AdapterFileError", "PARATrainer",
 ]
+
+
+def __getattr__(name: str):
+    if name == "PARATrainer":  # imported on first use: transformers.Trainer pulls in accelerate
+        from .transformers.trainer import PARATrainer
+        return PARATrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -162,3 +162,61 @@ def test_trainer_with_gradient_checkpointing_trains(tmp_path):
     result = Trainer(model=pm, args=args, train_dataset=data).train()
     assert result.global_step == 2 and math.isfinite(result.training_loss)
     assert all(layer.gradient_checkpointing for layer in model.model.layers)
+
+
+# ----------------------------------------------------------------- PARATrainer: adapter checkpoints
+def _trainer_run(tmp_path, max_steps, resume=None, **args):
+    """A fresh tiny LLaMA + PARA adapter trained by PARATrainer on fixed data; returns
+    (trainer, PARA model)."""
+    import para_kernels as pk
+
+    pm = get_para_model(tiny_llama(seed=0), PARAConfig(r=4))
+    gen = torch.Generator().manual_seed(1)
+    data = [{"input_ids": (ids := torch.randint(3, 128, (6,), generator=gen).tolist()),
+             "labels": [-100, -100] + ids[2:]} for _ in range(8)]
+    targs = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=max_steps,
+                              per_device_train_batch_size=2, learning_rate=1e-2, disable_tqdm=True,
+                              save_strategy="steps", save_steps=2, seed=7, **args)
+    trainer = pk.PARATrainer(model=pm, args=targs, train_dataset=data)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, pm
+
+
+def test_para_trainer_checkpoints_hold_the_adapter_only_and_resume_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    _, full = _trainer_run(tmp_path / "a", max_steps=4)
+    ckpt = tmp_path / "a" / "checkpoint-2"
+    files = sorted(p.name for p in ckpt.iterdir())
+    assert "default" in files and "training_args.json" in files
+    assert not any(f.startswith(("model", "pytorch_model")) for f in files), files  # no backbone
+    assert not any(f.endswith(".bin") and f != "training_args.bin" for f in files)
+    saved = load_file(str(ckpt / "default" / "adapter_model.safetensors"))
+    assert len(saved) == len(adapter_params(full)) and all(t.numel() < 10_000 for t in saved.values())
+    # resuming at step 2 into a fresh model ends where the uninterrupted run ended
+    trainer, resumed = _trainer_run(tmp_path / "b", max_steps=4, resume=str(ckpt))
+    assert trainer.state.global_step == 4
+    final, again = adapter_params(full), adapter_params(resumed)
+    assert final.keys() == again.keys()
+    for n in final:
+        torch.testing.assert_close(again[n], final[n], rtol=1e-6, atol=1e-7, msg=n)
+    start = adapter_params(get_para_model(tiny_llama(seed=0), PARAConfig(r=4)))
+    assert any(not torch.equal(final[n], start[n]) for n in final)  # training moved the adapter
+
+
+def test_para_trainer_save_model_and_reload(tmp_path):
+    trainer, pm = _trainer_run(tmp_path / "run", max_steps=2)
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = PARAModel.from_pretrained(tiny_llama(seed=0), str(tmp_path / "final"))
+    x = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(5))
+    pm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=x).logits, pm(input_ids=x).logits, rtol=0, atol=0)
+
+
+def test_para_trainer_refuses_a_checkpoint_without_the_adapter(tmp_path):
+    from para_kernels import AdapterFileError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterFileError, match="default"):
+        _trainer_run(tmp_path / "run", max_steps=2, resume=str(tmp_path / "empty"))
