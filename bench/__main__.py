@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import signal
 import sys
 import time
 import warnings
@@ -27,7 +28,7 @@ import warnings
 import torch
 
 from . import report
-from .common import device_slug, environment, pick_device
+from .common import NO_DEADLINE, Deadline, device_slug, environment, pick_device
 from .models import MODEL_NAMES
 
 
@@ -66,6 +67,14 @@ def parse(argv=None):
     p.add_argument("--ops-batches", default=None, help="override: comma-separated op-benchmark batch sizes")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="time the reference under torch.compile too (default: on)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="end within about S seconds (a device lease): the optional serving parts (CUDA-graph "
+                   "replay, popularity table, tenant sweep, attribution, profile) are skipped once the serving "
+                   "share of S is spent, and the op suite stops starting new cases at S; the report says what "
+                   "was skipped (default: no limit)")
+    p.add_argument("--time-after-failed-checks", action="store_true",
+                   help="time a model even when one of its correctness checks failed (the failure is still "
+                   "reported and the exit status is 1; default: timing is skipped)")
     p.set_defaults(full=False)
     return p.parse_args(argv)
 
@@ -175,7 +184,17 @@ def _quiet_gguf() -> None:
         gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
 
 
-def run_serving(args, cfgs, device, result, phases, progress, log, save=None) -> int:
+def time_shares(limit_s: float | None) -> tuple:
+    """(serving deadline, whole-run deadline) of ``--time-limit``: the op suite keeps the last
+    30 % of the limit (at least a minute, at most half), the serving comparison the rest."""
+    end = Deadline.after(limit_s)
+    if limit_s is None:
+        return end, end
+    ops_share = min(max(60.0, 0.3 * limit_s), 0.5 * limit_s)
+    return end.earlier(ops_share), end
+
+
+def run_serving(args, cfgs, device, result, phases, progress, log, save=None, deadline=NO_DEADLINE) -> int:
     """The serving comparison of every model of ``cfgs`` (one config per model): headline,
     popularity table, CUDA-graph replay and tenant sweep where configured; into
     result["serving"] (the first model) and result["serving_more"] (the others). The first
@@ -198,20 +217,26 @@ def run_serving(args, cfgs, device, result, phases, progress, log, save=None) ->
         key = "serving" if first else f"serving {cfg.model}"
         t0 = time.perf_counter()
         try:
-            status = max(status, _serve_one(args, cfg, device, result, first, phases, progress, log))
+            status = max(status, _serve_one(args, cfg, device, result, first, phases, progress, log, deadline))
         except Exception as e:  # noqa: BLE001 - one model's failure must not lose the others' results
             import traceback
 
             msg = f"{cfg.model}: the serving run failed: {type(e).__name__}: {e}"
             log(msg)
             result["warnings"].append(msg[:600])
-            entry = {"model": cfg.model, "error": f"{type(e).__name__}: {e}"[:2000],
-                     "traceback": traceback.format_exc()[-4000:]}
-            if first:
-                result["serving"] = entry
+            error = {"error": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-4000:]}
+            part = result.get("serving") if first else (result.get("serving_more") or [None])[-1]
+            if part is not None and part.get("model") == cfg.model:  # keep the parts that finished
+                part.pop("setup", None)
+                part.update(error)
+            elif first:
+                result["serving"] = {"model": cfg.model, **error}
             else:
-                result.setdefault("serving_more", []).append(entry)
+                result.setdefault("serving_more", []).append({"model": cfg.model, **error})
             status = 1
+            if device.type == "cuda" and not _device_alive(log):
+                result["warnings"].append("the CUDA device failed: the remaining serving models are skipped")
+                break
         phases[key] = time.perf_counter() - t0
         gc.collect()
         if device.type == "cuda":
@@ -221,41 +246,74 @@ def run_serving(args, cfgs, device, result, phases, progress, log, save=None) ->
     return status
 
 
-def _serve_one(args, cfg, device, result, first: bool, phases, progress, log) -> int:
+def _device_alive(log) -> bool:
+    """Whether the CUDA device still answers (after an error: an illegal access poisons it)."""
+    try:
+        torch.cuda.synchronize()
+        return True
+    except Exception as e:  # noqa: BLE001
+        log(f"the CUDA device failed: {type(e).__name__}: {e}")
+        return False
+
+
+def _optional(name: str, fn, result, log):
+    """Run one optional part (attribution, profile) of a finished serving run: a failure is a
+    warning, never the loss of the serving result already stored."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        import traceback
+
+        msg = f"{name} failed: {type(e).__name__}: {e}"
+        log(msg)
+        result["warnings"].append(msg[:600])
+        result.setdefault("errors", {})[name] = traceback.format_exc()[-4000:]
+        return None
+
+
+def _serve_one(args, cfg, device, result, first: bool, phases, progress, log, deadline=NO_DEADLINE) -> int:
     """One model's serving run into ``result``; the first model also gets the attribution and
-    the profile."""
+    the profile (when time is left)."""
     from . import attribution, serving
 
-    res = serving.run(cfg, device, check=args.check, progress_factory=progress, log=log)
-    setup = res.pop("setup", None)
+    res = {"model": cfg.model}  # filled part by part: an interrupted or failing run keeps what finished
     if first:
         result["serving"] = res
     else:
         result.setdefault("serving_more", []).append(res)
-    if res.get("failed_checks"):
-        return 1
-    if setup is None or not first:
-        return 0
+    serving.run(cfg, device, check=args.check, progress_factory=progress, log=log, deadline=deadline,
+                time_failed=args.time_after_failed_checks, out=res)
+    setup = res.pop("setup", None)
+    failed = 1 if res.get("failed_checks") else 0
+    if setup is None or not first or "decode" not in res:
+        return failed
     dec = res["decode"]
-    if setup.para is not None:
+    if setup.para is not None and deadline.passed():
+        res.setdefault("skipped", []).append("attribution (--time-limit)")
+    elif setup.para is not None:
         log("measuring PARA's decode path piece by piece")
         t0 = time.perf_counter()
         delta = (dec["para"]["ratio"]["median"] - 1.0) * dec["bare"]["time"]["median"] if "para" in dec else None
-        result["attribution"] = attribution.measure(setup, delta)
-        inter = res.get("decode_interleaved", {}).get("para")
-        if inter:
-            result["attribution"]["measured_interleaved_delta_s"] = \
-                (inter["ratio"]["median"] - 1.0) * inter["bare_time"]["median"]
+        attr = _optional("attribution", lambda: attribution.measure(setup, delta), result, log)
+        if attr is not None:
+            result["attribution"] = attr
+            inter = res.get("decode_interleaved", {}).get("para")
+            if inter:
+                attr["measured_interleaved_delta_s"] = (inter["ratio"]["median"] - 1.0) * inter["bare_time"]["median"]
         phases["attribution"] = time.perf_counter() - t0
     do_profile = args.profile if args.profile is not None else (
         args.full or ("para" in dec and dec["para"]["ratio"]["median"] > 1.03))
-    if do_profile and setup.para is not None:
+    if do_profile and setup.para is not None and deadline.passed():
+        res.setdefault("skipped", []).append("profile (--time-limit)")
+    elif do_profile and setup.para is not None:
         t0 = time.perf_counter()
-        result["profile_file"] = write_profile(setup, args, cfg, result["env"], device, log)
+        path = _optional("profile", lambda: write_profile(setup, args, cfg, result["env"], device, log), result, log)
+        if path is not None:
+            result["profile_file"] = path
         phases["profile"] = time.perf_counter() - t0
     del setup
     gc.collect()
-    return 0
+    return failed
 
 
 def write_profile(setup, args, cfg, env, device, log) -> str:
@@ -299,6 +357,7 @@ def main(argv=None) -> int:
     def log(msg):
         tqdm.write(msg, file=sys.stderr)
 
+    serving_deadline, end = time_shares(args.time_limit)
     device = pick_device(args.device)
     env = environment(device, args.threads)
     env["loadavg_before"] = [round(x, 2) for x in os.getloadavg()]
@@ -322,24 +381,76 @@ def main(argv=None) -> int:
             log(f"partial report not written: {type(e).__name__}: {e}")
 
     phases = result["phases_s"] = {}
-    if args.only in (None, "serving"):
-        status = run_serving(args, serving_cfgs, device, result, phases, progress, log, save_partial)
-        if args.only is None:
-            save_partial()
-    if args.only in (None, "ops"):
-        from . import ops
+    if args.time_limit is not None:
+        result["time_limit_s"] = args.time_limit
+    previous_term = _raise_on_sigterm()
+    try:
+        if args.only in (None, "serving"):
+            status = run_serving(args, serving_cfgs, device, result, phases, progress, log, save_partial,
+                                 deadline=end if args.only == "serving" else serving_deadline)
+            if args.only is None:
+                save_partial()
+        if args.only in (None, "ops"):
+            from . import ops
 
-        t0 = time.perf_counter()
-        result["ops"] = ops.run(ops_cfg, device, progress_factory=progress, log=log)
-        phases["ops"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            try:
+                result["ops"] = ops.run(ops_cfg, device, progress_factory=progress, log=log, deadline=end)
+            except Exception as e:  # noqa: BLE001 - e.g. a dead device: keep the serving results
+                import traceback
+
+                msg = f"the op suite failed: {type(e).__name__}: {e}"
+                log(msg)
+                result["warnings"].append(msg[:600])
+                result.setdefault("errors", {})["ops"] = traceback.format_exc()[-4000:]
+                status = 1
+            phases["ops"] = time.perf_counter() - t0
+            if result.get("ops", {}).get("device_error"):
+                result["warnings"].append(f"the op suite stopped early: the CUDA device failed "
+                                          f"({result['ops']['device_error'][:300]})")
+                status = 1
+            if result.get("ops", {}).get("interrupted"):
+                raise KeyboardInterrupt
+            if result.get("ops", {}).get("skipped_cases"):
+                result["warnings"].append(f"--time-limit {args.time_limit:g} s: the op suite stopped before "
+                                          f"{result['ops']['skipped_cases']} of its cases")
+    except KeyboardInterrupt:  # SIGINT / SIGTERM (a device lease's timeout): keep what has finished
+        msg = ("interrupted (SIGINT or SIGTERM) before the run ended: this report holds the parts that had "
+               "finished")
+        log(msg)
+        result["warnings"].append(msg)
+        result["interrupted"] = True
+        status = 1
+    finally:
+        if previous_term is not _NOT_INSTALLED:
+            signal.signal(signal.SIGTERM, previous_term if previous_term is not None else signal.SIG_DFL)
 
     env["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     result["runtime_s"] = time.perf_counter() - t_start
     result.pop("partial", None)
     files = report.write(result, args.out, device_slug(device))
-    print(report.console(result))
+    try:
+        print(report.console(result))
+    except Exception as e:  # noqa: BLE001 - the files are written; the console summary is a courtesy
+        print(f"console summary failed: {type(e).__name__}: {e}")
     print("\nwrote " + ", ".join(sorted(files.values())))
     return status
+
+
+_NOT_INSTALLED = object()
+
+
+def _raise_on_sigterm():
+    """Make SIGTERM raise KeyboardInterrupt (as SIGINT does), so that a run stopped by a
+    ``timeout`` still writes its report; returns the previous handler (_NOT_INSTALLED outside
+    the main thread, where no handler can be set)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return _NOT_INSTALLED
 
 
 if __name__ == "__main__":

@@ -92,6 +92,7 @@ def measure(s, decode_delta_s: float | None = None) -> dict:
     from para_kernels import ops
 
     device = s.device
+    dtype = next(s.bare.parameters()).dtype  # the modules' inputs must be in the model's dtype (bf16 on a GPU)
     bare_layers = decoder_layers(s.bare)
     para_layers = decoder_layers(s.para.base_model)
     n_layers = len(bare_layers)
@@ -106,7 +107,7 @@ def measure(s, decode_delta_s: float | None = None) -> dict:
         s.para(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True,
                logits_to_keep=1)
         d = s.bare.config.hidden_size
-        x = torch.randn(B, 1, d, generator=g).to(device)
+        x = torch.randn(B, 1, d, generator=g).to(device=device, dtype=dtype)
         # 1. each PARA-touched module: PARA's module (with its hooks / forward) minus the bare one
         for path in MODULES:
             pm, bm = para_layers[0].get_submodule(path), bare_layers[0].get_submodule(path)
@@ -124,7 +125,7 @@ def measure(s, decode_delta_s: float | None = None) -> dict:
                         f"of the bare module - bare): {aa * 1e6:+.1f} us"}
         # 2. the decoder layer's PARA hooks, called as nn.Module would (decode state)
         layer = para_layers[0]
-        hs = torch.randn(B, 1, d, generator=g).to(device)
+        hs = torch.randn(B, 1, d, generator=g).to(device=device, dtype=dtype)
         layer_hooks = _hooks(layer)
 
         def run_layer_hooks():
@@ -164,8 +165,8 @@ def measure(s, decode_delta_s: float | None = None) -> dict:
         for name, n in (("q", s.bare.config.num_attention_heads * s.bare.config.head_dim),
                         ("v", s.bare.config.num_key_value_heads * s.bare.config.head_dim),
                         ("up", s.bare.config.intermediate_size)):
-            y = torch.randn(B, 1, n, generator=g).to(device)
-            v = 1.0 + 0.1 * torch.randn(B, n, generator=g).to(device)
+            y = torch.randn(B, 1, n, generator=g).to(device=device, dtype=dtype)
+            v = (1.0 + 0.1 * torch.randn(B, n, generator=g)).to(device=device, dtype=dtype)
             vv = v[:, None, :]
             slot = consumers.ScaleSlot()
             slot.set(v)

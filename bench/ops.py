@@ -28,7 +28,7 @@ import torch
 from para_kernels import ops as para_ops
 from para_kernels.ops import torch_ops
 
-from .common import CpuShare, L2Flusher, summary, sync, time_fn
+from .common import NO_DEADLINE, CpuShare, L2Flusher, summary, sync, time_fn
 
 # hidden size d and the three scaled widths (n_q, n_v, n_u) of each model
 MODELS = {
@@ -102,13 +102,21 @@ def _prompt(B: int, T: int, device):
     return start, torch.full((B,), T, dtype=torch.long, device=device)
 
 
+def _random(device: torch.device, dtype: torch.dtype, seed: int):
+    """rnd(*shape): seeded N(0, 1) data in ``dtype`` on ``device``. On a GPU it is drawn there
+    (the --full shapes are tens of GB: drawing them on the host would take minutes); on the CPU
+    from a CPU generator in fp32, as the CPU reports always were."""
+    if device.type == "cuda":
+        g = torch.Generator(device=device).manual_seed(seed)
+        return lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=dtype)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+
 def cases(cfg: OpsConfig, device: torch.device, dtype: torch.dtype):
     """Yield a :class:`Case` per op, shape and variant of pool, generate and scale."""
-    g = torch.Generator(device="cpu").manual_seed(cfg.seed)
     es = torch.tensor([], dtype=dtype).element_size()
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+    rnd = _random(device, dtype, cfg.seed)
 
     for model, B, T in itertools.product(cfg.models, cfg.batches, cfg.prompt_lens):
         sz = MODELS[model]
@@ -171,11 +179,8 @@ def fused_cases(cfg: OpsConfig, device: torch.device, dtype: torch.dtype):
     """The fused ops (pool_generate, scaled_glu, scaled_linear), where the package has them."""
     if not all(hasattr(para_ops, n) for n in ("pool_generate", "scaled_glu", "scaled_linear")):
         return
-    g = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
     es = torch.tensor([], dtype=dtype).element_size()
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+    rnd = _random(device, dtype, cfg.seed + 1)
 
     for model, B, T in itertools.product(cfg.models, cfg.batches, cfg.prompt_lens):
         sz = MODELS[model]
@@ -297,39 +302,95 @@ def _wants_compile(case: Case, cfg: OpsConfig, dtype_name: str) -> bool:
             and chosen(cfg.compile_prompt_lens, case.meta["T"]))
 
 
-def run(cfg: OpsConfig, device: torch.device, *, progress_factory, log=print) -> dict:
+class _DeviceFailed(RuntimeError):
+    pass
+
+
+def _check_device(device: torch.device) -> None:
+    """After an error: raise _DeviceFailed if the CUDA device no longer answers (a sticky error
+    such as an illegal memory access), rather than failing every remaining case."""
+    if device.type != "cuda":
+        return
+    try:
+        torch.cuda.synchronize(device)
+    except Exception as e:  # noqa: BLE001
+        raise _DeviceFailed(f"{type(e).__name__}: {e}"[:600]) from None
+
+
+def _op_name(case: Case, direction: str) -> str:
+    return case.meta["op"] + ("" if direction == "forward" else "_backward")
+
+
+def _count_cases(cfg: OpsConfig) -> int:
+    """How many cases :func:`cases` and :func:`fused_cases` yield (for the progress bar)."""
+    fused = 4 if all(hasattr(para_ops, n) for n in ("pool_generate", "scaled_glu", "scaled_linear")) else 0
+    return len(cfg.models) * len(cfg.batches) * len(cfg.prompt_lens) * (len(cfg.pool_modes) + 3 + fused)
+
+
+def run(cfg: OpsConfig, device: torch.device, *, progress_factory, log=print, deadline=NO_DEADLINE) -> dict:
+    """Every case on every backend, forward and backward, then the compiled reference rows.
+
+    The cases of one dtype are made one shape at a time and each is timed on every backend
+    before the next is made, so only one shape's tensors are alive (tens of GB at the --full
+    GPU shapes otherwise). A backend that lacks an op (dispatch falls back to another) is not
+    timed for it: the fallback's own row is there; ``fallbacks`` records it. Past ``deadline``
+    no new case starts (``skipped_cases`` counts them); SIGINT returns what was measured, with
+    ``interrupted`` set."""
     rates = {"copy": copy_rate(device, cfg.copy_mib)}
     log(f"measured copy bandwidth: {rates['copy']['bytes_per_s'] / 1e9:.1f} GB/s (read + write)")
     flush = L2Flusher(device) if device.type == "cuda" else None
-    rows, errors, compiled = [], [], []
+    rows, errors, compiled, fallbacks = [], [], [], {}
     backends = para_ops.available_backends(device)
     previous = para_ops.get_backend()
+    out = {"config": asdict(cfg), "rates": rates, "rows": rows, "errors": errors, "compiled": compiled,
+           "fallbacks": fallbacks,
+           "timer": "CUDA events, L2 flushed before each run" if device.type == "cuda"
+           else "perf_counter_ns over a calibrated number of back-to-back calls (>= 0.2 ms per sample)"}
+    skipped = 0
+    to_compile = []  # (case, dtype name, matmul rate): compiled after every eager row
     try:
+        n_cases = _count_cases(cfg)
         for dtype_name in cfg.dtypes:
+            if deadline.passed():
+                skipped += n_cases
+                continue
             dtype = getattr(torch, dtype_name)
             mm = matmul_rate(device, cfg.matmul_n, dtype)
             rates[f"matmul_{dtype_name}"] = mm
             log(f"measured {dtype_name} matmul rate: {mm['flops_per_s'] / 1e9:.1f} GFLOP/s")
-            all_cases = list(cases(cfg, device, dtype)) + list(fused_cases(cfg, device, dtype))
-            to_compile = [c for c in all_cases if _wants_compile(c, cfg, dtype_name)]
-            total = len(all_cases) * 2 * len(backends) + 2 * len(to_compile)
-            with progress_factory(total=total, desc=f"ops {dtype_name}") as bar:
-                for backend in backends:
-                    para_ops.set_backend(backend)
-                    for case in all_cases:
+            with progress_factory(total=n_cases * 2 * len(backends), desc=f"ops {dtype_name}") as bar:
+                made = itertools.chain(cases(cfg, device, dtype), fused_cases(cfg, device, dtype))
+                for done, case in enumerate(made):
+                    if deadline.passed():  # the remaining cases of this dtype are not even made
+                        skipped += n_cases - done
+                        break
+                    for backend in backends:
+                        para_ops.set_backend(backend)
                         for direction, fn in (("forward", case.forward), ("backward", case.backward)):
-                            try:
-                                s, others = _time_case(fn, device, cfg, flush)
-                            except Exception as e:  # a backend may not implement every op / shape
-                                errors.append({**case.meta, "direction": direction, "backend": backend,
-                                               "dtype": dtype_name, "error": f"{type(e).__name__}: {e}"[:300]})
+                            ran_on = para_ops.backend_for(_op_name(case, direction), device)
+                            if ran_on != backend:  # not implemented: the fallback's row is timed anyway
+                                fallbacks.setdefault(backend, {})[_op_name(case, direction)] = ran_on
                             else:
-                                rows.append(_row(case, direction, backend, dtype_name, s, others, rates, mm))
+                                try:
+                                    s, others = _time_case(fn, device, cfg, flush)
+                                except Exception as e:  # a backend may not implement every op / shape
+                                    errors.append({**case.meta, "direction": direction, "backend": backend,
+                                                   "dtype": dtype_name, "error": f"{type(e).__name__}: {e}"[:300]})
+                                    _check_device(device)
+                                else:
+                                    rows.append(_row(case, direction, backend, dtype_name, s, others, rates, mm))
                             bar.update(1)
-                para_ops.set_backend(previous)
-                if to_compile:
-                    bar.set_postfix_str("torch.compile")
-                for case in to_compile:
+                    para_ops.set_backend(previous)
+                    if _wants_compile(case, cfg, dtype_name):
+                        to_compile.append((case, dtype_name, mm))
+                    del case
+        para_ops.set_backend(previous)
+        if to_compile:
+            with progress_factory(total=2 * len(to_compile), desc="ops, reference under torch.compile") as bar:
+                for case, dtype_name, mm in to_compile:
+                    if deadline.passed():
+                        skipped += 1
+                        continue
                     entry, row = _compiled_rows(case, device, cfg, flush, dtype_name, rates, mm, bar)
                     compiled.append(entry)
                     if row is not None:
@@ -337,11 +398,18 @@ def run(cfg: OpsConfig, device: torch.device, *, progress_factory, log=print) ->
                     else:
                         errors.append({**case.meta, "direction": "forward", "backend": COMPILED,
                                        "dtype": dtype_name, "error": entry["error"]})
+    except KeyboardInterrupt:  # a time limit's signal: hand back what was measured
+        out["interrupted"] = True
+    except _DeviceFailed as e:  # e.g. an illegal memory access: every later CUDA call would fail too
+        out["device_error"] = str(e)
+        log(f"the op suite stopped: the CUDA device failed: {e}")
     finally:
         para_ops.set_backend(previous)
+        to_compile.clear()
         if compiled:
             torch._dynamo.reset()
-    return {"config": asdict(cfg), "backends": backends + ([COMPILED] if compiled else []), "rates": rates,
-            "rows": rows, "errors": errors, "compiled": compiled,
-            "timer": "CUDA events, L2 flushed before each run" if device.type == "cuda"
-            else "perf_counter_ns over a calibrated number of back-to-back calls (>= 0.2 ms per sample)"}
+    out["backends"] = backends + ([COMPILED] if compiled else [])
+    if skipped:
+        out["skipped_cases"] = skipped
+        log(f"time limit: the op suite skipped {skipped} case(s)")
+    return out

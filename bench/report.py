@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 METHOD_ORDER = ("para", "para_none", "peft_lora", "bgmv_lora", "ia3", "bare_again")  # JSON without "methods"
 
@@ -47,15 +48,16 @@ def _tokens_per_s(entry) -> str:
 
 # ----------------------------------------------------------------- tables
 def headline_rows(serving) -> list[list[str]]:
-    dec, pre = serving["decode"], serving["prefill"]
+    dec, pre = serving["decode"], serving.get("prefill") or {}  # no prefill: a run cut short
     inter = serving.get("decode_interleaved") or {}
+    labels = serving.get("methods") or {}
     rows = [["bare backbone", _ms(dec["bare"]["time"]["median"]), "1", "", "", "1" if inter else "",
-             _tokens_per_s(dec["bare"]), _ms(pre["bare"]["time"]["median"]), "1"]]
+             _tokens_per_s(dec["bare"]), _ms(pre["bare"]["time"]["median"]) if pre else "", "1" if pre else ""]]
     for m in _methods(serving):
-        rows.append([serving["methods"][m], _ms(dec[m]["time"]["median"]), _ratio(dec[m]["ratio"]),
+        rows.append([labels.get(m, m), _ms(dec[m]["time"]["median"]), _ratio(dec[m]["ratio"]),
                      f"{dec[m]['ratio_mean_interval']['median']:.3f}", f"{dec[m]['ratio_total_time']['median']:.3f}",
                      _ratio(inter[m]["ratio"]) if m in inter else "", _tokens_per_s(dec[m]),
-                     _ms(pre[m]["time"]["median"]), _ratio(pre[m]["ratio"])])
+                     _ms(pre[m]["time"]["median"]) if m in pre else "", _ratio(pre[m]["ratio"]) if m in pre else ""])
     return rows
 
 
@@ -146,6 +148,8 @@ def sweep_markdown(serving, files: dict, suffix: str = "") -> list[str]:
              _md_table(sweep_header(sw), sweep_rows(sw, labels)), ""]
     if errors:
         lines += ["CUDA-graph failures: " + "; ".join(f"{k}: `{v[:200]}`" for k, v in errors.items()), ""]
+    if sw.get("skipped"):
+        lines += [f"Not run (time limit): {'; '.join(sw['skipped'])}.", ""]
     if files.get("sweep_png" + suffix):
         lines += [f"![ratio to bare vs tenant count]({os.path.basename(files['sweep_png' + suffix])})", ""]
     return lines
@@ -316,13 +320,15 @@ def serving_console(serving, env) -> list[str]:
         return [f"\n{serving.get('model', '?')}: the serving run failed: {serving.get('error', '?')}"]
     cfg = serving["config"]
     title = _short_title(serving)
+    if serving.get("error"):
+        out.append(f"\n{title}: the serving run failed part-way: {serving['error']}")
     if "decode" in serving:
         out.append(f"\nHeadline — {title}: greedy decode, batch {cfg['batch']} from {cfg['tenants']} tenants, "
                    f"prompt {cfg['prompt_len']} tokens, {cfg['new_tokens']} new tokens, {cfg['dtype']}, "
                    f"{cfg['rounds']} alternated runs per method ({env['device_name']}, {env['torch_threads']} threads)")
         out.append(_text_table(HEADLINE_HEADER, headline_rows(serving)))
         for phase in ("decode", "prefill"):
-            line = contention_line(serving[phase], phase, cfg["max_other_cpu"])
+            line = contention_line(serving.get(phase) or {}, phase, cfg["max_other_cpu"])
             if line:
                 out.append(line)
     g = serving.get("graph")
@@ -349,6 +355,9 @@ def serving_console(serving, env) -> list[str]:
     if "checks" in serving:
         bad = [k for k, v in serving["checks"].items() if isinstance(v, dict) and v.get("ok") is False]
         out.append(f"{title} checks: " + ("all passed" if not bad else f"FAILED {bad}"))
+    skipped = serving.get("skipped", []) + ((serving.get("sweep") or {}).get("skipped") or [])
+    if skipped:
+        out.append(f"{title}: not run (time limit): {'; '.join(skipped)}")
     return out
 
 
@@ -477,6 +486,8 @@ def serving_markdown(serving, files: dict, suffix: str = "") -> list[str]:
         return [f"## Headline: {serving.get('model', '?')}", "",
                 f"**The serving run failed:** `{serving.get('error', '?')}`", ""]
     cfg = serving["config"]
+    failed_part_way = ([f"**The serving run failed part-way** (the sections below are what finished before): "
+                        f"`{serving['error']}`", ""] if serving.get("error") else [])
     pool = serving.get("pool_tenants", cfg["tenants"])
     title = _model_title(serving)
     lines = [f"## Headline: multi-tenant greedy decode of {title}", "",
@@ -507,12 +518,13 @@ def serving_markdown(serving, files: dict, suffix: str = "") -> list[str]:
              "applied in forward hooks." + (" Every method's copy of the model shares the random weights "
                                              "(one backbone in device memory)." if serving.get("random_weights") else ""),
              ""]
+    lines += failed_part_way
     if _backend_text(serving):
         lines += [_backend_text(serving), ""]
     if "decode" in serving:
         lines += [_md_table(HEADLINE_HEADER, headline_rows(serving)), ""]
         for phase in ("decode", "prefill"):
-            line = contention_line(serving[phase], phase.capitalize(), cfg["max_other_cpu"])
+            line = contention_line(serving.get(phase) or {}, phase.capitalize(), cfg["max_other_cpu"])
             if line:
                 lines += [line, ""]
         if files.get("ratios_png" + suffix):
@@ -533,7 +545,13 @@ def serving_markdown(serving, files: dict, suffix: str = "") -> list[str]:
     if serving.get("sweep"):
         lines += sweep_markdown(serving, files, suffix)
     if serving.get("failed_checks"):
-        lines += [f"**Checks failed: {serving['failed_checks']}; timing was skipped.**", ""]
+        if serving.get("timed_despite_failed_checks"):
+            lines += [f"**Checks failed: {serving['failed_checks']}; timed anyway (--time-after-failed-checks): "
+                      "read the timings with the failed checks in mind.**", ""]
+        else:
+            lines += [f"**Checks failed: {serving['failed_checks']}; timing was skipped.**", ""]
+    if serving.get("skipped"):
+        lines += [f"Not run (time limit): {'; '.join(serving['skipped'])}.", ""]
     return lines
 
 
@@ -597,6 +615,16 @@ def markdown(result, files: dict) -> str:
                   "`torch.ops.para.*_backward` op. scale and scaled_glu act on the FFN up projection's output "
                   "(n = n_u); scaled_linear is the q projection at decode; pool_generate uses the last-token "
                   "pooler. A case a backend cannot run is listed under errors in the JSON.", ""]
+        fb = ops.get("fallbacks") or {}
+        if fb:
+            lines += ["Ops a backend does not implement run on another through dispatch's fallback, so they have "
+                      "rows under that backend only: " + "; ".join(
+                          f"{b}: " + ", ".join(f"{op} → {to}" for op, to in sorted(m.items())) for b, m in fb.items())
+                      + ".", ""]
+        if ops.get("skipped_cases"):
+            lines += [f"Time limit: {ops['skipped_cases']} case(s) were not run.", ""]
+        if ops.get("interrupted"):
+            lines += ["The op suite was interrupted: the rows below are those measured before.", ""]
         line = ops_contention(ops)
         if line:
             lines += [line, ""]
@@ -623,8 +651,9 @@ def markdown(result, files: dict) -> str:
 
 def _ratio_series(serving) -> list[tuple[str, dict]]:
     """(label, {method: ratio summary}) of every ratio the headline plot shows."""
-    series = [("decode (per token)", {m: serving["decode"][m]["ratio"] for m in _methods(serving)}),
-              ("prefill", {m: serving["prefill"][m]["ratio"] for m in _methods(serving)})]
+    series = [("decode (per token)", {m: serving["decode"][m]["ratio"] for m in _methods(serving)})]
+    if serving.get("prefill"):
+        series.append(("prefill", {m: serving["prefill"][m]["ratio"] for m in _methods(serving)}))
     g = (serving.get("graph") or {}).get("methods", {})
     graphed = {m: e["ratio"] for m, e in g.items() if m != "bare"}
     if graphed:
@@ -846,27 +875,44 @@ def plots(result, out_dir: str, slug: str) -> dict:
     except ImportError:
         return {}
     files = {}
+
+    def draw_one(key, path, draw, *args):
+        try:
+            if draw(plt, result, path, *args):
+                files[key] = path
+        except Exception as e:  # noqa: BLE001 - a plot must never cost the report its numbers
+            plt.close("all")
+            print(f"bench report: plot {os.path.basename(path)} failed: {type(e).__name__}: {e}", file=sys.stderr)
+
     for i, serving in enumerate(serving_parts(result)):
         suffix = part_suffix(result, i)
         for key, name, draw in PART_PLOTS:
-            path = os.path.join(out_dir, f"{slug}-{name}{suffix}.png")
-            if draw(plt, result, path, serving):
-                files[key + suffix] = path
+            draw_one(key + suffix, os.path.join(out_dir, f"{slug}-{name}{suffix}.png"), draw, serving)
     for key, name, draw in PLOTS:
-        path = os.path.join(out_dir, f"{slug}-{name}.png")
-        if draw(plt, result, path):
-            files[key] = path
+        draw_one(key, os.path.join(out_dir, f"{slug}-{name}.png"), draw)
     return files
 
 
 def write(result, out_dir: str, slug: str) -> dict:
+    """<out_dir>/<slug>.json (first: whatever fails after it, the measurements are on disk),
+    the plots, then <slug>.md (a rendering failure leaves a note and the traceback there)."""
     os.makedirs(out_dir, exist_ok=True)
-    files = plots(result, out_dir, slug)
-    files["json"] = os.path.join(out_dir, f"{slug}.json")
-    files["markdown"] = os.path.join(out_dir, f"{slug}.md")
-    result = {**result, "files": {k: os.path.basename(v) for k, v in files.items()}}
-    with open(files["json"], "w") as f:
+    json_path, md_path = os.path.join(out_dir, f"{slug}.json"), os.path.join(out_dir, f"{slug}.md")
+    with open(json_path, "w") as f:
         json.dump(_jsonable(result), f, indent=1)
-    with open(files["markdown"], "w") as f:
-        f.write(markdown(result, files))
+    files = plots(result, out_dir, slug)
+    files["json"], files["markdown"] = json_path, md_path
+    result = {**result, "files": {k: os.path.basename(v) for k, v in files.items()}}
+    with open(json_path, "w") as f:
+        json.dump(_jsonable(result), f, indent=1)
+    try:
+        text = markdown(result, files)
+    except Exception as e:  # noqa: BLE001
+        import traceback
+
+        print(f"bench report: the Markdown rendering failed: {type(e).__name__}: {e}", file=sys.stderr)
+        text = (f"# para_kernels benchmark\n\nThe Markdown rendering failed ({type(e).__name__}: {e}); every "
+                f"measurement is in {os.path.basename(json_path)}.\n\n```\n{traceback.format_exc()}```\n")
+    with open(md_path, "w") as f:
+        f.write(text)
     return files

@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from . import graphs, models
-from .common import CpuShare, summary, sync
+from .common import NO_DEADLINE, CpuShare, summary, sync
 from .lora import IA3, BGMVLoRA
 
 METHOD_LABELS = {
@@ -396,10 +396,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def run_checks(s: Setup, log=print) -> dict:
-    """Correctness before timing. Each entry: measured value, bar and pass flag."""
+def run_checks(s: Setup, log=print, results: dict | None = None) -> dict:
+    """Correctness before timing. Each entry: measured value, bar and pass flag. ``results``:
+    the dict to fill (returned), check by check."""
     cfg = s.cfg
-    results = {}
+    results = {} if results is None else results
     tol = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 2e-2}[cfg.dtype]  # PARA_SPEC §4 bars
 
     def record(name, value, bar, ok, what):
@@ -751,10 +752,18 @@ def run_popularity(s: Setup, progress_factory) -> dict:
     return out
 
 
-def run_timing(s: Setup, progress_factory, log=print) -> dict:
+def run_timing(s: Setup, progress_factory, log=print, deadline=NO_DEADLINE, out: dict | None = None) -> dict:
+    """The timed phases: warm-up, decode (alternated generate runs), the decode step under
+    CUDA-graph replay (CUDA), prefill, tenant popularity (lockstep) and the interleaved
+    cross-check. Past ``deadline`` the optional phases (graph replay, popularity, the
+    interleaved cross-check) are skipped and listed under "skipped"; decode and prefill,
+    the headline's columns, always run. Each phase's result goes into ``out`` (returned) as soon
+    as it is measured."""
     cfg = s.cfg
     methods = list(cfg.methods)
-    phases = {}
+    out = {} if out is None else out
+    phases = out["phases_s"] = {}
+    skipped = []
     t0 = time.perf_counter()
     # warm-up: every method decodes once (allocator, caches, lazy init) and runs its prefill
     with progress_factory(total=2 * (len(methods) + 1), desc="warm-up") as bar:
@@ -773,10 +782,26 @@ def run_timing(s: Setup, progress_factory, log=print) -> dict:
     for m in ["bare", *methods]:  # end to end: rows x new tokens / whole generate() wall time
         decode[m]["tokens_per_s"] = summary([r["tokens_per_s"] for r in decode[m]["runs"]])
     phases["decode"] = time.perf_counter() - t0
-    out = {"decode": decode}
+    out["decode"] = decode
+    if cfg.graph_rounds and s.device.type == "cuda":
+        if deadline.passed():
+            skipped.append("CUDA-graph replay")
+        else:
+            t0 = time.perf_counter()
+            log(f"decode step under CUDA-graph replay ({cfg.graph_rounds} rounds)")
+            out["graph"] = graphs.run(s, [m for m in cfg.graph_methods if m in cfg.methods], cfg.graph_rounds,
+                                      log=log)
+            phases["graph_replay"] = time.perf_counter() - t0
+    n_prefill = 1 + 2 * cfg.prefill_rounds * len(methods)
+    t0 = time.perf_counter()
+    with progress_factory(total=n_prefill, desc="prefill (1 forward)") as bar:
+        out["prefill"] = _alternated(s, methods, cfg.prefill_rounds, _time_prefill, {"ratio": "total_s"}, bar)
+    phases["prefill"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     interleaved = {}
-    if cfg.interleaved_steps and cfg.popularity:
+    if cfg.interleaved_steps and cfg.popularity and deadline.passed():
+        skipped.append("tenant popularity")
+    elif cfg.interleaved_steps and cfg.popularity:
         out["popularity"] = pop = run_popularity(s, progress_factory)
         if "uniform" in pop["layouts"]:  # the headline's layout: its lockstep column comes from here
             for m, r in pop["layouts"]["uniform"]["methods"].items():
@@ -785,7 +810,9 @@ def run_timing(s: Setup, progress_factory, log=print) -> dict:
     phases["popularity"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     missing = [m for m in methods if m not in interleaved] if cfg.interleaved_steps else []
-    if missing:
+    if missing and deadline.passed():
+        skipped.append("decode steps interleaved")
+    elif missing:
         quiet = _Quiet(cfg.max_other_cpu, cfg.max_wait_s / 4)
         with progress_factory(total=len(missing), desc=f"decode, steps interleaved ({cfg.interleaved_steps} each)") as bar:
             for m in missing:
@@ -795,17 +822,9 @@ def run_timing(s: Setup, progress_factory, log=print) -> dict:
                 bar.update(1)
     phases["decode_interleaved"] = time.perf_counter() - t0
     out["decode_interleaved"] = interleaved
-    n_prefill = 1 + 2 * cfg.prefill_rounds * len(methods)
-    t0 = time.perf_counter()
-    with progress_factory(total=n_prefill, desc="prefill (1 forward)") as bar:
-        out["prefill"] = _alternated(s, methods, cfg.prefill_rounds, _time_prefill, {"ratio": "total_s"}, bar)
-    phases["prefill"] = time.perf_counter() - t0
-    if cfg.graph_rounds and s.device.type == "cuda":
-        t0 = time.perf_counter()
-        log(f"decode step under CUDA-graph replay ({cfg.graph_rounds} rounds)")
-        out["graph"] = graphs.run(s, [m for m in cfg.graph_methods if m in cfg.methods], cfg.graph_rounds, log=log)
-        phases["graph_replay"] = time.perf_counter() - t0
-    out["phases_s"] = phases
+    if skipped:
+        log(f"time limit: skipped {', '.join(skipped)}")
+        out["skipped"] = [f"{x} (--time-limit)" for x in skipped]
     return out
 
 
@@ -823,7 +842,7 @@ def sweep_rows(batch: int, tenants: int) -> list[int]:
     return [b % tenants for b in range(batch)]
 
 
-def run_sweep(s: Setup, progress_factory, log=print) -> dict:
+def run_sweep(s: Setup, progress_factory, log=print, deadline=NO_DEADLINE) -> dict:
     """Decode-step ratios to the bare model of PARA and BGMV LoRA at batch ``sweep_batch`` for each
     tenant count K of ``sweep_tenants`` (row b -> tenant b mod K): ``sweep_rounds`` lockstep runs
     of ``sweep_steps`` steps per K (the K order rotating each round), and on a GPU the step under
@@ -856,20 +875,23 @@ def run_sweep(s: Setup, progress_factory, log=print) -> dict:
                                 "prefill": _prefill_ratios(prefills[k], methods)}
     if cfg.graph_rounds and s.device.type == "cuda":
         for k in ks:
+            if deadline.passed():
+                out.setdefault("skipped", []).append(f"CUDA-graph replay at {k} tenants (--time-limit)")
+                continue
             log(f"  tenant sweep: CUDA-graph replay, {k} tenants")
             names = [s.names[t] for t in sweep_rows(cfg.batch, k)]
             out["by_tenants"][k]["graph"] = graphs.run(s, methods, cfg.graph_rounds, row_names=names, log=log)
     return out
 
 
-def _run_sweep_guarded(s: Setup, progress_factory, log) -> dict:
+def _run_sweep_guarded(s: Setup, progress_factory, log, deadline=NO_DEADLINE) -> dict:
     """:func:`run_sweep` on a Setup of :func:`sweep_config` sharing ``s``'s backbone; an error
     becomes an entry, never a crash of the whole run."""
     t0 = time.perf_counter()
     sweep = None
     try:
         sweep = Setup(sweep_config(s.cfg), s.device, log=log, backbone=(s.bare, s.tokenizer))
-        out = run_sweep(sweep, progress_factory, log=log)
+        out = run_sweep(sweep, progress_factory, log=log, deadline=deadline)
     except Exception as e:  # e.g. out of memory at batch 64
         log(f"tenant sweep failed: {type(e).__name__}: {e}")
         out = {"error": f"{type(e).__name__}: {e}"[:600]}
@@ -882,30 +904,49 @@ def _run_sweep_guarded(s: Setup, progress_factory, log) -> dict:
     return out
 
 
-def run(cfg: ServingConfig, device: torch.device, *, check: bool, progress_factory, log=print) -> dict:
+def run(cfg: ServingConfig, device: torch.device, *, check: bool, progress_factory, log=print,
+        deadline=NO_DEADLINE, time_failed: bool = False, out: dict | None = None) -> dict:
+    """One model's serving comparison: set-up, checks, timing, tenant sweep. A failed check
+    skips the timing unless ``time_failed``; past ``deadline`` the optional parts are skipped
+    (see :func:`run_timing`; the sweep too). ``out``: the dict to fill (returned), part by part
+    as each finishes, so that a run interrupted or failing half-way keeps its finished parts."""
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
+    result = {} if out is None else out
+    result.update({"model": cfg.model, "model_name": models.full_name(cfg.model), "config": asdict(cfg),
+                   "device": str(device), "methods": {m: method_label(m, cfg) for m in ["bare", *cfg.methods]}})
     s = Setup(cfg, device, log=log)
-    result = {"model": cfg.model, "model_name": models.full_name(cfg.model), "random_weights": s.shared,
-              "config": asdict(cfg), "device": str(device), "load_s": s.load_s,
-              "row_tenants": s.row_ids, "pool_tenants": len(s.names), "prompt_tokens": list(s.input_ids.shape),
-              "para_backends": {m: s.backends_used(m) for m in cfg.methods if m == "para" or para_backend(m)}
-              if s.para is not None else {},
-              "setup_s": time.perf_counter() - t0}
+    result.update({"random_weights": s.shared, "load_s": s.load_s,
+                   "row_tenants": s.row_ids, "pool_tenants": len(s.names), "prompt_tokens": list(s.input_ids.shape),
+                   "para_backends": {m: s.backends_used(m) for m in cfg.methods if m == "para" or para_backend(m)}
+                   if s.para is not None else {},
+                   "setup_s": time.perf_counter() - t0})
     if check:
         log("checks:")
         t1 = time.perf_counter()
-        result["checks"] = run_checks(s, log=log)
+        result["checks"] = {}
+        try:
+            run_checks(s, log=log, results=result["checks"])
+        except Exception as e:  # noqa: BLE001 - a check that cannot run is a failed check, recorded
+            what = f"{type(e).__name__}: {e}"[:500]
+            log(f"  a check raised: {what}")
+            result["checks"]["checks_raised"] = {"value": float("nan"), "bar": "no exception", "ok": False,
+                                                 "what": f"the checks stopped here: {what}"}
         result["checks_s"] = time.perf_counter() - t1
         failed = [k for k, v in result["checks"].items() if isinstance(v, dict) and v.get("ok") is False]
         if failed:
             result["failed_checks"] = failed
-            log(f"checks FAILED: {failed}; timing skipped")
-            return result
-    result.update(run_timing(s, progress_factory, log=log))
-    result["methods"] = {m: method_label(m, cfg) for m in ["bare", *cfg.methods]}
-    if cfg.sweep_tenants:
-        result["sweep"] = _run_sweep_guarded(s, progress_factory, log)
+            if not time_failed:
+                log(f"checks FAILED: {failed}; timing skipped")
+                return result
+            log(f"checks FAILED: {failed}; timing anyway (--time-after-failed-checks)")
+            result["timed_despite_failed_checks"] = True
+    run_timing(s, progress_factory, log=log, deadline=deadline, out=result)
+    if cfg.sweep_tenants and deadline.passed():
+        result.setdefault("skipped", []).append("tenant sweep (--time-limit)")
+        log("time limit: tenant sweep skipped")
+    elif cfg.sweep_tenants:
+        result["sweep"] = _run_sweep_guarded(s, progress_factory, log, deadline=deadline)
         result["phases_s"]["tenant_sweep"] = result["sweep"]["wall_s"]
     result["wall_s"] = time.perf_counter() - t0
     result["setup"] = s  # dropped before serialisation; used by the attribution and profile

