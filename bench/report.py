@@ -21,6 +21,11 @@ def _ratio(s):
     return f"{s['median']:.3f} [{s['q1']:.3f}, {s['q3']:.3f}]"
 
 
+def _ms_iqr(t):
+    """A time summary in ms: 'median [q1, q3]'."""
+    return f"{_ms(t['median'])} [{_ms(t['q1'])}, {_ms(t['q3'])}]"
+
+
 def _methods(serving):
     """The measured methods (bare excluded), in the run's order."""
     order = list(serving.get("methods") or ()) or list(METHOD_ORDER)
@@ -74,7 +79,7 @@ def graph_rows(serving) -> list[list[str]]:
     rows = []
     for m, e in g["methods"].items():
         t = e["time"]
-        rows.append([labels.get(m, m), f"{_ms(t['median'])} [{_ms(t['q1'])}, {_ms(t['q3'])}]",
+        rows.append([labels.get(m, m), _ms_iqr(t),
                      "1" if m == "bare" else _ratio(e["ratio"]), f"{e['check']['value']:.2g}", ""])
     for m, err in g.get("errors", {}).items():
         rows.append([labels.get(m, m), "", "", "", "failed: " + err.replace("|", "/").replace("\n", " ")[:240]])
@@ -205,43 +210,35 @@ def popularity_header(pop) -> list[str]:
     return ["method"] + [_layout_head(pop, k) + ", ratio [IQR]" for k in pop["layouts"]]
 
 
+def _layout_rows(pop, kinds, bare_label, bare_time, cell) -> list[list[str]]:
+    """One row per popularity method, one column per layout in ``kinds``; first row: the bare
+    model's time ``bare_time(layout)``; cells ``cell(layout, method)``."""
+    rows = [[bare_label] + [_ms_iqr(bare_time(k)) for k in kinds]]
+    return rows + [[pop["labels"][m]] + [cell(k, m) for k in kinds] for m in pop["methods"]]
+
+
 def popularity_rows(pop) -> list[list[str]]:
     """Ratio to the bare decode step, per method (rows) and layout (columns); first row: the
     bare model's ms per step."""
-    kinds = list(pop["layouts"])
-    rows = [["bare backbone, ms per step [IQR]"] + [
-        f"{_ms(pop['layouts'][k]['bare_time']['median'])} [{_ms(pop['layouts'][k]['bare_time']['q1'])}, "
-        f"{_ms(pop['layouts'][k]['bare_time']['q3'])}]" for k in kinds]]
-    for m in pop["methods"]:
-        rows.append([pop["labels"][m]] + [_ratio(pop["layouts"][k]["methods"][m]["ratio"]) for k in kinds])
-    return rows
+    lay = pop["layouts"]
+    return _layout_rows(pop, list(lay), "bare backbone, ms per step [IQR]", lambda k: lay[k]["bare_time"],
+                        lambda k, m: _ratio(lay[k]["methods"][m]["ratio"]))
 
 
 def popularity_prefill_rows(pop) -> list[list[str]]:
     """Prefill ratio to the bare model per method and layout (first row: bare prefill ms)."""
-    kinds = [k for k in pop["layouts"] if pop["layouts"][k].get("prefill")]
+    lay = pop["layouts"]
+    kinds = [k for k in lay if lay[k].get("prefill")]
     if not kinds:
         return []
-    rows = [["bare backbone, prefill ms [IQR]"] + [
-        f"{_ms(pop['layouts'][k]['prefill']['bare']['time']['median'])} "
-        f"[{_ms(pop['layouts'][k]['prefill']['bare']['time']['q1'])}, "
-        f"{_ms(pop['layouts'][k]['prefill']['bare']['time']['q3'])}]" for k in kinds]]
-    for m in pop["methods"]:
-        rows.append([pop["labels"][m]] + [_ratio(pop["layouts"][k]["prefill"][m]["ratio"]) for k in kinds])
-    return rows
+    return _layout_rows(pop, kinds, "bare backbone, prefill ms [IQR]", lambda k: lay[k]["prefill"]["bare"]["time"],
+                        lambda k, m: _ratio(lay[k]["prefill"][m]["ratio"]))
 
 
 def popularity_ms_rows(pop) -> list[list[str]]:
     """ms per decode step of every method, per layout, median [IQR]."""
-    kinds = list(pop["layouts"])
-    rows = []
-    for m in pop["methods"]:
-        cells = []
-        for k in kinds:
-            t = pop["layouts"][k]["methods"][m]["time"]
-            cells.append(f"{_ms(t['median'])} [{_ms(t['q1'])}, {_ms(t['q3'])}]")
-        rows.append([pop["labels"][m]] + cells)
-    return rows
+    lay = pop["layouts"]
+    return [[pop["labels"][m]] + [_ms_iqr(lay[k]["methods"][m]["time"]) for k in lay] for m in pop["methods"]]
 
 
 def compile_rows(ops, batch=None) -> list[list[str]]:
@@ -695,6 +692,24 @@ def _plot_ratios(plt, result, path: str, serving=None) -> bool:
     return True
 
 
+def _time_vs_batch_axes(ax, first: bool, title: str, legend_size: int) -> None:
+    """Log-log axes of median µs per call against batch size."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size B")
+    if first:
+        ax.set_ylabel("median µs per call")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=legend_size)
+
+
+def _save_figure(plt, fig, path: str, title: str) -> None:
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _plot_ops(plt, result, path: str) -> bool:
     """Time vs batch size of each op, forward and backward, first backend and dtype."""
     ops = result.get("ops")
@@ -728,18 +743,9 @@ def _plot_ops(plt, result, path: str) -> bool:
             if not series:
                 ax.set_visible(False)
                 continue
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("batch size B")
-            if j == 0:
-                ax.set_ylabel("median µs per call")
-            ax.set_title(f"{' / '.join(group)} — {model}, T={T0}", fontsize=8)
-            ax.legend(fontsize=6)
-    fig.suptitle(f"para ops, {backend0} backend, {dtype0}, {result['env'].get('device_name', '')} "
-                 "(solid: forward, dashed: backward)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+            _time_vs_batch_axes(ax, j == 0, f"{' / '.join(group)} — {model}, T={T0}", legend_size=6)
+    _save_figure(plt, fig, path, f"para ops, {backend0} backend, {dtype0}, {result['env'].get('device_name', '')} "
+                            "(solid: forward, dashed: backward)")
     return True
 
 
@@ -809,17 +815,8 @@ def _plot_ops_backends(plt, result, path: str) -> bool:
                 label = backend + (f", {variant.split(' A=')[0].split(' N=')[0]}" if len(variants) > 1 else "")
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1, color=colours[backend],
                         ls=styles[variants.index(variant) % len(styles)], label=label)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("batch size B")
-            if j == 0:
-                ax.set_ylabel("median µs per call")
-            ax.set_title(f"{op} — {model}", fontsize=8)
-            ax.legend(fontsize=5)
-    fig.suptitle(f"forward time per backend, {dtype0}, T={T0}, {result['env'].get('device_name', '')}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+            _time_vs_batch_axes(ax, j == 0, f"{op} — {model}", legend_size=5)
+    _save_figure(plt, fig, path, f"forward time per backend, {dtype0}, T={T0}, {result['env'].get('device_name', '')}")
     return True
 
 
