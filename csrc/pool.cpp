@@ -80,7 +80,8 @@ PoolArgs pool_args(const at::Tensor& hidden, const at::Tensor& start, const at::
     TORCH_CHECK((w.dim() == 1 && w.size(0) == a.d) || (w.dim() == 2 && w.size(0) == B && w.size(1) == a.d),
                 "w_sa must have shape [d] = [", a.d, "] or [B, d] = [", B, ", ", a.d, "], got ", w.sizes());
     a.w = w.data_ptr();
-    a.w_sb = w.dim() == 2 ? w.stride(0) : 0;
+    a.w_per_row = w.dim() == 2;  // not w_sb != 0: an expanded [B, d] has row stride 0
+    a.w_sb = a.w_per_row ? w.stride(0) : 0;
     a.w_sd = w.stride(-1);
   }
   return a;

@@ -470,10 +470,10 @@ cudaError_t backward_tiles(const PoolArgs& a, const View<T, I>& v, const PoolGra
     case PoolMode::attn: {
       if (a.w == nullptr || g.dw_rows == nullptr || g.grad_w == nullptr) return cudaErrorInvalidValue;
       auto* dw = static_cast<AccT<T>*>(g.dw_rows);
-      T* gw_rows = a.w_sb != 0 ? static_cast<T*>(g.grad_w) : nullptr;
+      T* gw_rows = a.w_per_row ? static_cast<T*>(g.grad_w) : nullptr;
       attn_bwd<T, I, PACKED><<<static_cast<unsigned>(a.B), kRowThreads, 0, st>>>(v, gr, g.g_sb, g.g_sd,
                                                                               g.grad_hidden, dw, gw_rows);
-      if (a.w_sb == 0)  // shared w [d]: sum the rows' dw in a fixed order
+      if (!a.w_per_row)  // shared w [d]: sum the rows' dw in a fixed order
         sum_rows_cast<T><<<grid_for(a.d, 256, 4096), 256, 0, st>>>(dw, static_cast<T*>(g.grad_w), a.B, a.d);
       break;
     }

@@ -3,7 +3,8 @@
 //   hidden  [B, T, d] padded (ranges index T; s_b = the stride of B) or [total, d] packed
 //           (ranges index total; s_b = 0, T = total); any strides, in elements
 //   start, end  [B] int32 or int64, half-open token ranges (clamped in the kernels)
-//   w       [d] (w_sb = 0) or [B, d], hidden's dtype; attn only
+//   w       [d] (w_sb = 0) or [B, d] (w_per_row; w_sb may be 0 too: one row expanded), hidden's
+//           dtype; attn only
 //   out     [B, d] contiguous, hidden's dtype
 // Accumulation is in fp32 (fp64 for fp64). Every grid depends on B and d only.
 #pragma once
@@ -29,6 +30,7 @@ struct PoolArgs {
   bool idx64;                    // start / end are int64 (else int32)
   const void* w = nullptr;       // attn only
   std::int64_t w_sb = 0, w_sd = 1;
+  bool w_per_row = false;        // w is [B, d]: its gradient is [B, d], whatever w_sb is
 };
 
 // out [B, d] contiguous. scratch: attn only, [B, d] contiguous in the accumulation dtype.

@@ -164,6 +164,34 @@ def test_pool_max_ties_and_nan(mode):
     assert math.isnan(out[0, 0].item()) and out[0, 1].item() == 5.0
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_pool_attn_expanded_w_sa(packed, dtype):
+    """w_sa [B, d] expanded from one [d] row (row stride 0): the gradient is [B, d] and every one
+    of its B * d elements is written (a stride test once took it for a shared [d] w_sa and wrote
+    only d of them, leaving the rest uninitialised; check_pool poisons the allocator first)."""
+    B, T, d = 6, 5, 37
+    hidden = randn(B, T, d, dtype=dtype, seed=12)
+    start, end = ranges(B, T, seed=13)
+    if packed:
+        hidden = hidden.reshape(B * T, d)
+        start, end = start + torch.arange(B) * T, end + torch.arange(B) * T
+    w = (randn(d, dtype=dtype, seed=14) / math.sqrt(d)).expand(B, d)
+    assert w.stride(0) == 0
+    check_pool(hidden, start.to(DEV), end.to(DEV), "attn", w, TOL[dtype])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pool_strided_range_tensors(mode):
+    """prompt_start / prompt_end as columns of a [B, 2] table (stride 2)."""
+    B, T, d = 5, 6, 37
+    hidden = randn(B, T, d, seed=15)
+    start, end = ranges(B, T, seed=16)
+    table = torch.stack([start, end], 1).to(DEV)
+    w = randn(B, d, seed=17) / math.sqrt(d) if mode == "attn" else None
+    check_pool(hidden, table[:, 0], table[:, 1], mode, w, TOL[torch.float32])
+
+
 def test_pool_attn_long_prompt_fp32():
     """Many token tiles (online softmax rescaling) and a shared w_sa summed over 130 rows."""
     B, T, d = 130, 70, 96

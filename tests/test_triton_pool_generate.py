@@ -5,6 +5,7 @@ programs through the producer / consumer wait under the interpreter; the sync co
 left at zero; every output element is written; (GPU only) CUDA-graph capture and replay."""
 import importlib
 import math
+import signal
 
 import pytest
 import torch
@@ -91,11 +92,12 @@ def test_real_model_sizes():
     check(case(4, 3, 576, 12, 2304, 2, "last", torch.bfloat16, seed=5), TOL[torch.bfloat16])
 
 
-def test_one_launch_and_counters_left_at_zero(monkeypatch):
-    """The op is one kernel: neither the pool nor the generate kernels run, and the launch
-    leaves its sync counters at zero for the next one."""
-    launches = []
-    kernel = tri._pool_generate_kernel
+def test_one_launch_and_one_ticket_per_program(monkeypatch):
+    """The op is one kernel: neither the pool nor the generate kernels run; every program takes
+    exactly one ticket and every row block's producers all report ready, in a counter buffer
+    of the launch's own (zeroed per launch, so nothing carries over to the next one)."""
+    launches, counters = [], []
+    kernel, make_counters = tri._pool_generate_kernel, tri._counters
 
     class Counted:
         def __getitem__(self, grid):
@@ -103,13 +105,64 @@ def test_one_launch_and_counters_left_at_zero(monkeypatch):
             return kernel[grid]
 
     monkeypatch.setattr(tri, "_pool_generate_kernel", Counted())
+    monkeypatch.setattr(tri, "_counters", lambda *a: counters.append(make_counters(*a)) or counters[-1])
     for name in ("pool", "generate"):
-        monkeypatch.setattr(tri, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} kernel launched"))
+        monkeypatch.setattr(tri, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} kernel launched"),
+                            raising=False)
     monkeypatch.setattr(tri, "CONFIG_OVERRIDE", SMALL)
-    for seed in range(2):  # the second launch needs the counters the first one left
+    for seed in range(2):
         check(case(35, 4, 40, 3, 50, 3, "max", torch.float32, seed=seed), TOL[torch.float32])
-    assert len(launches) == 2
-    assert all(int(buf.abs().sum()) == 0 for buf in tri._SYNC.values())
+    assert len(launches) == 2 and len(counters) == 2 and counters[0] is not counters[1]
+    n_blocks = math.ceil(35 / SMALL["block_b"])
+    producers = SMALL["block_b"] * math.ceil(40 / SMALL["block_d"])
+    for grid, sync in zip(launches, counters):
+        assert int(sync[0]) == grid[0] == n_blocks * (producers + SMALL["consumers"])
+        assert sync[1:].tolist() == [producers] * n_blocks
+
+
+@pytest.fixture
+def reversed_dispatch(monkeypatch):
+    """The interpreter starts a 1-D grid's programs in decreasing id order (CUDA promises no
+    order at all), with a watchdog: a consumer that waits on a producer that never starts would
+    spin forever."""
+    from triton.runtime import interpreter
+    builder = interpreter.interpreter_builder
+    set_idx = builder.set_grid_idx
+    monkeypatch.setattr(builder, "set_grid_idx", lambda x, y, z: set_idx(builder.grid_dim[0] - 1 - x, y, z))
+
+    def deadlock(*_):
+        raise TimeoutError("pool_generate waited on a program that had not started")
+
+    previous = signal.signal(signal.SIGALRM, deadlock)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="reorders the interpreter's dispatch")
+@pytest.mark.parametrize("mode", ["mean", "attn"])
+def test_programs_started_out_of_order(reversed_dispatch, monkeypatch, mode):
+    """Roles come from tickets taken at start, not from program ids: with the grid started
+    last program first, the consumers still wait only on producers that are running."""
+    monkeypatch.setattr(tri, "CONFIG_OVERRIDE", SMALL)
+    check(case(35, 4, 40, 3, 50, 3, mode, torch.float32, seed=11), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("layout", ["strided", "offset"])
+def test_strided_prompt_ranges(monkeypatch, layout):
+    """prompt_start / prompt_end as non-contiguous views (columns of a [B, 2] table) or views at
+    an offset: the kernels read them as ptr + b, so the launcher must pass contiguous copies."""
+    monkeypatch.setattr(tri, "CONFIG_OVERRIDE", SMALL)
+    args = list(case(9, 6, 24, 4, 20, 2, "mean", torch.float32, seed=12))
+    start, end = args[1], args[2]
+    if layout == "strided":
+        table = torch.stack([start, end], 1)
+        args[1], args[2] = table[:, 0], table[:, 1]
+    else:
+        args[1], args[2] = torch.cat([end[:3], start])[3:], torch.cat([start[:5], end])[5:]
+    assert not args[1].is_contiguous() or args[1].storage_offset() > 0
+    check(args, TOL[torch.float32])
 
 
 def test_every_output_element_is_written(monkeypatch):
@@ -185,7 +238,7 @@ def test_cuda_graph_replay(B, mode):
         ids = args[9]
         ids.copy_(torch.randint(-1, 8, (B,), generator=torch.Generator().manual_seed(10)))
         graph.replay()
-        graph.replay()  # the counters were reset by the first replay
+        graph.replay()  # the graph zeroes its own counters at each replay
     torch.cuda.synchronize()
     expected = oracles.pool_generate(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
     assert rel_err(out, expected) <= TOL[torch.bfloat16]

@@ -17,8 +17,8 @@ the bias and multiplies by v[token // L]: the scale costs no pass over memory. D
 <= 64 rows) is a weight-streaming problem, so all rows share one M block and K is split across
 programs until the device is full; the fp32 partial sums [S, M, n] are then summed in split order
 by a small kernel that also applies the epilogue (deterministic, no atomics). The split S is
-chosen from shapes on the host; the tile sizes are autotuned on GPUs (warm up before CUDA-graph
-capture, as for any autotuned kernel).
+chosen from shapes on the host; the tile sizes are autotuned on GPUs (a shape first seen inside
+a CUDA-graph capture runs the first config left after pruning, untimed: utils.capture_safe).
 
 scaled_linear backward. dv[b] = Σ_t dy ⊙ (x Wᵀ + b) needs the unscaled output, which the op's
 autograd does not save (it saves x, weight, bias, v; saving y would cost an [M, n] activation per
@@ -37,7 +37,6 @@ cores; its rounding (2^-8 relative for bf16) is what torch's own bf16 linear bac
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -46,6 +45,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import interpreting
+from .utils import capture_safe, launch_guard, num_sms
 
 _ACT = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 _INV_SQRT2 = tl.constexpr(0.7071067811865476)
@@ -60,13 +60,8 @@ def _np2(x: int) -> int:
     return triton.next_power_of_2(max(int(x), 1))
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _device_sms(device: torch.device) -> int:
-    return 4 if interpreting() else _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 4 if interpreting() else num_sms(device)
 
 
 def _view3(t: Tensor, rows: int) -> Tensor | None:
@@ -143,6 +138,7 @@ def _glu_prune(configs, named_args, **kwargs):
     return keep
 
 
+@capture_safe
 @triton.autotune(configs=_glu_configs(), key=["n", "L_KEY", "R_KEY", "BIG"],
                  prune_configs_by={"early_config_prune": _glu_prune})
 @triton.heuristics({"BLOCK_R": lambda a: _glu_heuristic(a, 0), "BLOCK_T": lambda a: _glu_heuristic(a, 1),
@@ -248,9 +244,10 @@ def scaled_glu(gate: Tensor, up: Tensor, v: Tensor, activation: str = "silu") ->
     def grid(meta):
         return triton.cdiv(R, meta["BLOCK_R"]) * triton.cdiv(L, meta["BLOCK_T"]), triton.cdiv(n, meta["BLOCK_N"])
 
-    _glu_fwd_kernel[grid](g3, u3, v, o3, R, L, n, *_s3(g3), *_s3(u3), *_s3(o3), v.stride(0), v.stride(1),
-                          min(_np2(L), _MAX_BLOCK_T), min(_np2(R), _MAX_BLOCK_R), big,
-                          ACT=_ACT[activation], F64=gate.dtype == torch.float64)
+    with launch_guard(gate.device):
+        _glu_fwd_kernel[grid](g3, u3, v, o3, R, L, n, *_s3(g3), *_s3(u3), *_s3(o3), v.stride(0), v.stride(1),
+                              min(_np2(L), _MAX_BLOCK_T), min(_np2(R), _MAX_BLOCK_R), big,
+                              ACT=_ACT[activation], F64=gate.dtype == torch.float64)
     return out
 
 
@@ -284,13 +281,14 @@ def scaled_glu_backward(grad: Tensor, gate: Tensor, up: Tensor, v: Tensor,
     direct = n_chunks == 1
     part = g_v if direct else torch.empty(R, n_chunks, n, dtype=torch.float64 if f64 else torch.float32,
                                           device=gate.device)
-    _glu_bwd_kernel[(triton.cdiv(R, br) * n_chunks, f_blocks)](
-        d3, g3, u3, v, gg3, gu3, g_v, part, R, L, n, chunk, n_chunks, *_s3(d3), *_s3(g3), *_s3(u3),
-        *_s3(gg3), *_s3(gu3), v.stride(0), v.stride(1), g_v.stride(0), g_v.stride(1),
-        ACT=_ACT[activation], DIRECT=direct, F64=f64, BLOCK_R=br, BLOCK_T=bt, BLOCK_N=bn, num_warps=4)
-    if not direct:
-        _sum_chunks_kernel[(R, f_blocks)](part, g_v, n, n_chunks, g_v.stride(0), g_v.stride(1),
-                                          BLOCK_N=bn, num_warps=4)
+    with launch_guard(gate.device):
+        _glu_bwd_kernel[(triton.cdiv(R, br) * n_chunks, f_blocks)](
+            d3, g3, u3, v, gg3, gu3, g_v, part, R, L, n, chunk, n_chunks, *_s3(d3), *_s3(g3), *_s3(u3),
+            *_s3(gg3), *_s3(gu3), v.stride(0), v.stride(1), g_v.stride(0), g_v.stride(1),
+            ACT=_ACT[activation], DIRECT=direct, F64=f64, BLOCK_R=br, BLOCK_T=bt, BLOCK_N=bn, num_warps=4)
+        if not direct:
+            _sum_chunks_kernel[(R, f_blocks)](part, g_v, n, n_chunks, g_v.stride(0), g_v.stride(1),
+                                              BLOCK_N=bn, num_warps=4)
     return g_gate, g_up, g_v
 
 
@@ -466,8 +464,8 @@ def _mm_prune(configs, named_args, **kwargs):
     return keep or configs[-1:]
 
 
-_mm_tuned = triton.autotune(configs=_mm_configs(), key=["M_KEY", "N", "K", "n_split", "EPI"],
-                            prune_configs_by={"early_config_prune": _mm_prune})(_mm_kernel)
+_mm_tuned = capture_safe(triton.autotune(configs=_mm_configs(), key=["M_KEY", "N", "K", "n_split", "EPI"],
+                                         prune_configs_by={"early_config_prune": _mm_prune})(_mm_kernel))
 
 
 def _m_key(M: int) -> int:
@@ -522,14 +520,15 @@ def _matmul(x2: Tensor, weight: Tensor, c: Tensor, c_strides, M: int, N: int, K:
     consts = dict(EPI=epi, HAS_BIAS=bias is not None, UPCAST=upcast, F64=f64, PREC=prec, R_T=r_t)
     if tiles is None and (interpreting() or f64):
         tiles = _fixed_tiles(M, N, K, dtype)
-    if tiles is None:
-        def grid(meta):
-            return triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]), n_split
+    with launch_guard(x2.device):
+        if tiles is None:
+            def grid(meta):
+                return triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]), n_split
 
-        _mm_tuned[grid](*args, **consts)
-    else:
-        grid = (triton.cdiv(M, tiles["BM"]) * triton.cdiv(N, tiles["BN"]), n_split)
-        _mm_kernel[grid](*args, **consts, **tiles)
+            _mm_tuned[grid](*args, **consts)
+        else:
+            grid = (triton.cdiv(M, tiles["BM"]) * triton.cdiv(N, tiles["BN"]), n_split)
+            _mm_kernel[grid](*args, **consts, **tiles)
 
 
 def _epilogue_tiles(M: int, N: int) -> tuple[int, int]:
@@ -557,10 +556,11 @@ def scaled_linear(x: Tensor, weight: Tensor, bias: Tensor | None, v: Tensor) -> 
     ws = torch.empty(S, M, n, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
     _matmul(x2, weight, ws, (n, 1), M, n, k, epi=_EPI_PARTIAL, n_split=S, k_split=k_split)
     bm, bn = _epilogue_tiles(M, n)
-    _split_epilogue_kernel[(triton.cdiv(M, bm), triton.cdiv(n, bn))](
-        ws, o2, bias if bias is not None else ws, v, M, n, L, S, o2.stride(0), o2.stride(1),
-        bias.stride(0) if bias is not None else 0, v.stride(0), v.stride(1), HAS_BIAS=bias is not None,
-        BM=bm, BN=bn, num_warps=4)
+    with launch_guard(x.device):
+        _split_epilogue_kernel[(triton.cdiv(M, bm), triton.cdiv(n, bn))](
+            ws, o2, bias if bias is not None else ws, v, M, n, L, S, o2.stride(0), o2.stride(1),
+            bias.stride(0) if bias is not None else 0, v.stride(0), v.stride(1), HAS_BIAS=bias is not None,
+            BM=bm, BN=bn, num_warps=4)
     return out
 
 
@@ -597,12 +597,13 @@ def scaled_linear_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor
     _matmul(x2, weight, dyp, dyp.stride(), M, n, k, epi=_EPI_BWD, bias=bias, v=v, L=L, dy=dy2, dvp=dvp, dbp=dbp,
             tiles=tiles, r_t=r_t)
     rbb, rbn = _epilogue_tiles(B, n)
-    _dv_reduce_kernel[(triton.cdiv(B, rbb), triton.cdiv(n, rbn))](
-        dvp, g_v, B, n, L, (L + bm - 2) // bm + 1, g_v.stride(0), g_v.stride(1), BM=bm, R_T=r_t, BLOCK_B=rbb,
-        BN=rbn, num_warps=4)
-    if bias is not None:
-        _sum_chunks_kernel[(1, triton.cdiv(n, rbn))](dbp, g_b, n, m_blocks, 0, g_b.stride(0),
-                                                     BLOCK_N=rbn, num_warps=4)
+    with launch_guard(dev):
+        _dv_reduce_kernel[(triton.cdiv(B, rbb), triton.cdiv(n, rbn))](
+            dvp, g_v, B, n, L, (L + bm - 2) // bm + 1, g_v.stride(0), g_v.stride(1), BM=bm, R_T=r_t,
+            BLOCK_B=rbb, BN=rbn, num_warps=4)
+        if bias is not None:
+            _sum_chunks_kernel[(1, triton.cdiv(n, rbn))](dbp, g_b, n, m_blocks, 0, g_b.stride(0),
+                                                         BLOCK_N=rbn, num_warps=4)
     if k == 0:
         return g_x, g_w, g_b, g_v
     # 2) dx = dY' W and dW = dY'ᵀ x: plain GEMMs with nothing left to fuse -> cuBLAS (see the

@@ -30,7 +30,6 @@ far inside those dtypes' bars) and in IEEE fp32 / fp64 for fp32 / fp64 inputs.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, replace
 
@@ -41,6 +40,7 @@ from torch import Tensor
 
 from ..activations import ACTIVATIONS, RATIONAL_NUM_PARAMS
 from . import interpreting
+from .utils import capture_safe, launch_guard, num_sms
 
 _ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}
 RELU: tl.constexpr = tl.constexpr(_ACT_ID["relu"])
@@ -387,8 +387,6 @@ class Config:
 # the interpreter; a dict of Config fields that replace the chosen ones.
 CONFIG_OVERRIDE: dict | None = None
 
-_NUM_SMS: dict = {}
-
 
 def _pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
     v = max(lo, triton.next_power_of_2(max(n, 1)))
@@ -401,12 +399,10 @@ def _config(B: int, d: int, N: int, R: int, device: torch.device) -> Config:
                      block_b_up=_pow2(B, hi=128), block_n_up=_pow2(N, hi=4096),
                      block_b_bwd=_pow2(B, hi=128), block_n_bwd=_pow2(N, hi=4096), block_d_bwd=_pow2(d, hi=4096))
     else:
-        if device not in _NUM_SMS:
-            _NUM_SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
         row_blocks = triton.cdiv(B, 16)
         # split d only while there are too few row blocks to occupy the SMs (decode batches);
         # each split costs every up-projection program one more [BB, R] partial read
-        splits = max(1, min(16, triton.cdiv(d, 256), _NUM_SMS[device] // row_blocks))
+        splits = max(1, min(16, triton.cdiv(d, 256), num_sms(device) // row_blocks))
         block_b_up = 16 if B <= 16 else (32 if B <= 32 else 64)
         # tiles shrink as R grows so that the [R, tile] operands and accumulators stay in
         # registers (sm_90 ptxas, R = 16 and 64: spills of at most a few hundred bytes, fp32)
@@ -422,10 +418,10 @@ def _prune_up_configs(configs, named_args, **kwargs):
 
 _UP_CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn, w in ((64, 4), (128, 4), (128, 8), (256, 8))]
 # Several configs only on a GPU (autotuning benchmarks, which the interpreter cannot); keyed on
-# the batch's row-block size, so a new batch size re-tunes at most once per bucket. Warm each
-# bucket up eagerly before capturing a CUDA graph: tuning inside a capture would sync.
-_up_kernel_tuned = triton.autotune(configs=_UP_CONFIGS, key=["N", "R", "BLOCK_B", "ACT"],
-                                   prune_configs_by={"early_config_prune": _prune_up_configs})(_up_kernel)
+# the batch's row-block size, so a new batch size re-tunes at most once per bucket. A bucket
+# first seen inside a CUDA-graph capture runs the first config, untimed (utils.capture_safe).
+_up_kernel_tuned = capture_safe(triton.autotune(configs=_UP_CONFIGS, key=["N", "R", "BLOCK_B", "ACT"],
+                                   prune_configs_by={"early_config_prune": _prune_up_configs})(_up_kernel))
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -440,10 +436,6 @@ def _acc(dtype: torch.dtype):
 
 def _precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype in (torch.float16, torch.bfloat16) else "ieee"
-
-
-def _device_ctx(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _down(pooled, w_down, ids, cfg: Config, R: int) -> Tensor:
@@ -480,7 +472,7 @@ def generate(pooled: Tensor, w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up:
     R = _pow2(r)
     cfg = _config(B, d, N, R, pooled.device)
     acc_tl, _ = _acc(pooled.dtype)
-    with _device_ctx(pooled.device):
+    with launch_guard(pooled.device):
         hpart = _down(pooled, w_down, ids, cfg, R)
         args = (hpart, b_down, w_up, b_up, prm, ids, out, B, r, N, hpart.shape[0])
         meta = dict(ACT=_ACT_ID[activation], ACC=acc_tl, PREC=_precision(pooled.dtype),
@@ -516,7 +508,7 @@ def generate_backward(grad: Tensor, pooled: Tensor, w_down: Tensor, b_down: Tens
     prec = _precision(dtype)
     act = _ACT_ID[activation]
     has_prm = act_params is not None
-    with _device_ctx(device):
+    with launch_guard(device):
         hpart = _down(pooled, w_down, ids, cfg, R) if B > 0 else _empty((1, 0, R), acc_torch, device)
         S = hpart.shape[0]
         n_parts = max(1, triton.cdiv(N, cfg.block_n_bwd))  # >= 1 so that dz partials exist when N == 0

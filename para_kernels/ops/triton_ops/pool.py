@@ -20,8 +20,9 @@ read from start/end inside the kernel, so launches can be CUDA-graph captured):
   dX_t = a_t g + ds_t w and accumulates dw_row = sum_t ds_t X_t; rows' dw are summed by a
   separate deterministic kernel when w_sa is shared ([d]).
 Loads are upcast to the accumulation dtype (fp32, fp64 for fp64 inputs) before any math.
-Autotuned on the GPU (key: d and a bucket of B); the first call per key benchmarks, so warm
-up before capturing a CUDA graph. The interpreter gets one small config.
+Autotuned on the GPU (key: d and a bucket of B); a key first seen inside a CUDA-graph capture
+runs its first config untimed (``utils.CaptureSafeAutotuner``). The interpreter gets one small
+config. The ranges are made contiguous before any launch (the kernels read them as ptr + b).
 """
 from __future__ import annotations
 
@@ -30,8 +31,12 @@ import triton
 import triton.language as tl
 
 from . import interpreting
+from .utils import capture_safe, launch_guard
 
-_MODES = {"last": 0, "mean": 1, "max": 2}  # the kernels' MODE constexpr
+# The kernels' MODE constexpr: _pool_fwd_kernel runs last / mean / max; attn has its own kernels
+# here, and is MODE 3 of the fused pool_generate kernel.
+_MODES = {"last": 0, "mean": 1, "max": 2, "attn": 3}
+ATTN_MODE: tl.constexpr = tl.constexpr(_MODES["attn"])
 
 
 def _configs(gpu: list[tuple[int, int, int]], interp: tuple[int, int]) -> list[triton.Config]:
@@ -83,6 +88,7 @@ def _pool_slice(row, s, e, offs_d, d_mask, stride_t, stride_d, MODE: tl.constexp
     return res
 
 
+@capture_safe
 @triton.autotune(configs=_configs(_TILE_CONFIGS, _INTERP_TILE), key=["d", "MODE", "ROWS_CLASS"])
 @triton.jit(do_not_specialize=["ROWS_CLASS"])
 def _pool_fwd_kernel(h_ptr, start_ptr, end_ptr, out_ptr, d, stride_b, stride_t, stride_d,
@@ -139,6 +145,7 @@ def _attn_pool_row(row, s, e, w_row, acc_row, d, stride_t, stride_d, stride_wd,
     return 1.0 / l
 
 
+@capture_safe
 @triton.autotune(configs=_configs(_ROW_CONFIGS, _INTERP_TILE), key=["d", "ROWS_CLASS"])
 @triton.jit(do_not_specialize=["ROWS_CLASS"])
 def _attn_fwd_kernel(h_ptr, start_ptr, end_ptr, w_ptr, out_ptr, acc_ptr, d,
@@ -160,6 +167,7 @@ def _attn_fwd_kernel(h_ptr, start_ptr, end_ptr, w_ptr, out_ptr, acc_ptr, d,
 
 
 # ------------------------------------------------------------------ backward
+@capture_safe
 @triton.autotune(configs=_configs(_TILE_CONFIGS, _INTERP_TILE), key=["d", "MODE", "PACKED", "ROWS_CLASS"],
                  reset_to_zero=["gh_ptr"])  # packed accumulates atomically: reset between timings
 @triton.jit(do_not_specialize=["ROWS_CLASS"])
@@ -241,6 +249,7 @@ def _scores_tile(row, w_row, g_row, t_off, t_mask, d, stride_d, stride_wd, strid
     return tl.where(t_mask, tl.sum(sc, 1), float("-inf")), tl.where(t_mask, tl.sum(gx, 1), 0.0)
 
 
+@capture_safe
 @triton.autotune(configs=_configs(_ROW_CONFIGS, _INTERP_TILE), key=["d", "PACKED", "ROWS_CLASS"],
                  reset_to_zero=["gh_ptr"])
 @triton.jit(do_not_specialize=["ROWS_CLASS"])
@@ -363,22 +372,24 @@ def _sum_rows(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 def pool(hidden: torch.Tensor, prompt_start: torch.Tensor, prompt_end: torch.Tensor, mode: str,
          w_sa: torch.Tensor | None = None) -> torch.Tensor:
     """hidden [B, T, d] or [total, d], ranges [B] -> pooled [B, d] in hidden's dtype."""
+    if mode not in _MODES:
+        raise ValueError(f"unknown pool mode {mode!r}")
     B, d = prompt_start.shape[0], hidden.shape[-1]
     out = torch.empty(B, d, dtype=hidden.dtype, device=hidden.device)
     if B == 0 or d == 0:
         return out
     acc_tl, acc_torch = _acc(hidden.dtype)
     sb, st, sd = _hidden_strides(hidden)
-    if mode == "attn":
-        scratch = torch.empty(B, d, dtype=acc_torch, device=hidden.device)
-        _attn_fwd_kernel[(B,)](hidden, prompt_start, prompt_end, w_sa, out, scratch, d, sb, st, sd,
-                               *_w_strides(w_sa), _rows_class(B), ACC=acc_tl)
-    elif mode in _MODES:
-        grid = lambda meta: (B, triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
-        _pool_fwd_kernel[grid](hidden, prompt_start, prompt_end, out, d, sb, st, sd, _rows_class(B),
-                               MODE=_MODES[mode], ACC=acc_tl)
-    else:
-        raise ValueError(f"unknown pool mode {mode!r}")
+    start, end = prompt_start.contiguous(), prompt_end.contiguous()
+    with launch_guard(hidden.device):
+        if mode == "attn":
+            scratch = torch.empty(B, d, dtype=acc_torch, device=hidden.device)
+            _attn_fwd_kernel[(B,)](hidden, start, end, w_sa, out, scratch, d, sb, st, sd,
+                                   *_w_strides(w_sa), _rows_class(B), ACC=acc_tl)
+        else:
+            grid = lambda meta: (B, triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
+            _pool_fwd_kernel[grid](hidden, start, end, out, d, sb, st, sd, _rows_class(B),
+                                   MODE=_MODES[mode], ACC=acc_tl)
     return out
 
 
@@ -387,7 +398,7 @@ def pool_backward(grad: torch.Tensor, hidden: torch.Tensor, prompt_start: torch.
                   w_sa: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """grad [B, d] -> (grad_hidden: contiguous, hidden's shape and dtype; grad_w_sa: w_sa's
     shape and dtype, or empty [0] when w_sa is None)."""
-    if mode != "attn" and mode not in _MODES:
+    if mode not in _MODES:
         raise ValueError(f"unknown pool mode {mode!r}")
     B, d = prompt_start.shape[0], hidden.shape[-1]
     dev, dtype = hidden.device, hidden.dtype
@@ -403,19 +414,21 @@ def pool_backward(grad: torch.Tensor, hidden: torch.Tensor, prompt_start: torch.
         buf = torch.empty(hidden.shape, dtype=dtype, device=dev)
         stride_ob, stride_ot, T = buf.stride(0), buf.stride(1), hidden.shape[1]
     sb, st, sd = _hidden_strides(hidden)
+    start, end = prompt_start.contiguous(), prompt_end.contiguous()
     g_w = hidden.new_empty(0)
-    if mode == "attn":
-        dw_rows = torch.empty(B, d, dtype=acc_torch, device=dev)
-        _attn_bwd_kernel[(B,)](grad, hidden, prompt_start, prompt_end, w_sa, buf, dw_rows, d, T,
-                               grad.stride(0), grad.stride(1), sb, st, sd, *_w_strides(w_sa),
-                               stride_ob, stride_ot, _rows_class(B), PACKED=packed, ACC=acc_tl)
-        # [d] w_sa: sum the rows' dw in a fixed order; [B, d]: a cast
-        g_w = _sum_rows(dw_rows, torch.empty(w_sa.shape, dtype=w_sa.dtype, device=dev))
-    else:
-        grid = lambda meta: (B, triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
-        _pool_bwd_kernel[grid](grad, hidden, prompt_start, prompt_end, buf, d, T,
-                               grad.stride(0), grad.stride(1), sb, st, sd, stride_ob, stride_ot,
-                               _rows_class(B), MODE=_MODES[mode], PACKED=packed, ACC=acc_tl)
-    if packed and buf.dtype != dtype:
-        buf = _sum_rows(buf, torch.empty(hidden.shape, dtype=dtype, device=dev))
+    with launch_guard(dev):
+        if mode == "attn":
+            dw_rows = torch.empty(B, d, dtype=acc_torch, device=dev)
+            _attn_bwd_kernel[(B,)](grad, hidden, start, end, w_sa, buf, dw_rows, d, T,
+                                   grad.stride(0), grad.stride(1), sb, st, sd, *_w_strides(w_sa),
+                                   stride_ob, stride_ot, _rows_class(B), PACKED=packed, ACC=acc_tl)
+            # [d] w_sa: sum the rows' dw in a fixed order; [B, d] (also expanded, row stride 0): a cast
+            g_w = _sum_rows(dw_rows, torch.empty(w_sa.shape, dtype=w_sa.dtype, device=dev))
+        else:
+            grid = lambda meta: (B, triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
+            _pool_bwd_kernel[grid](grad, hidden, start, end, buf, d, T,
+                                   grad.stride(0), grad.stride(1), sb, st, sd, stride_ob, stride_ot,
+                                   _rows_class(B), MODE=_MODES[mode], PACKED=packed, ACC=acc_tl)
+        if packed and buf.dtype != dtype:
+            buf = _sum_rows(buf, torch.empty(hidden.shape, dtype=dtype, device=dev))
     return buf, g_w

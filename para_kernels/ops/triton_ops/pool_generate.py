@@ -4,10 +4,12 @@
                   w_down [A,d,r], b_down [A,r], w_up [A,r,N], b_up [A,N], adapter_ids [B],
                   activation, act_params) -> v [B, N] in the bank's dtype
 
-One 1-D grid, laid out per block of BLOCK_B rows as
+One 1-D grid of n_blocks * (P + C) programs, P = min(BLOCK_B, B) * S producers and C
+consumers per block of BLOCK_B rows. A program's role comes from a *ticket*, not from its
+program id: each program first takes the next number of an atomic counter, and the tickets
+are laid out as
 
-    [ BLOCK_B * S producers | C consumers ]   for row block 0, then row block 1, ...
-    (min(BLOCK_B, B) * S producers when the batch is smaller than one block)
+    [ P producers | C consumers ]   for row block 0, then row block 1, ...
 
 - producer (row b, d-slice s): pools its row's prompt over the slice's features (the same
   ``_pool_slice`` as the pool kernel; ``attn`` needs every feature for its scores, so S = 1
@@ -17,16 +19,19 @@ One 1-D grid, laid out per block of BLOCK_B rows as
   output tiles j, j + C, ... with the generate kernel's ``_up_tile`` (bias, activation and
   up-projection, one W_up tile read per adapter of the block, ones for -1 rows).
 
-Why the wait cannot deadlock: a consumer waits only for producers of its own row block,
-which have lower program ids, and GPUs dispatch a 1-D grid's programs in increasing id
-order (as decoupled look-back scans rely on); a dispatched producer never waits. The
-interpreter runs programs one at a time in id order, so the producers are done first.
+Why the wait cannot deadlock: a consumer waits only for producers of its own row block, whose
+tickets are lower than its own, so they were taken by programs that had already started; a
+started producer never waits, so it finishes. CUDA does not promise to start a grid's
+programs in id order (nor can every program of a large prefill grid be resident at once), so
+program ids would not do. The interpreter runs programs one at a time in id order, which
+hands out the tickets in id order too.
 
-The counters (ready, done per row block) live in a per-(device, stream) int32 buffer that
-the launch leaves at zero: the last consumer of each block resets them. So the one kernel
-is the whole op, with no memset between launches; the grid depends on shapes only. Inside
-a CUDA graph capture on a stream that has no buffer yet (it cannot be zeroed without an
-extra graph node), the op runs as pool + generate instead.
+The counters (the ticket, then one ready count per row block) are a fresh zeroed int32 buffer
+per launch, from torch's caching allocator on the launch's stream: inside a CUDA-graph
+capture it belongs to that graph (its zeroing is a graph node), so graphs replayed at once
+never share counters, no buffer is freed under a captured graph, and a launch that failed
+halfway leaves nothing behind for the next one. The memset costs one small node per layer
+at prefill.
 """
 from __future__ import annotations
 
@@ -37,11 +42,10 @@ import triton
 import triton.language as tl
 
 from . import interpreting
-from .generate import (_ACT_ID, _acc, _device_ctx, _empty, _NUM_SMS, _pow2, _precision, _up_tile,
-                       generate, generate_backward)
-from .pool import _MODES, _attn_pool_row, _hidden_strides, _pool_slice, _w_strides, pool, pool_backward
-
-ATTN = 3  # MODE of the attn pooler here (pool.py's _MODES hold last / mean / max)
+from .generate import _ACT_ID, _acc, _empty, _pow2, _precision, _up_tile, generate_backward
+from .pool import (_MODES, ATTN_MODE, _attn_pool_row, _hidden_strides, _pool_slice, _w_strides, pool,
+                   pool_backward)
+from .utils import launch_guard, num_sms
 
 
 @triton.jit
@@ -63,7 +67,7 @@ def _producer(h_ptr, start_ptr, end_ptr, w_ptr, scratch_ptr, wd_ptr, ids_ptr, hp
             d_lo = s * d_per_split
             d_hi = tl.minimum(d_lo + d_per_split, d)
             h = tl.zeros([R], ACC)
-            if MODE == ATTN:  # S == 1: the whole row
+            if MODE == ATTN_MODE:  # S == 1: the whole row
                 acc_row = scratch_ptr + b * d
                 inv_l = _attn_pool_row(row, start, end, w_ptr + b * stride_wb, acc_row, d,
                                        stride_t, stride_d, stride_wd, ACC, BLOCK_T, BLOCK_D)
@@ -71,7 +75,7 @@ def _producer(h_ptr, start_ptr, end_ptr, w_ptr, scratch_ptr, wd_ptr, ids_ptr, hp
             for k0 in range(d_lo, d_hi, BLOCK_D):
                 ks = k0 + tl.arange(0, BLOCK_D)
                 k_ok = ks < d_hi
-                if MODE == ATTN:
+                if MODE == ATTN_MODE:
                     p = tl.load(acc_row + ks, mask=k_ok, other=0.0) * inv_l
                 else:
                     p = _pool_slice(row, start, end, ks, k_ok, stride_t, stride_d, MODE, ACC, BLOCK_T, BLOCK_D)
@@ -84,18 +88,18 @@ def _producer(h_ptr, start_ptr, end_ptr, w_ptr, scratch_ptr, wd_ptr, ids_ptr, hp
 @triton.jit
 def _pool_generate_kernel(h_ptr, start_ptr, end_ptr, w_ptr, scratch_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr,
                           prm_ptr, ids_ptr, hpart_ptr, out_ptr, sync_ptr,
-                          B, d, r, N, S, C, n_blocks, producers, d_per_split,
+                          B, d, r, N, S, C, producers, d_per_split,
                           stride_b, stride_t, stride_d, stride_wb, stride_wd,
                           MODE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                           BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_N: tl.constexpr, R: tl.constexpr):
-    """grid (n_blocks * (producers + C),) with producers = min(BLOCK_B, B) * S; sync_ptr: int32
-    [2, n_blocks] (ready, done), zero on entry and left zero."""
-    pid = tl.program_id(0)
-    t = pid // (producers + C)
-    k = pid % (producers + C)
-    ready = sync_ptr + t
-    done = sync_ptr + n_blocks + t
+    """grid (row blocks * (producers + C),) with producers = min(BLOCK_B, B) * S; sync_ptr: int32
+    [1 + row blocks] (the ticket, then each row block's ready count), zero on entry."""
+    # the program's place in the layout: its ticket, not tl.program_id (see the module docstring)
+    vid = tl.atomic_add(sync_ptr, 1, sem="relaxed")
+    t = vid // (producers + C)
+    k = vid % (producers + C)
+    ready = sync_ptr + 1 + t
     if k < producers:
         _producer(h_ptr, start_ptr, end_ptr, w_ptr, scratch_ptr, wd_ptr, ids_ptr, hpart_ptr,
                   t.to(tl.int64) * BLOCK_B + k // S, k % S, B, d, r, d_per_split,
@@ -109,9 +113,6 @@ def _pool_generate_kernel(h_ptr, start_ptr, end_ptr, w_ptr, scratch_ptr, wd_ptr,
         for nb in range(k - producers, tl.cdiv(N, BLOCK_N), C):
             _up_tile(hpart_ptr, bd_ptr, wu_ptr, bu_ptr, prm_ptr, ids_ptr, out_ptr, B, r, N, S, t, nb,
                      ACT, ACC, PREC, BLOCK_B, BLOCK_N, R)
-        if tl.atomic_add(done, 1, sem="acq_rel") == C - 1:  # the block's last consumer: all have
-            tl.atomic_xchg(ready, 0, sem="relaxed")        # stopped waiting, so reset for the
-            tl.atomic_xchg(done, 0, sem="relaxed")         # next launch on this stream
 
 
 # ---------------------------------------------------------------------- launch configuration
@@ -134,9 +135,7 @@ def _config(B: int, d: int, N: int, R: int, attn: bool, device: torch.device) ->
         cfg = Config(block_b=_pow2(B, hi=128), splits=1, consumers=1, block_n=_pow2(N, hi=4096),
                      block_d=_pow2(d, hi=4096), block_t=4)
     else:
-        if device not in _NUM_SMS:
-            _NUM_SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-        sms = _NUM_SMS[device]
+        sms = num_sms(device)
         block_b = 16 if B <= 16 else (32 if B <= 32 else 64)
         block_d = 256
         # producers: about 2 per SM in all; consumers: enough tiles in flight to stream W_up
@@ -150,19 +149,9 @@ def _config(B: int, d: int, N: int, R: int, attn: bool, device: torch.device) ->
     return replace(cfg, splits=1) if attn else cfg
 
 
-_SYNC: dict = {}  # (device, stream) -> int32 counters, zero between launches
-
-
-def _sync_buffer(n: int, device: torch.device) -> torch.Tensor | None:
-    """Counters for n row blocks, or None inside a graph capture that would have to create them."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buf = _SYNC.get(key)
-    if buf is None or buf.numel() < 2 * n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        buf = _SYNC[key] = torch.zeros(2 * max(n, 64), dtype=torch.int32, device=device)
-    return buf
+def _counters(n_blocks: int, device: torch.device) -> torch.Tensor:
+    """The launch's own zeroed int32 [ticket, ready per row block] (see the module docstring)."""
+    return torch.zeros(1 + n_blocks, dtype=torch.int32, device=device)
 
 
 def pool_generate(hidden, prompt_start, prompt_end, mode, w_sa, w_down, b_down, w_up, b_up, adapter_ids,
@@ -178,27 +167,24 @@ def pool_generate(hidden, prompt_start, prompt_end, mode, w_sa, w_down, b_down, 
     attn = mode == "attn"
     cfg = _config(B, d, N, R, attn, device)
     n_blocks = triton.cdiv(B, cfg.block_b)
-    with _device_ctx(device):
-        sync = _sync_buffer(n_blocks, device)
-        if sync is None:  # see the module docstring
-            pooled = pool(hidden, prompt_start, prompt_end, mode, w_sa)
-            return generate(pooled.to(w_down.dtype), w_down, b_down, w_up, b_up, adapter_ids, activation,
-                            act_params)
-        acc_tl, acc_torch = _acc(torch.float64 if torch.float64 in (hidden.dtype, w_down.dtype) else w_down.dtype)
-        w_down, b_down, w_up, b_up, ids = (t.contiguous() for t in (w_down, b_down, w_up, b_up, adapter_ids))
-        prm = (b_down if act_params is None else act_params).contiguous()  # a placeholder when unused
-        d_per_split = triton.cdiv(triton.cdiv(d, cfg.splits), cfg.block_d) * cfg.block_d
-        splits = max(1, triton.cdiv(d, d_per_split))
+    acc_tl, acc_torch = _acc(torch.float64 if torch.float64 in (hidden.dtype, w_down.dtype) else w_down.dtype)
+    start, end, w_down, b_down, w_up, b_up, ids = (
+        t.contiguous() for t in (prompt_start, prompt_end, w_down, b_down, w_up, b_up, adapter_ids))
+    prm = (b_down if act_params is None else act_params).contiguous()  # a placeholder when unused
+    d_per_split = triton.cdiv(triton.cdiv(d, cfg.splits), cfg.block_d) * cfg.block_d
+    splits = max(1, triton.cdiv(d, d_per_split))
+    producers = min(cfg.block_b, B) * splits  # a batch smaller than a block has fewer
+    grid = (n_blocks * (producers + cfg.consumers),)
+    with launch_guard(device):
+        sync = _counters(n_blocks, device)
         hpart = _empty((splits, B, R), acc_torch, device)
         scratch = _empty((B, d), acc_torch, device) if attn else hpart
         w = w_sa if attn else hpart  # a placeholder pointer when unused
         stride_wb, stride_wd = _w_strides(w_sa) if attn else (0, 0)
-        producers = min(cfg.block_b, B) * splits  # a batch smaller than a block has fewer
-        grid = (n_blocks * (producers + cfg.consumers),)
         _pool_generate_kernel[grid](
-            hidden, prompt_start, prompt_end, w, scratch, w_down, b_down, w_up, b_up, prm, ids, hpart, out, sync,
-            B, d, r, N, splits, cfg.consumers, n_blocks, producers, d_per_split, *_hidden_strides(hidden),
-            stride_wb, stride_wd, MODE=ATTN if attn else _MODES[mode], ACT=_ACT_ID[activation], ACC=acc_tl,
+            hidden, start, end, w, scratch, w_down, b_down, w_up, b_up, prm, ids, hpart, out, sync,
+            B, d, r, N, splits, cfg.consumers, producers, d_per_split, *_hidden_strides(hidden),
+            stride_wb, stride_wd, MODE=_MODES[mode], ACT=_ACT_ID[activation], ACC=acc_tl,
             PREC=_precision(w_down.dtype), BLOCK_B=cfg.block_b, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
             BLOCK_N=cfg.block_n, R=R)
     return out

@@ -27,14 +27,13 @@ packed grad_v may differ in the last bits from run to run.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from . import interpreting
+from .utils import capture_safe, launch_guard, num_sms
 
 _MAX_T = 64  # tokens per tile row, and rows per tile: bounds registers and the autotune key
 _MAX_CHUNKS = 64  # token chunks per row in the padded backward
@@ -86,6 +85,7 @@ def _fwd_prune(configs, named_args, **kwargs):
     return keep
 
 
+@capture_safe
 @triton.autotune(configs=_fwd_configs(), key=["n", "L_KEY", "SIZE_KEY"],
                  prune_configs_by={"early_config_prune": _fwd_prune})
 @triton.heuristics({"BLOCK_N": lambda a: _fwd_tile(a)[0], "BLOCK_T": lambda a: _fwd_tile(a)[1],
@@ -217,11 +217,6 @@ def _scale_bwd_packed_kernel(g_ptr, x_ptr, v_ptr, rows_ptr, gx_ptr, gv_ptr, n, L
 
 
 # ------------------------------------------------------------------ host side
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _blocks(t: Tensor, rows: int) -> Tensor | None:
     """t as a [rows, L, n] view (no copy), or None when its middle dims cannot merge."""
     try:
@@ -257,8 +252,9 @@ def scale(x: Tensor, v: Tensor, token_rows: Tensor | None = None) -> Tensor:
 
     size = R * L * n  # retune per 2x of size above _SMALL, not per shape; never below it
     size_key = 0 if size < _SMALL else min(size.bit_length() - _SMALL.bit_length() + 1, 10)
-    _scale_fwd_kernel[grid](x3, v, rows, o3, n, R, L, *_strides(x3), *_strides(o3), v.stride(0), v.stride(1),
-                            min(_np2(L), _MAX_T), size_key, PACKED=packed, F64=x.dtype == torch.float64)
+    with launch_guard(x.device):
+        _scale_fwd_kernel[grid](x3, v, rows, o3, n, R, L, *_strides(x3), *_strides(o3), v.stride(0), v.stride(1),
+                                min(_np2(L), _MAX_T), size_key, PACKED=packed, F64=x.dtype == torch.float64)
     return out
 
 
@@ -284,28 +280,30 @@ def scale_backward(grad: Tensor, x: Tensor, v: Tensor,
     if packed:
         bt = min(bt, 32)  # the per-row fold loop is O(distinct rows · tile): keep tiles short
         gv = torch.zeros(v.shape, dtype=acc, device=x.device)
-        _scale_bwd_packed_kernel[(triton.cdiv(L, bt), f_blocks)](
-            g3, x3, v, token_rows.contiguous(), o3, gv, n, L, v.shape[0],
-            g3.stride(1), g3.stride(2), x3.stride(1), x3.stride(2), o3.stride(1), o3.stride(2),
-            v.stride(0), v.stride(1), F64=f64, BLOCK_T=bt, BLOCK_N=bn, num_warps=warps)
+        with launch_guard(x.device):
+            _scale_bwd_packed_kernel[(triton.cdiv(L, bt), f_blocks)](
+                g3, x3, v, token_rows.contiguous(), o3, gv, n, L, v.shape[0],
+                g3.stride(1), g3.stride(2), x3.stride(1), x3.stride(2), o3.stride(1), o3.stride(2),
+                v.stride(0), v.stride(1), F64=f64, BLOCK_T=bt, BLOCK_N=bn, num_warps=warps)
         return grad_x, grad_v.copy_(gv)
 
     # Cut long rows into chunks so that the programs fill the device: many waves of them, so the
     # last, partial wave costs little; at most _MAX_CHUNKS so the partials stay a few % of traffic.
     groups = triton.cdiv(R, rpt)
-    target, min_chunk = (4, 8) if interpreting() else (16 * _num_sms(x.device.index or 0), 64)
+    target, min_chunk = (4, 8) if interpreting() else (16 * num_sms(x.device), 64)
     n_chunks = max(1, min(triton.cdiv(target, groups * f_blocks), triton.cdiv(L, max(min_chunk, bt)),
                           _MAX_CHUNKS))
     chunk = triton.cdiv(triton.cdiv(L, n_chunks), bt) * bt  # whole tiles, so no ragged tile mid-row
     n_chunks = triton.cdiv(L, chunk)
     direct = n_chunks == 1
     part = grad_v if direct else torch.empty(R, n_chunks, n, dtype=acc, device=x.device)
-    _scale_bwd_padded_kernel[(groups * n_chunks, f_blocks)](
-        g3, x3, v, o3, grad_v, part, n, R, L, chunk, n_chunks, *_strides(g3), *_strides(x3), *_strides(o3),
-        v.stride(0), v.stride(1), grad_v.stride(0), grad_v.stride(1),
-        DIRECT=direct, F64=f64, RPT=rpt, BLOCK_T=bt, BLOCK_N=bn, num_warps=warps)
-    if not direct:
-        sn = min(_np2(n), 128)
-        _sum_chunks_kernel[(R, triton.cdiv(n, sn))](part, grad_v, n, n_chunks, grad_v.stride(0),
-                                                    grad_v.stride(1), BLOCK_C=16, BLOCK_N=sn, num_warps=4)
+    with launch_guard(x.device):
+        _scale_bwd_padded_kernel[(groups * n_chunks, f_blocks)](
+            g3, x3, v, o3, grad_v, part, n, R, L, chunk, n_chunks, *_strides(g3), *_strides(x3), *_strides(o3),
+            v.stride(0), v.stride(1), grad_v.stride(0), grad_v.stride(1),
+            DIRECT=direct, F64=f64, RPT=rpt, BLOCK_T=bt, BLOCK_N=bn, num_warps=warps)
+        if not direct:
+            sn = min(_np2(n), 128)
+            _sum_chunks_kernel[(R, triton.cdiv(n, sn))](part, grad_v, n, n_chunks, grad_v.stride(0),
+                                                        grad_v.stride(1), BLOCK_C=16, BLOCK_N=sn, num_warps=4)
     return grad_x, grad_v
