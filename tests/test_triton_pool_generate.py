@@ -243,3 +243,26 @@ def test_cuda_graph_replay(B, mode):
     expected = oracles.pool_generate(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
     assert rel_err(out, expected) <= TOL[torch.bfloat16]
     assert torch.all(out[ids < 0] == 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_two_graphs_replayed_at_once():
+    """Two captures of the op own their counters: replayed concurrently on two streams, with the
+    second captured cold (no eager warm-up of its shape), both give their own answers."""
+    args = [list(case(B, 16, 4096, 12, 19200, 8, "mean", torch.bfloat16, seed=20 + B)) for B in (24, 40)]
+    tri.pool_generate(*args[0])  # warm-up of the first shape only, on the default stream
+    torch.cuda.synchronize()
+    graphs, outs, streams = [], [], [torch.cuda.Stream(), torch.cuda.Stream()]
+    for a, stream in zip(args, streams):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            outs.append(tri.pool_generate(*a))
+        graphs.append(graph)
+    for _ in range(3):
+        for graph, stream in zip(graphs, streams):
+            with torch.cuda.stream(stream):
+                graph.replay()
+    torch.cuda.synchronize()
+    for a, out in zip(args, outs):
+        expected = oracles.pool_generate(*[x.cpu() if isinstance(x, torch.Tensor) else x for x in a])
+        assert rel_err(out, expected) <= TOL[torch.bfloat16]

@@ -421,7 +421,7 @@ _UP_CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn, w in ((64, 4)
 # the batch's row-block size, so a new batch size re-tunes at most once per bucket. A bucket
 # first seen inside a CUDA-graph capture runs the first config, untimed (utils.capture_safe).
 _up_kernel_tuned = capture_safe(triton.autotune(configs=_UP_CONFIGS, key=["N", "R", "BLOCK_B", "ACT"],
-                                   prune_configs_by={"early_config_prune": _prune_up_configs})(_up_kernel))
+                                                prune_configs_by={"early_config_prune": _prune_up_configs})(_up_kernel))
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
