@@ -52,11 +52,11 @@ def test_a_failed_check_is_reported(tmp_path):
         "sys.path.insert(0, 'scripts'); import gpu_validate as g\n"
         "from para_kernels.ops import dispatch\n"
         "impl = dispatch._backends['reference'].impls\n"
-        "real = impl['scale']; impl['scale'] = lambda x, v, rows=None: real(x, v, rows) * 1.01\n"
+        "real = impl['scale']; impl['scale'] = lambda x, v, rows=None: real(x, v, rows) * 1.1\n"
         "dispatch._chosen.clear()\n"
         "sys.exit(g.main())\n" % str(tmp_path / "bad.jsonl"))
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, GPU_CHECK_QUICK="1", TRITON_INTERPRET="1"))
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     got = rows(tmp_path / "bad.jsonl")
-    assert got and not any(r["ok"] for r in got) and all(r["errors"]["fwd"] > 5e-3 for r in got)
+    assert got and not any(r["ok"] for r in got) and all(r["errors"]["fwd"] > 2e-2 for r in got)
