@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared device run (H200): everything needed to fix what fails, in one run of at
-# most 6 minutes (GPU_CHECK_BUDGET_S, default 330 s, leaving the device tool's 600 s room for a
-# rerun of what failed). Correctness only: the benchmarks belong to the performance issue.
+# most 6 minutes (GPU_CHECK_BUDGET_S, default 360 s: with the machine's start, about 9 of the
+# session's 15 device minutes, leaving room to rerun what failed). Correctness only: the benchmarks belong to the performance issue.
 #
 #   OUT=/tmp/gpu_check bash scripts/gpu_check.sh     # on the device
 #   GPU_CHECK_QUICK=1 bash scripts/gpu_check.sh      # dry run here, on the CPU (Triton interpreter)
@@ -10,19 +10,21 @@
 # $OUT/gpu_check.tgz (every log, the checks' .jsonl, validation.md / .json, junit XML).
 #
 # Plan (seconds from the start; every step has a hard limit, `timeout -k`, and none runs past
-# the budget; steps in the same row run at once, each its own process):
+# the budget; steps in one row run at once, each in its own process):
 #   0      env.txt: nvidia-smi, versions, compute-sanitizer --version, commit
 #   0      background: the CUDA extension built for sm_90 only (TORCH_CUDA_ARCH_LIST=9.0,
 #          MAX_JOBS=16, PARA_KERNELS_FORCE_BUILD=1), <= 200 s
 #   ~2     preflight (<= 45 s): every Triton kernel compiled and launched once at a tiny size,
 #          against the fp64 reference (gpu_validate.py smoke)
 #   ~45    Triton: the six op x dtype tables, pool_generate stress, streams (<= 90 s)
-#   ~135   Triton: graphs, determinism; background: memcheck, initcheck, synccheck, racecheck on
-#          the Triton smoke, one after another (<= 50 s each; one cut by the budget is partial)
+#   ~135   Triton: inputs above 2^31 elements (one op at a time, <= 40 s each), graphs,
+#          determinism; background until the end: pytest on the Triton test files (-v -rs
+#          --junitxml, 60 s a test), and the sanitizers one after another (<= 50 s each; one cut
+#          by the budget is partial): memcheck Triton, memcheck C++, initcheck Triton, initcheck
+#          C++ (once _C loads), synccheck Triton, racecheck Triton
 #   build  `_C` must load (fails loudly, never skips); CUDA C++: tables, graphs, determinism
-#          (<= 60 s); background: memcheck, initcheck on the C++ smoke
-#   rest   pytest on the GPU: the kernel test files, -v -rs --junitxml, 60 s per test
-#   end    validation.md, summary.txt, gpu_check.tgz
+#          (<= 60 s), inputs above 2^31 elements, then pytest on the C++ test files
+#   360-15 validation.md, summary.txt, gpu_check.tgz
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out/gpu_check}
@@ -31,7 +33,7 @@ export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 QUICK=${GPU_CHECK_QUICK:-}
-BUDGET=${GPU_CHECK_BUDGET_S:-$([ -n "$QUICK" ] && echo 1500 || echo 330)}
+BUDGET=${GPU_CHECK_BUDGET_S:-$([ -n "$QUICK" ] && echo 1500 || echo 360)}
 START=$SECONDS
 LINES="$OUT/logs/summary.lines"  # one line per step, appended by run (also from background steps)
 : > "$LINES"
@@ -95,30 +97,55 @@ run preflight-triton-smoke 45 "${VALIDATE[@]}" smoke --backend triton --out "$OU
 
 # ------------------------------------------------------------------ Triton, on the GPU beside the build
 # the six op tables, the stress and the streams at once (16 CPUs: the JIT compiles in parallel)
-BIG=(); [ -z "$QUICK" ] && BIG=(--big)
 pids=()
 for op in pool generate pool_generate scale scaled_glu scaled_linear; do
-  extra=(); [[ $op == pool || $op == scale || $op == scaled_glu ]] && extra=("${BIG[@]}")
-  run "table-triton-$op" 90 "${VALIDATE[@]}" table --op "$op" --backend triton "${extra[@]}" \
+  run "table-triton-$op" 90 "${VALIDATE[@]}" table --op "$op" --backend triton \
     --out "$OUT/checks/table-triton-$op.jsonl" & pids+=($!)
 done
 run stress-pool_generate 90 "${VALIDATE[@]}" stress --out "$OUT/checks/stress.jsonl" & pids+=($!)
 run streams 60 "${VALIDATE[@]}" streams --out "$OUT/checks/streams.jsonl" & pids+=($!)
 wait "${pids[@]}"
-run graphs-triton 45 "${VALIDATE[@]}" graphs --backend triton --out "$OUT/checks/graphs-triton.jsonl" & pids=($!)
-run determinism-triton 30 "${VALIDATE[@]}" determinism --backend triton \
-  --out "$OUT/checks/determinism-triton.jsonl" & pids+=($!)
-# the sanitizers one after another (each instruments the whole process), the spinning
-# pool_generate last inside each smoke
-sanitize() {
-  local backend=$1 tool; shift
-  for tool in "$@"; do
-    run "san-$tool-$backend" 50 "$SAN" --tool "$tool" --error-exitcode 99 --print-limit 30 \
-      "${VALIDATE[@]}" smoke --backend "$backend"
+# inputs above 2^31 elements (4 GB each, with fp32 references): one op at a time
+big() {
+  local backend=$1 op; shift
+  for op in "$@"; do
+    run "big-$backend-$op" 40 "${VALIDATE[@]}" table --op "$op" --backend "$backend" --big \
+      --out "$OUT/checks/big-$backend-$op.jsonl"
   done
 }
+pids=()
+[ -z "$QUICK" ] && { big triton pool scale scaled_glu & pids+=($!); }
+run graphs-triton 45 "${VALIDATE[@]}" graphs --backend triton --out "$OUT/checks/graphs-triton.jsonl" & pids+=($!)
+run determinism-triton 30 "${VALIDATE[@]}" determinism --backend triton \
+  --out "$OUT/checks/determinism-triton.jsonl" & pids+=($!)
+# pytest on the GPU until the budget ends: the Triton test files now, the C++ ones after the build
+PYTEST=("$PY" -m pytest -p no:cacheprovider -v -rs)
+"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 60 --timeout-method=thread)
+"$PY" -c "import xdist" 2>/dev/null && [ -z "$QUICK" ] && PYTEST+=(-n 4)
+if [ -n "$QUICK" ]; then
+  triton_tests=(tests/test_triton_launch.py tests/test_triton_pool_generate.py -k "out_of_order or launch")
+else
+  triton_tests=(tests/test_triton_pool_generate.py tests/test_triton_pool.py tests/test_triton_scale.py
+                tests/test_triton_generate.py tests/test_triton_fused.py)
+fi
+run pytest-triton "$(left)" "${PYTEST[@]}" --junitxml "$OUT/checks/junit-triton.xml" "${triton_tests[@]}" &
+PYTEST_PID=$!
+# the sanitizers one after another (each instruments a whole process; the spinning pool_generate
+# comes last inside each smoke): the C++ kernels' turns wait for _C to load (the marker below)
+sanitize() {
+  local backend=$1 tool=$2
+  if [ "$backend" = cuda ]; then
+    while [ ! -f "$OUT/logs/cuda-loaded" ] && [ ! -f "$OUT/logs/cuda-failed" ] && (( $(left) > 20 )); do sleep 2; done
+    [ -f "$OUT/logs/cuda-loaded" ] || { skip "san-$tool-cuda" "_C did not load"; return; }
+    export PYTORCH_NO_CUDA_MEMORY_CACHING=1  # every tensor its own allocation: overruns show
+  fi
+  run "san-$tool-$backend" 50 "$SAN" --tool "$tool" --error-exitcode 99 --print-limit 30 \
+    "${VALIDATE[@]}" smoke --backend "$backend"
+}
 if [ -n "$HAVE_SAN" ]; then
-  sanitize triton memcheck initcheck synccheck racecheck & SAN_PID=$!
+  ( sanitize triton memcheck; sanitize cuda memcheck; sanitize triton initcheck; sanitize cuda initcheck
+    sanitize triton synccheck; sanitize triton racecheck ) &
+  SAN_PID=$!
 else
   skip sanitizers "compute-sanitizer not found or quick run"; SAN_PID=
 fi
@@ -134,36 +161,25 @@ import torch, para_kernels
 from para_kernels.ops import cuda_backend as c
 assert c.loaded, 'para_kernels._C did not load: ' + str(c.reason)
 print('loaded:', c.build_info, 'kernels:', c.kernel_ops())
-assert c.is_available(torch.device('cuda')), 'built, but not for this GPU: ' + str(c._gpu_not_supported(torch.device('cuda')))"
+assert c.is_available(torch.device('cuda')), 'built, but not for this GPU: ' + str(c._gpu_not_supported(torch.device('cuda')))" \
+    && touch "$OUT/logs/cuda-loaded" || touch "$OUT/logs/cuda-failed"
   pids=()
   for op in pool generate scale; do
-    extra=(); [[ $op != generate ]] && extra=("${BIG[@]}")
-    run "table-cuda-$op" 60 "${VALIDATE[@]}" table --op "$op" --backend cuda "${extra[@]}" \
+    run "table-cuda-$op" 60 "${VALIDATE[@]}" table --op "$op" --backend cuda \
       --out "$OUT/checks/table-cuda-$op.jsonl" & pids+=($!)
   done
   run graphs-cuda 45 "${VALIDATE[@]}" graphs --backend cuda --out "$OUT/checks/graphs-cuda.jsonl" & pids+=($!)
   run determinism-cuda 30 "${VALIDATE[@]}" determinism --backend cuda \
     --out "$OUT/checks/determinism-cuda.jsonl" & pids+=($!)
   wait "${pids[@]}"
-  [ -n "$SAN_PID" ] && wait "$SAN_PID"
-  [ -n "$HAVE_SAN" ] && PYTORCH_NO_CUDA_MEMORY_CACHING=1 sanitize cuda memcheck initcheck & SAN_PID=$!
+  big cuda pool scale
 fi
 
-# ------------------------------------------------------------------ pytest on the GPU, in the time left
-PYTEST=("$PY" -m pytest -p no:cacheprovider -v -rs --junitxml "$OUT/checks/junit.xml")
-"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 60 --timeout-method=thread)
-"$PY" -c "import xdist" 2>/dev/null && [ -z "$QUICK" ] && PYTEST+=(-n 4)
-if [ -n "$QUICK" ]; then
-  tests=(tests/test_triton_launch.py tests/test_triton_pool_generate.py -k "out_of_order or launch")
-else
-  tests=(tests/test_cuda_kernels_pool_scale.py tests/test_cuda_kernels_generate.py tests/test_triton_pool_generate.py
-         tests/test_triton_pool.py tests/test_triton_scale.py tests/test_triton_generate.py tests/test_triton_fused.py)
+if [ -n "$BUILD_PID" ] && (( $(left) > 20 )); then
+  run pytest-cuda "$(left)" "${PYTEST[@]}" --junitxml "$OUT/checks/junit-cuda.xml" \
+    tests/test_cuda_kernels_pool_scale.py tests/test_cuda_kernels_generate.py
 fi
-if (( $(left) > 30 )); then
-  run pytest-gpu "$(left)" "${PYTEST[@]}" "${tests[@]}"
-else
-  skip pytest-gpu "no time left"
-fi
+wait "$PYTEST_PID"
 [ -n "${SAN_PID:-}" ] && wait "$SAN_PID"
 
 # ------------------------------------------------------------------ report
@@ -179,7 +195,7 @@ grep -q "| FAIL |" "$OUT/checks/validation.md" 2>/dev/null && status=1
   head -1 "$OUT/checks/validation.md" 2>/dev/null
   grep "| FAIL |" "$OUT/checks/validation.md" 2>/dev/null | head -60
   grep -hE "ERROR SUMMARY" "$OUT"/logs/san-*.log 2>/dev/null | sed 's/^/sanitizer: /'
-  grep -hE "^(FAILED|ERROR) |[0-9]+ (passed|failed)" "$OUT/logs/pytest-gpu.log" 2>/dev/null | tail -25
+  grep -hE "^(FAILED|ERROR) |[0-9]+ (passed|failed)" "$OUT"/logs/pytest-*.log 2>/dev/null | tail -25
 } > "$OUT/summary.txt"
 tar czf "$OUT/gpu_check.tgz" -C "$OUT" env.txt logs checks 2>/dev/null && rm -rf "$OUT/logs" "$OUT/checks"
 cat "$OUT/summary.txt"
