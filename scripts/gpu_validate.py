@@ -30,6 +30,8 @@ import traceback
 
 import torch
 
+# the package from this tree, installed or not (on the device the build runs beside these checks)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICK = bool(os.environ.get("GPU_CHECK_QUICK")) or not torch.cuda.is_available()
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEV.type == "cpu":  # dry run: the Triton backend runs in its interpreter
