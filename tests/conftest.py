@@ -30,3 +30,31 @@ def device_backend(request):
     para_kernels.set_backend(backend)
     yield device, backend
     para_kernels.set_backend(None)
+
+
+
+def _compile_module(items):
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__.endswith("test_triton_compile") and hasattr(module, "start"):
+            return module
+    return None
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m have deselected what they deselect
+def pytest_collection_modifyitems(config, items):
+    """The ahead-of-time Triton compile (tests/test_triton_compile.py) starts now, in two
+    background processes, when any of its tests is selected: it overlaps the other tests."""
+    module = _compile_module(items)
+    if module is not None and not torch.cuda.is_available():
+        import tempfile
+        module.start(tempfile.mkdtemp(prefix="para-aot-"))
+        config._para_compile_module = module
+
+
+def pytest_sessionfinish(session):
+    """No compile outlives the session (one interrupted or failed early)."""
+    module = getattr(session.config, "_para_compile_module", None)
+    for proc, *_ in (module._RUNS.values() if module is not None else ()):
+        if proc.poll() is None:
+            proc.kill()
