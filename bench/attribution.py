@@ -16,6 +16,7 @@ import cProfile
 import io
 import pstats
 import time
+from contextlib import ExitStack
 
 import torch
 from torch import nn
@@ -90,6 +91,7 @@ def measure(s, decode_delta_s: float | None = None) -> dict:
     """``s``: a serving.Setup with PARA built. ``decode_delta_s``: measured PARA - bare time per
     decode step (from the headline runs), for comparison."""
     from para_kernels import ops
+    from para_kernels.transformers.state import active
 
     device = s.device
     dtype = next(s.bare.parameters()).dtype  # the modules' inputs must be in the model's dtype (bf16 on a GPU)
@@ -106,6 +108,10 @@ def measure(s, decode_delta_s: float | None = None) -> dict:
         mask = torch.ones(B, s.input_ids.shape[1] + 1, dtype=torch.long, device=device)
         s.para(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True,
                logits_to_keep=1)
+        # the modules and hooks below are called directly, as part of that request's decode step
+        request = s.para.request_state(out.past_key_values)
+        stack = ExitStack()
+        stack.enter_context(active(request))
         d = s.bare.config.hidden_size
         x = torch.randn(B, 1, d, generator=g).to(device=device, dtype=dtype)
         # 1. each PARA-touched module: PARA's module (with its hooks / forward) minus the bare one
@@ -149,13 +155,19 @@ def measure(s, decode_delta_s: float | None = None) -> dict:
         cache = out.past_key_values
         kwargs = {"input_ids": nxt, "attention_mask": mask, "past_key_values": cache}
 
-        def run_model_hooks():
+        def run_model_hooks():  # pre then post: the pre-hook enters the request, the post-hook leaves it
             for kind, h, kw in model_hooks:
                 if kind == "pre":
                     h(s.para.base_model, (), kwargs) if kw else h(s.para.base_model, ())
+                elif kw:
+                    h(s.para.base_model, (), kwargs, None)
+                else:
+                    h(s.para.base_model, (), None)
         pieces["model-level hooks (bodies)"] = {
             "per_call_s": _t(run_model_hooks, device), "calls": 1,
-            "what": f"{sum(k == 'pre' for k, _, _ in model_hooks)} pre-hook(s) on the wrapped model at a decode step"}
+            "what": f"{sum(k == 'pre' for k, _, _ in model_hooks)} pre-hook(s) and "
+                    f"{sum(k == 'post' for k, _, _ in model_hooks)} post-hook(s) on the wrapped model at a "
+                    "decode step"}
         # 5. inside the module deltas: the rescale as eager decoding runs it (one in-place
         # multiply by the module's slot), the checked public op (training / compile paths), and
         # a bare multiply on the same tensors
@@ -168,14 +180,13 @@ def measure(s, decode_delta_s: float | None = None) -> dict:
             y = torch.randn(B, 1, n, generator=g).to(device=device, dtype=dtype)
             v = (1.0 + 0.1 * torch.randn(B, n, generator=g)).to(device=device, dtype=dtype)
             vv = v[:, None, :]
-            slot = consumers.ScaleSlot()
-            slot.set(v)
-            inplace_s += _t(lambda: consumers.scale_in_place(y, slot), device)
+            inplace_s += _t(lambda: consumers.scale_in_place(y, v, vv), device)
             scale_s += _t(lambda: ops.scale(y, v), device)
             mul_s += _t(lambda: y * vv, device)
         pieces["  of which: in-place rescale, q+v+up"] = {
             "per_call_s": inplace_s, "calls": n_layers, "nested": True,
-            "what": "consumers.scale_in_place(x, slot) on q, v and up sized tensors: what eager decoding runs"}
+            "what": "consumers.scale_in_place(x, s, s[:, None]) on q, v and up sized tensors: what eager "
+                    "decoding runs"}
         pieces["  of which: plain x * v, q+v+up"] = {
             "per_call_s": mul_s, "calls": n_layers, "nested": True,
             "what": "the arithmetic alone: x * v[:, None, :] on the same tensors"}
@@ -183,6 +194,7 @@ def measure(s, decode_delta_s: float | None = None) -> dict:
             "per_call_s": scale_s, "calls": n_layers, "nested": True,
             "what": "the checked public op (argument checks, dispatch, multiply), which training, "
                     "torch.compile and kernel backends take; for comparison"}
+        stack.close()
         profile_rows = calls_per_decode_step(s)
         n_dispatch = next((r["calls"] for r in profile_rows if r["function"].endswith("(backend_for)")), None)
         if n_dispatch:

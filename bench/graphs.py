@@ -7,8 +7,9 @@ For each method (bare, PARA on the default backend, BGMV LoRA), :class:`StaticDe
 prefill of the headline batch (input_ids [B, T]) into a ``transformers.StaticCache`` of T + 1
 positions through the method's route, then captures one decode forward (next ids [B, 1] at
 position T -> logits [B, 1, V]) into a ``torch.cuda.CUDAGraph`` after warm-up forwards on a side
-stream. PARA's scale vectors are made by that prefill and live in its per-module ScaleSlots:
-the graph reads those tensors, which stay alive (and unchanged) while the route is held open.
+stream. PARA's scale vectors are made by that prefill and live in the request state PARA keeps
+with that StaticCache: the graph reads those tensors, which stay alive (and unchanged) as long
+as the cache does.
 
 Before every replay the cache's write position is set back to T (outside the timed window), so
 every replay is the same step. Replays are timed with CUDA events, one replay of each method

@@ -500,11 +500,13 @@ def run_checks(s: Setup, log=print, results: dict | None = None) -> dict:
 
 
 def _para_vectors(s: Setup, row_names) -> dict:
-    """Summary of v - 1 over all layers and adapter rows of the last prefill (measured)."""
+    """Summary of v - 1 over all layers and adapter rows of a prefill of the batch (measured)."""
     vals = []
-    for layer_scales in s.para._scales:
-        for t in layer_scales.values():
-            vals.append((t.float() - 1.0).flatten())
+    with torch.no_grad():
+        cache = s.para(input_ids=s.input_ids, attention_mask=s.attention_mask, adapter_names=list(row_names),
+                       use_cache=True, logits_to_keep=1).past_key_values
+    for _, t in s.para.request_state(cache).vectors():
+        vals.append((t.float() - 1.0).flatten())
     if not vals:
         return {}
     x = torch.cat(vals)

@@ -381,8 +381,9 @@ def test_graph_run_flow_with_faked_cuda(tiny_setup, fake_cuda):
         assert m == "bare" or e["ratio"]["median"] > 0
     assert fake_cuda == [], f"host-sync ops inside the captured decode step: {fake_cuda}"
     assert "get_seq_length" not in vars(tiny_setup.bare)  # every shim removed
-    # the routes were closed: PARA's rows and BGMV's ids are back to the Setup's defaults
-    assert tiny_setup.para._row_adapters is None
+    # the routes were closed: no PARA call or request is left running, BGMV's ids are back to defaults
+    from para_kernels.transformers.state import ACTIVE, CALL
+    assert CALL.get().adapter_names is None and ACTIVE.get() is None
 
 
 def test_graph_run_records_a_failing_capture(tiny_setup, fake_cuda, monkeypatch):

@@ -149,14 +149,21 @@ def test_bad_adapter_names_raise_before_generating(monkeypatch, names, match):
 
 
 def test_continuing_a_cache_without_a_prefill_raises():
+    """A cache another model filled has no vectors; one prefilled under disable_adapter() is
+    continued under it only (its keys and values were made without the adapters)."""
     model, pm = _model_with_adapters()
     ids = torch.randint(3, 128, (1, 5))
     with torch.no_grad():
         with pm.disable_adapter():
             cache = pm(input_ids=ids, use_cache=True).cache
-        pm.generate(ids, max_new_tokens=2)  # leaves no vectors behind
-        with pytest.raises(RuntimeError, match="prefill"):
+        pm.generate(ids, max_new_tokens=2)  # another request in between
+        with pytest.raises(RuntimeError, match="disable_adapter"):
             pm(input_ids=ids[:, -1:], cache=cache, use_cache=True)
+        with pm.disable_adapter():
+            pm(input_ids=ids[:, -1:], cache=cache, use_cache=True)
+        other = tiny_llama(dtype=torch.float64)(input_ids=ids, use_cache=True).cache  # not PARA's
+        with pytest.raises(RuntimeError, match="prefill"):
+            pm(input_ids=ids[:, -1:], cache=other, use_cache=True)
 
 
 def test_forward_with_a_cache_reuses_the_prefill_vectors(monkeypatch):

@@ -3,12 +3,14 @@ run as ``scaled_linear`` (the scale is the matmul's epilogue) and a gated FFN ru
 as ``scaled_glu``, so that with kernels present the rescale costs no extra pass over memory.
 With the reference backend the same forwards compute projection-then-scale, exactly as hooks do.
 
-Each consumer reads its module's ``ScaleSlot`` (s [B, n], None: no adjustment, set at prefill)
-and the model's ``RunState``. When the forward is eager inference on the reference backend
-(``state.plain``), the rescale is one in-place multiply of the projection's fresh output by
-the slot's [B, 1, n] view, with no op dispatch and no re-check (s was made and checked at
-prefill, and the batch size is checked per forward): this is the per-token decode path, and
-its Python cost is what PARA adds to a decode step, so it is kept to a few attribute reads.
+Each consumer knows its module's index ``k`` and reads the running request's state
+(``state.ACTIVE``): ``scales[k]`` (s [rows, n], None: no adjustment, set at prefill). When the
+forward is eager inference on the reference backend (``plain``), the rescale is one in-place
+multiply of the projection's fresh output by the [rows, 1, n] view, with no op dispatch and no
+re-check (s was made and checked at prefill, and the batch size is checked per forward): this
+is the per-token decode path, and its Python cost is what PARA adds to a decode step, so it is
+kept to a context-variable read and a few attribute reads. Packed rows (several examples in
+one row) scale every token by its own example's vectors (``ops.scale`` with ``token_rows``).
 """
 from __future__ import annotations
 
@@ -20,47 +22,35 @@ from torch import nn
 
 from .. import ops
 from .mapping import ScaledModule
+from .state import ACTIVE
 
 _MISSING = object()
 GLU_ACTIVATIONS = {"SiLU": "silu", "SiLUActivation": "silu", "GELU": "gelu", "GELUActivation": "gelu",
                    "PytorchGELUTanh": "gelu_tanh", "GELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh"}
 
 
-class ScaleSlot:
-    """One module's scale for the current batch: s [B, n] (None: no adjustment) and s3, the same
-    values viewed as [B, 1, n] to multiply a [B, T, n] output in place."""
-    __slots__ = ("s", "s3")
+class MethodOverride:
+    """Sets ``obj.<name>`` on the instance to ``make_method(original)``; ``remove()`` puts back
+    what was there, like a hook handle."""
 
-    def __init__(self):
-        self.s = self.s3 = None
-
-    def set(self, s: torch.Tensor | None) -> None:
-        self.s, self.s3 = s, (None if s is None else s.unsqueeze(1))
-
-
-class RunState:
-    """Per-forward facts the consumers read: ``plain`` = eager inference on the reference backend."""
-    __slots__ = ("plain",)
-
-    def __init__(self):
-        self.plain = False
-
-
-class ForwardOverride:
-    """Sets ``module.forward`` on the instance; ``remove()`` puts back what was there, like a
-    hook handle."""
-
-    def __init__(self, module: nn.Module, make_forward: Callable[[Callable], Callable]):
-        self.module = module
-        self.previous = module.__dict__.get("forward", _MISSING)
-        original = functools.partial(type(module).forward, module) if self.previous is _MISSING else self.previous
-        module.forward = make_forward(original)
+    def __init__(self, obj, name: str, make_method: Callable[[Callable], Callable]):
+        self.obj, self.name = obj, name
+        self.previous = obj.__dict__.get(name, _MISSING)
+        original = functools.partial(getattr(type(obj), name), obj) if self.previous is _MISSING else self.previous
+        setattr(obj, name, make_method(original))
 
     def remove(self) -> None:
         if self.previous is _MISSING:
-            self.module.__dict__.pop("forward", None)
+            self.obj.__dict__.pop(self.name, None)
         else:
-            self.module.forward = self.previous
+            setattr(self.obj, self.name, self.previous)
+
+
+class ForwardOverride(MethodOverride):
+    """``module.forward`` overridden on the instance."""
+
+    def __init__(self, module: nn.Module, make_forward: Callable[[Callable], Callable]):
+        super().__init__(module, "forward", make_forward)
 
 
 def kernels_run(device: torch.device) -> bool:
@@ -75,12 +65,18 @@ def scale_output(output: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return ops.scale(output, s)
 
 
-def scale_in_place(output: torch.Tensor, slot: ScaleSlot) -> torch.Tensor:
-    """output [B, T, n] *= s (output must be a fresh tensor that only the caller holds); other
-    layouts (e.g. OPT's flattened [B*T, n]) take the checked op."""
-    if output.dim() == 3 and output.shape[0] == slot.s.shape[0]:
-        return output.mul_(slot.s3)
-    return scale_output(output, slot.s)
+def scale_in_place(output: torch.Tensor, s: torch.Tensor, s3: torch.Tensor) -> torch.Tensor:
+    """output [B, T, n] *= s3 = s [B, 1, n] (output must be a fresh tensor that only the caller
+    holds); other layouts (e.g. OPT's flattened [B*T, n]) take the checked op."""
+    if output.dim() == 3 and output.shape[0] == s.shape[0]:
+        return output.mul_(s3)
+    return scale_output(output, s)
+
+
+def scale_packed(output: torch.Tensor, s: torch.Tensor, token_rows: torch.Tensor) -> torch.Tensor:
+    """Packed rows: output [B, T, n] (or [B*T, n]) ⊙ s[token_rows[token]], s [examples, n]."""
+    n = output.shape[-1]
+    return ops.scale(output.reshape(-1, n), s, token_rows).reshape(output.shape)
 
 
 def is_fusable_linear(module: nn.Module, scaled: ScaledModule) -> bool:
@@ -89,14 +85,17 @@ def is_fusable_linear(module: nn.Module, scaled: ScaledModule) -> bool:
             and "forward" not in module.__dict__)
 
 
-def scaled_linear_forward(module: nn.Linear, slot: ScaleSlot, state: RunState):
+def scaled_linear_forward(module: nn.Linear, k: int):
     def make(original):
         def forward(x):
-            s = slot.s
+            state = ACTIVE.get()
+            s = None if state is None else state.scales[k]
             if s is None:
                 return original(x)
             if state.plain:
-                return scale_in_place(original(x), slot)
+                return scale_in_place(original(x), s, state.scales3[k])
+            if state.token_rows is not None:
+                return scale_packed(original(x), s, state.token_rows)
             if x.dim() >= 2 and x.shape[0] == s.shape[0] and kernels_run(x.device):
                 return ops.scaled_linear(x, module.weight, module.bias, s)
             return scale_output(original(x), s)
@@ -119,17 +118,33 @@ def glu_parts(layer: nn.Module, up_path: str) -> tuple[nn.Module, str] | None:
     return mlp, act
 
 
-def scaled_glu_forward(mlp: nn.Module, activation: str, slot: ScaleSlot, state: RunState):
+def scaled_glu_forward(mlp: nn.Module, activation: str, k: int):
     def make(original):
         def forward(x):
-            s = slot.s
+            state = ACTIVE.get()
+            s = None if state is None else state.scales[k]
             if s is None:
                 return original(x)
             gate, up = mlp.gate_proj(x), mlp.up_proj(x)
             if state.plain:
-                return mlp.down_proj(mlp.act_fn(gate).mul_(scale_in_place(up, slot)))
+                return mlp.down_proj(mlp.act_fn(gate).mul_(scale_in_place(up, s, state.scales3[k])))
+            if state.token_rows is not None:
+                return mlp.down_proj(mlp.act_fn(gate) * scale_packed(up, s, state.token_rows))
             if up.shape[0] == s.shape[0] and kernels_run(x.device):
                 return mlp.down_proj(ops.scaled_glu(gate, up, s, activation))
             return mlp.down_proj(mlp.act_fn(gate) * scale_output(up, s))
         return forward
     return make
+
+
+def scale_hook(k: int):
+    """A forward hook rescaling a module's output (modules no fused consumer fits)."""
+    def hook(module, args, output):  # not in place: other hooks may hold this output
+        state = ACTIVE.get()
+        s = None if state is None else state.scales[k]
+        if s is None:
+            return None
+        if state.token_rows is not None:
+            return scale_packed(output, s, state.token_rows)
+        return scale_output(output, s)
+    return hook

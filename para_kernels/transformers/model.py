@@ -3,12 +3,14 @@
 How a batch flows: a pre-hook on the wrapped model works out each row's prompt range and
 adapter; a pre-hook on every decoder layer pools that layer's input and generates the
 vectors (one ``pool_generate`` per adapter group); the q / v / up projections then rescale
-their outputs (``scale`` in a forward hook, or a fused consumer — see consumers.py). When a
-forward continues a KV cache (a decode step), the prefill's vectors are reused unchanged
-(PARA_SPEC §2).
+their outputs (``scale`` in a forward hook, or a fused consumer — see consumers.py). A forward
+that continues a request (a KV cache PARA prefilled, or a later step of one generate call)
+reuses that request's vectors unchanged (PARA_SPEC §2). The vectors belong to the request, not
+to the model: state.py says where they live; docs/requests.md gives the rules.
 """
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,17 +23,11 @@ from ..config import PARAConfig
 from . import consumers, io
 from .generator import AdapterWeights, PARAGenerator, weight_shapes
 from .mapping import LayerMap, MappingError, find_layers, map_layer, module_scale
-from .prompts import prompt_ranges
+from .prompts import is_packed, packed_prompts, prompt_ranges
+from .state import (ACTIVE, CALL, DISABLED, SESSION, AdapterGroup, CacheStates, CallOptions, GenerateSession,
+                    RequestState, RequestStateError, checkpoint_context_fn, enter, leave)
 
 GENERATOR_ATTR = "para_generator"
-
-
-@dataclass
-class _Group:
-    """Adapters of one generator signature in this batch, stacked into one bank."""
-    config: PARAConfig
-    names: list  # bank order
-    ids: torch.Tensor  # [B] index into names, -1 for rows of other groups or no adapter
 
 
 @dataclass
@@ -61,20 +57,17 @@ class PARAModel(nn.Module):
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
-        # per-batch state, set by the model pre-hook
-        self._row_adapters: list | None = None
-        self._prompt_lengths = None
-        self._disabled = False
-        self._groups: list[_Group] = []
-        self._start = self._end = None
-        self._scales: list[dict] = []  # per layer: {module path: s [B, out]} of this batch
-        self._slots: dict[int, dict[str, consumers.ScaleSlot]] = {}  # layer -> path -> what its consumer reads
-        self._batch_size = 0
-        self._ready = False
-        self._decoding = False
-        self._state = consumers.RunState()
+        # Nothing per request lives here (state.py): the model knows which scaled module has
+        # which index in a RequestState's scales, and which state each KV cache was prefilled with.
+        self._module_index: dict[tuple, int] = {}  # (layer, module path) -> k
+        self._cache_states = CacheStates()
         self._handles.append(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
-        self._handles.append(model.register_forward_hook(self._after_model))
+        self._handles.append(model.register_forward_hook(self._after_model, always_call=True))
+        if hasattr(model, "generate"):
+            self._handles.append(consumers.MethodOverride(model, "generate", self._generate_session))
+        for method in ("generate_batch", "init_continuous_batching"):
+            if hasattr(model, method):
+                self._handles.append(consumers.MethodOverride(model, method, _no_continuous_batching))
         if config is not None:
             try:
                 self.add_adapter(adapter_name, config)
@@ -148,23 +141,24 @@ class PARAModel(nn.Module):
                 self._hooked.add(key)
                 self._handles.append(register())
 
-        once((i, "<layer>"), lambda: layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+        once((i, "<layer>"), functools.partial(layer.register_forward_pre_hook, self._layer_hook(i),
+                                                with_kwargs=True))
         if config.pool_input == "normed":
             norm = layer.get_submodule(lmap.norm)
-            once((i, "<norm>"), lambda: norm.register_forward_hook(self._norm_hook(i)))
+            once((i, "<norm>"), functools.partial(norm.register_forward_hook, self._norm_hook(i)))
         for m in lmap.modules:
             module = layer.get_submodule(m.path)
-            slot = self._slots.setdefault(i, {}).setdefault(m.path, consumers.ScaleSlot())
+            k = self._module_index.setdefault((i, m.path), len(self._module_index))
             glu = consumers.glu_parts(layer, m.path) if m.segments[-1].target == "up" else None
             if glu is not None:
                 mlp, act = glu
-                once((i, m.path), lambda: consumers.ForwardOverride(
-                    mlp, consumers.scaled_glu_forward(mlp, act, slot, self._state)))
+                once((i, m.path), functools.partial(consumers.ForwardOverride, mlp,
+                                                    consumers.scaled_glu_forward(mlp, act, k)))
             elif consumers.is_fusable_linear(module, m):
-                once((i, m.path), lambda: consumers.ForwardOverride(
-                    module, consumers.scaled_linear_forward(module, slot, self._state)))
+                once((i, m.path), functools.partial(consumers.ForwardOverride, module,
+                                                    consumers.scaled_linear_forward(module, k)))
             else:
-                once((i, m.path), lambda: module.register_forward_hook(self._scale_hook(slot)))
+                once((i, m.path), functools.partial(module.register_forward_hook, consumers.scale_hook(k)))
 
     def _adapter_weights(self, adapter_name: str):
         """(layer index, AdapterWeights) for every layer the adapter lives in."""
@@ -198,12 +192,13 @@ class PARAModel(nn.Module):
 
     @contextmanager
     def disable_adapter(self):
-        """Run the bare backbone inside this context."""
-        previous, self._disabled = self._disabled, True
+        """Run the bare backbone inside this context (in this thread / task only: the switch is
+        private to the caller, like every per-call setting)."""
+        token = DISABLED.set(True)
         try:
             yield
         finally:
-            self._disabled = previous
+            DISABLED.reset(token)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         params = list(self.base_model.parameters())
@@ -220,7 +215,7 @@ class PARAModel(nn.Module):
             handle.remove()
         self._handles.clear()
         self._hooked.clear()
-        self._slots.clear()
+        self._module_index.clear()
         for layer in self._layers or []:
             if hasattr(layer, GENERATOR_ATTR):
                 delattr(layer, GENERATOR_ATTR)
@@ -232,9 +227,8 @@ class PARAModel(nn.Module):
         return model
 
     # ------------------------------------------------------------------ running
-    @contextmanager
-    def _rows(self, adapter_names, prompt_lengths, batch_size: int | None):
-        """Route this call's rows to adapters (None: the bare backbone)."""
+    def _call_options(self, adapter_names, prompt_lengths, batch_size: int | None) -> CallOptions:
+        """This call's routing, checked: adapter_names has one adapter name (or None) per row."""
         if adapter_names is not None:
             if isinstance(adapter_names, str) or not hasattr(adapter_names, "__len__"):
                 raise ValueError(f"adapter_names must be a list with one adapter name (or None) per row, "
@@ -246,49 +240,69 @@ class PARAModel(nn.Module):
             for name in adapter_names:
                 if name is not None:
                     self._check_known(name)
-        saved = self._row_adapters, self._prompt_lengths
-        self._row_adapters, self._prompt_lengths = adapter_names, prompt_lengths
+        return CallOptions(adapter_names, prompt_lengths)
+
+    @contextmanager
+    def _calling(self, adapter_names, prompt_lengths, batch_size: int | None):
+        token = CALL.set(self._call_options(adapter_names, prompt_lengths, batch_size))
         try:
             yield
         finally:
-            self._row_adapters, self._prompt_lengths = saved
+            CALL.reset(token)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, prompt_lengths=None,
-                adapter_names=None, **kwargs):
+                adapter_names=None, reprefill: bool = False, **kwargs):
         """The wrapped model's forward. prompt_lengths [B]: prompt tokens per row (counted from
-        its first attended token); else the labels' -100 prefix, else all attended tokens.
-        adapter_names: one adapter name or None per row; default: the active adapter."""
+        its first attended token; packed rows: one per example); else the labels' -100 prefix,
+        else all attended tokens. adapter_names: one adapter name or None per row; default: the
+        active adapter. A forward given a KV cache PARA prefilled reuses that request's vectors;
+        reprefill=True empties the cache first and prefills ``input_ids`` (the whole
+        conversation) as a new prompt."""
         batch = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        with self._rows(adapter_names, prompt_lengths, None if batch is None else batch.shape[0]):
+        if reprefill:
+            _empty_cache(_cache_argument(kwargs))
+        with self._calling(adapter_names, prompt_lengths, None if batch is None else batch.shape[0]):
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 
-    def generate(self, *args, adapter_names=None, **kwargs):
-        """The wrapped model's generate(); the vectors are computed at prefill and reused at
-        every decode step. adapter_names: one adapter name or None per row."""
+    def generate(self, *args, adapter_names=None, reprefill: bool = False, **kwargs):
+        """The wrapped model's generate(); the vectors come from this call's input (the prompt)
+        and are reused at every later step, cached or not. adapter_names: one adapter name or
+        None per row. Given a past_key_values PARA prefilled, generation continues that request
+        with its vectors (a new user turn keeps the first prompt's vectors); reprefill=True
+        empties that cache and prefills the whole ``input_ids`` as the prompt instead."""
         batch = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-        try:
-            with self._rows(adapter_names, None, None if batch is None else batch.shape[0]):
-                return self.base_model.generate(*args, **kwargs)
-        finally:
-            self._release()
+        if reprefill:
+            _empty_cache(_cache_argument(kwargs))
+        with self._calling(adapter_names, None, None if batch is None else batch.shape[0]):
+            return self.base_model.generate(*args, **kwargs)
 
-    def _release(self) -> None:
-        self._scales = [dict() for _ in self._layers or []]
-        for slots in self._slots.values():
-            for slot in slots.values():
-                slot.set(None)
-        self._ready = False
+    def _generate_session(self, original):
+        """The wrapped model's generate, with a session that holds the first forward's vectors
+        for the later steps (installed on the model, so a direct base_model.generate gets it too)."""
+        def generate(*args, **kwargs):
+            token = SESSION.set(GenerateSession(self))
+            try:
+                return original(*args, **kwargs)
+            finally:
+                SESSION.reset(token)
+        return generate
 
-    def _make_groups(self, batch: int, device) -> list[_Group]:
-        if self._disabled:
-            return []
-        rows = self._row_adapters
+    def request_state(self, past_key_values) -> RequestState | None:
+        """The state (vectors) a KV cache was prefilled with through this model; None if none."""
+        return self._cache_states.get(past_key_values)
+
+    def _route(self, call: CallOptions, batch: int) -> list:
+        """The adapter (or None) of each of this forward's rows."""
+        if DISABLED.get():
+            return [None] * batch
+        rows = call.adapter_names
         if rows is None:
-            rows = [self.active_adapter] * batch
-        elif batch % len(rows):
+            return [self.active_adapter] * batch
+        if batch % len(rows):
             raise ValueError(f"adapter_names has {len(rows)} entries but the batch has {batch} rows")
-        else:  # generate() expands each row for beams / return sequences, in place
-            rows = [name for name in rows for _ in range(batch // len(rows))]
+        return [name for name in rows for _ in range(batch // len(rows))]  # generate's beams / sequences
+
+    def _make_groups(self, rows: list, device) -> list[AdapterGroup]:
         by_signature: dict[tuple, list] = {}
         for name in dict.fromkeys(r for r in rows if r is not None):
             by_signature.setdefault(self.peft_config[name].generator_signature(), []).append(name)
@@ -296,79 +310,134 @@ class PARAModel(nn.Module):
         for names in by_signature.values():
             index = {n: k for k, n in enumerate(names)}
             ids = torch.tensor([index.get(r, -1) for r in rows], dtype=torch.long, device=device)
-            groups.append(_Group(self.peft_config[names[0]], names, ids))
+            groups.append(AdapterGroup(self.peft_config[names[0]], names, ids))
         return groups
 
+    def _new_state(self, kwargs: dict, call: CallOptions, batch: int, length: int, device) -> RequestState:
+        """A prefill's state: each row's (or packed example's) prompt range and adapter."""
+        mask, labels, positions = kwargs.get("attention_mask"), kwargs.get("labels"), kwargs.get("position_ids")
+        rows = self._route(call, batch)
+        token_rows = None
+        if is_packed(positions, mask, batch, length):
+            start, end, token_rows, example_row = packed_prompts(positions, batch, length, device, mask, labels,
+                                                                 call.prompt_lengths)
+            rows = [rows[b] for b in example_row.tolist()]
+        else:
+            start, end = prompt_ranges(batch, length, device, mask, labels, call.prompt_lengths)
+        n = len(self._module_index)
+        requested = None if call.adapter_names is None else tuple(call.adapter_names)
+        return RequestState(batch, requested, self._make_groups(rows, device), start, end, token_rows,
+                            [None] * n, [None] * n, disabled=DISABLED.get())
+
+    def _continued(self, cache, cached: int, session, call: CallOptions, batch: int) -> RequestState | None:
+        """The state of the request this forward continues (None: it starts a new one)."""
+        if cached > 0:
+            state = self._cache_states.get(cache)
+            if state is None:
+                raise RequestStateError(
+                    f"this forward continues a KV cache ({cached} tokens) that PARA has no vectors for: the "
+                    "vectors come from the prompt, so the cache must be prefilled through this PARAModel "
+                    "(or pass reprefill=True with the whole conversation to start the request again)")
+        elif session is not None and session.state is not None:
+            state = session.state  # a later step of this generate call, uncached
+        else:
+            return None
+        if batch != state.batch:
+            raise RequestStateError(f"this forward continues a request prefilled with {state.batch} rows, but "
+                                    f"has {batch} rows")
+        if state.token_rows is not None:
+            raise RequestStateError("this forward continues packed rows (several sequences in one row): packed "
+                                    "rows can be trained and scored, not continued; generate from unpacked rows")
+        if call.adapter_names is not None and tuple(call.adapter_names) != state.requested:
+            raise RequestStateError(
+                f"adapter_names {call.adapter_names} differ from those this request was prefilled with "
+                f"({None if state.requested is None else list(state.requested)}): a request keeps its prefill's "
+                "vectors; start a new request (a fresh cache) to change adapters")
+        if DISABLED.get() != state.disabled:
+            raise RequestStateError(
+                f"disable_adapter() is {'on' if DISABLED.get() else 'off'} for a forward that continues a request "
+                f"prefilled with it {'on' if state.disabled else 'off'}: a request keeps its prefill's vectors, so "
+                "disable the adapters for the whole request (prefill included) or for none of it")
+        state.fit(len(self._module_index))
+        return state
+
     def _before_model(self, module, args, kwargs):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        cached = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
-        x = kwargs.get("input_ids")
-        if x is None:
-            x = args[0] if args else kwargs.get("inputs_embeds")
-        batch, length = x.shape[0], x.shape[1]
-        self._state.plain = (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                       and ops.backend_for("scale", x.device) == "reference")
-        if cached > 0:  # decode step: reuse the prefill's vectors
-            if not self._ready or batch != self._batch_size:
-                raise RuntimeError("this forward continues a KV cache, but PARA has no vectors for it: the "
-                                   "vectors come from the prefill, which must run through this model first "
-                                   f"(batch {batch}, prefill batch {self._batch_size})")
-            self._decoding = True
-            return
-        self._decoding = False
-        self._ready = False
-        self._start, self._end = prompt_ranges(batch, length, x.device, kwargs.get("attention_mask"),
-                                               kwargs.get("labels"), self._prompt_lengths)
-        self._groups = self._make_groups(batch, x.device)
-        self._batch_size = batch
-        self._release()
+        try:
+            cache = _cache_argument(kwargs)
+            if cache is not None and type(cache).__name__ == "PagedAttentionCache":
+                _no_continuous_batching(None)()
+            cached = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+            x = kwargs.get("input_ids")
+            if x is None:
+                x = args[0] if args else kwargs.get("inputs_embeds")
+            batch = x.shape[0]
+            call = CALL.get()
+            session = SESSION.get()
+            if session is not None and session.owner is not self:
+                session = None  # another model's generate (e.g. an assistant's)
+            state = self._continued(cache, cached, session, call, batch)
+            if state is None:
+                state = self._new_state(kwargs, call, batch, x.shape[1], x.device)
+                if cache is not None:
+                    self._cache_states.put(cache, state)
+            if session is not None and session.state is None:
+                session.state = state
+            state.plain = (state.token_rows is None and not torch.is_grad_enabled()
+                           and not torch.compiler.is_compiling()
+                           and ops.backend_for("scale", x.device) == "reference")
+        except Exception:
+            enter(None)  # the post-hook (always called) pops this
+            raise
+        enter(state)
 
     def _after_model(self, module, args, output):
-        self._ready = True
+        state = leave()
+        if state is None:
+            return
+        state.ready = True
+        cache = None if output is None else getattr(output, "past_key_values", None)
+        if cache is not None and not isinstance(cache, (tuple, list)) and state.token_rows is None:
+            self._cache_states.put(cache, state)  # a cache the model made itself (use_cache, none given)
 
     def _layer_hook(self, i: int):
         def hook(layer, args, kwargs):
-            if self._decoding:
-                return
-            self._scales[i] = {}
-            for slot in self._slots.get(i, {}).values():
-                slot.set(None)
-            if self._groups:
-                self._compute(i, args[0] if args else kwargs["hidden_states"], "residual")
+            state = ACTIVE.get()
+            if state is None:
+                raise RequestStateError(
+                    "a PARA-transformed decoder layer ran outside a forward of its PARAModel, so PARA does not "
+                    "know its prompt: call the wrapped model as a whole (PARAModel or its base_model); for "
+                    "activation checkpointing use PARAModel.gradient_checkpointing_enable")
+            if not state.ready and state.groups:
+                self._compute(state, i, args[0] if args else kwargs["hidden_states"], "residual")
         return hook
 
     def _norm_hook(self, i: int):
         def hook(norm, args, output):
-            if not self._decoding and self._groups:
-                self._compute(i, output, "normed")
+            state = ACTIVE.get()
+            if state is not None and not state.ready and state.groups:
+                self._compute(state, i, output, "normed")
         return hook
 
-    @staticmethod
-    def _scale_hook(slot: consumers.ScaleSlot):
-        def hook(module, args, output):  # not in place: other hooks may hold this output
-            return None if slot.s is None else consumers.scale_output(output, slot.s)
-        return hook
-
-    def _compute(self, i: int, hidden: torch.Tensor, source: str) -> None:
-        """pool -> generate for every adapter group of the batch at layer i; the per-module
+    def _compute(self, state: RequestState, i: int, hidden: torch.Tensor, source: str) -> None:
+        """pool -> generate for every adapter group of the request at layer i; the per-module
         scales are multiplied together (rows outside a group get ones from it)."""
         generator = getattr(self._layers[i], GENERATOR_ATTR)
-        scales = self._scales[i]
-        for group in self._groups:
+        if state.token_rows is not None:  # packed: ranges index the flattened tokens
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+        for group in state.groups:
             config, lmap = group.config, self._plans[group.names[0]].maps[i]
             if config.pool_input != source or lmap is None:
                 continue
             bank = generator.bank(group.names)
             w_sa = bank["w_sa"][group.ids.clamp(min=0)].to(hidden.dtype) if "w_sa" in bank else None
-            v = ops.pool_generate(hidden, self._start, self._end, config.pooler, w_sa, bank["w_down"],
+            v = ops.pool_generate(hidden, state.start, state.end, config.pooler, w_sa, bank["w_down"],
                                   bank["b_down"], bank["w_up"], bank["b_up"], group.ids, config.activation,
                                   bank.get("act_params")).to(hidden.dtype)
             pieces = dict(zip(config.targets, v.split([lmap.sizes[t] for t in config.targets], dim=1)))
             for m in lmap.modules:
                 s = module_scale(m, pieces, v.shape[0], v)
                 if s is not None:
-                    scales[m.path] = s if m.path not in scales else scales[m.path] * s
-                    self._slots[i][m.path].set(scales[m.path])
+                    state.put(self._module_index[(i, m.path)], s)
 
     # ------------------------------------------------------------------ training helpers
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
@@ -379,6 +448,10 @@ class PARAModel(nn.Module):
         if ckpt["use_reentrant"]:
             raise ValueError("PARA needs non-reentrant activation checkpointing: pass "
                              "gradient_checkpointing_kwargs={'use_reentrant': False} (the default)")
+        # the recompute runs in backward, after this forward's request state was popped
+        user_fn = ckpt.get("context_fn")
+        if not getattr(user_fn, "para_checkpoint", False):
+            ckpt["context_fn"] = checkpoint_context_fn(user_fn)
         base = self.base_model
         if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x: no deprecation warning
             base.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt, **kwargs)
@@ -452,6 +525,33 @@ class PARAModel(nn.Module):
             para.unload()
             raise
         return para
+
+
+def _cache_argument(kwargs: dict):
+    """The KV cache a call was given: ``past_key_values``, or ``cache`` (its name from transformers 5.2x)."""
+    cache = kwargs.get("past_key_values")
+    return kwargs.get("cache") if cache is None else cache
+
+
+def _empty_cache(cache) -> None:
+    """reprefill: the cache starts again, empty (the same object), so the whole input is prefilled
+    as the prompt."""
+    if cache is None or not hasattr(cache, "get_seq_length"):
+        return
+    if cache.get_seq_length() > 0:
+        cache.reset()
+
+
+def _no_continuous_batching(original):
+    def refuse(*args, **kwargs):
+        raise NotImplementedError(
+            "PARA does not run under transformers' continuous batching (generate_batch / "
+            "init_continuous_batching) yet: that engine packs every request's tokens into one row "
+            "with a paged KV cache and does not tell the model which request each token belongs to, "
+            "so PARA cannot give each request its own vectors. Use generate() with adapter_names "
+            "(one per row) for mixed-adapter batches; docs/requests.md says what the engine would "
+            "need to pass.")
+    return refuse
 
 
 def get_para_model(model: nn.Module, config: PARAConfig, adapter_name: str = "default") -> PARAModel:

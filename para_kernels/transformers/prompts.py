@@ -1,5 +1,9 @@
 """Each row's prompt range [start, end) (PARA_SPEC §2): from prompt_lengths, else from the
-labels' ignored (-100) prefix, else the whole attended input. Padding may be on either side."""
+labels' ignored (-100) prefix, else the whole attended input. Padding may be on either side.
+
+Packed rows (several examples in one row, each starting again at position 0, as
+``DataCollatorWithFlattening`` and TRL's padding-free packing make them) have one prompt per
+example: :func:`packed_prompts`."""
 from __future__ import annotations
 
 import torch
@@ -19,6 +23,8 @@ def attended_span(attention_mask: Tensor | None, batch: int, length: int, device
     if attention_mask is None:
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
         return zeros, zeros + length
+    if attention_mask.dim() == 4:
+        attention_mask = attended_tokens(attention_mask, batch, length)
     if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, length):
         raise ValueError(f"attention_mask must be [batch, seq_len] = [{batch}, {length}], got "
                          f"{list(attention_mask.shape)}")
@@ -33,6 +39,76 @@ def attended_span(attention_mask: Tensor | None, batch: int, length: int, device
         raise _row_error("attention_mask", holes, lambda b: "attended tokens are not one contiguous run "
                          "(PARA pools the prompt of left- or right-padded rows)")
     return first, end
+
+
+def attended_tokens(mask4: Tensor, batch: int, length: int) -> Tensor:
+    """A custom 4-D mask [B, 1, T, T] (bool: True = attend; float: 0 = attend, additive): the
+    tokens that may attend to themselves are the real ones, the others are padding."""
+    if tuple(mask4.shape) != (batch, 1, length, length):
+        raise ValueError(f"a 4-D attention_mask must be [batch, 1, seq_len, seq_len] = [{batch}, 1, {length}, "
+                         f"{length}] (PARA reads each row's real tokens from its diagonal), got {list(mask4.shape)}")
+    diagonal = mask4[:, 0].diagonal(dim1=-2, dim2=-1)
+    if diagonal.dtype == torch.bool:
+        return diagonal
+    return diagonal == 0 if diagonal.is_floating_point() else diagonal != 0
+
+
+def is_packed(position_ids: Tensor | None, attention_mask: Tensor | None, batch: int, length: int) -> bool:
+    """Whether some row holds several sequences: its positions restart between two real tokens."""
+    if position_ids is None or length < 2 or position_ids.dim() != 2 or position_ids.shape[1] != length:
+        return False
+    restart = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if attention_mask is not None:
+        real = attention_mask.bool() if attention_mask.dim() == 2 else attended_tokens(attention_mask, batch, length)
+        restart = restart & real[:, 1:] & real[:, :-1]
+    return bool(restart.any())
+
+
+def packed_prompts(position_ids: Tensor, batch: int, length: int, device, attention_mask: Tensor | None = None,
+                   labels: Tensor | None = None, prompt_lengths=None):
+    """Packed rows: (start [E], end [E], token_rows [B*T], example_row [E]) for the E examples,
+    in row order. Ranges index the flattened [B*T] tokens; an example starts at every real token
+    that does not continue its predecessor's positions. Each example's prompt: prompt_lengths
+    (E integers), else its labels' ignored prefix, else the whole example."""
+    first, last = attended_span(attention_mask, batch, length, device)
+    t = torch.arange(length, device=device)
+    real = (t >= first[:, None]) & (t < last[:, None])
+    position_ids = position_ids.to(device).expand(batch, length)
+    continues = torch.zeros_like(real)
+    continues[:, 1:] = (position_ids[:, 1:] == position_ids[:, :-1] + 1) & real[:, :-1]
+    begins = (real & ~continues).reshape(-1)
+    start = begins.nonzero()[:, 0]  # [E], ascending
+    example_row = start // length
+    row_end = example_row * length + last[example_row]
+    next_start = torch.cat([start[1:], start.new_full((1,), batch * length)])
+    end = torch.minimum(next_start, row_end)
+    flat = torch.arange(batch * length, device=device)
+    token_rows = (torch.searchsorted(start, flat, right=True) - 1).clamp(min=0)
+    n = start.shape[0]
+    if prompt_lengths is not None:
+        lengths = torch.as_tensor(prompt_lengths, device=device)
+        if lengths.dim() != 1 or lengths.shape[0] != n or lengths.is_floating_point():
+            raise ValueError(f"prompt_lengths must give one integer per packed example: these rows hold {n} "
+                             f"examples (positions restart), got {list(lengths.shape)} {lengths.dtype}")
+        lengths = lengths.long()
+        bad = (lengths < 1) | (lengths > end - start)
+        if bool(bad.any()):
+            raise _row_error("prompt_lengths", bad, lambda e: f"packed example {e} has {int(end[e] - start[e])} "
+                             f"tokens, so prompt length {int(lengths[e])} does not fit (1..length)")
+        return start, start + lengths, token_rows, example_row
+    if labels is not None:
+        if tuple(labels.shape) != (batch, length):
+            raise ValueError(f"labels must be [batch, seq_len] = [{batch}, {length}], got {list(labels.shape)}")
+        supervised = (labels.reshape(-1) != IGNORE_INDEX) & real.reshape(-1)
+        next_supervised = torch.where(supervised, flat, batch * length).flip(0).cummin(0).values.flip(0)
+        prompt_end = torch.minimum(next_supervised[start], end)
+        empty = prompt_end <= start
+        if bool(empty.any()):
+            raise _row_error("labels", empty, lambda e: f"the first token of packed example {e} is already "
+                             "supervised (label != -100), so its prompt is empty; set each example's prompt "
+                             "labels to -100 or pass prompt_lengths")
+        return start, prompt_end, token_rows, example_row
+    return start, end, token_rows, example_row
 
 
 def prompt_ranges(batch: int, length: int, device, attention_mask: Tensor | None = None,
