@@ -299,6 +299,42 @@ def test_packed_rows_per_token_vectors_without_a_block_mask():
     assert all(s.shape[0] == 2 for _, s in st.vectors())
 
 
+def _layer0_scales(pm, run):
+    """{module index: scale} of layer 0 from the request state of the forward ``run()`` makes."""
+    seen = {}
+    layer = pm.base_model.model.layers[0]
+    h = layer.register_forward_hook(lambda m, a, out: seen.setdefault("state", ACTIVE.get()) and None)
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        h.remove()
+    return {k: seen["state"].scales[k] for (i, _), k in pm._module_index.items() if i == 0}
+
+
+def test_data_collator_with_flattening_gives_each_example_its_prompt():
+    """transformers' DataCollatorWithFlattening rows (no mask, positions restarting, the prompt
+    as each example's -100 label prefix): layer 0's vectors of every example equal those of the
+    example run alone (layer 0 reads the embeddings, so no attention is involved)."""
+    from transformers import DataCollatorWithFlattening
+
+    pm = _two_adapters(tiny_llama(dtype=torch.float64))
+    g = torch.Generator().manual_seed(11)
+    shapes = [(7, 3), (5, 2), (9, 6)]  # (tokens, prompt tokens)
+    features = []
+    for n, p in shapes:
+        ids = torch.randint(3, 128, (n,), generator=g).tolist()
+        features.append({"input_ids": ids, "labels": [-100] * p + ids[p:]})
+    batch = DataCollatorWithFlattening()(features)
+    assert batch["input_ids"].shape == (1, sum(n for n, _ in shapes)) and "attention_mask" not in batch
+    packed = _layer0_scales(pm, lambda: pm(**batch, adapter_names=["b"]))
+    for e, f in enumerate(features):
+        alone = _layer0_scales(pm, lambda: pm(input_ids=torch.tensor([f["input_ids"]]),
+                                              labels=torch.tensor([f["labels"]]), adapter_names=["b"]))
+        for k, s in alone.items():
+            assert rel_err(packed[k][e], s[0]) < 1e-12, (e, k)
+
+
 def test_packed_prompt_lengths_must_match_the_examples():
     pm = _two_adapters(tiny_llama())
     ids, pos, _ = _pack([torch.arange(3, 9), torch.arange(10, 14)])

@@ -24,8 +24,8 @@ from . import consumers, io
 from .generator import AdapterWeights, PARAGenerator, weight_shapes
 from .mapping import LayerMap, MappingError, find_layers, map_layer, module_scale
 from .prompts import is_packed, packed_prompts, prompt_ranges
-from .state import (ACTIVE, CALL, DISABLED, SESSION, AdapterGroup, CacheStates, CallOptions, GenerateSession,
-                    RequestState, RequestStateError, checkpoint_context_fn, enter, leave)
+from .state import (ACTIVE, CALL, DISABLED, SESSION, TOKENS, AdapterGroup, CacheStates, CallOptions,
+                    GenerateSession, RequestState, RequestStateError, checkpoint_context_fn)
 
 GENERATOR_ATTR = "para_generator"
 
@@ -227,8 +227,10 @@ class PARAModel(nn.Module):
         return model
 
     # ------------------------------------------------------------------ running
-    def _call_options(self, adapter_names, prompt_lengths, batch_size: int | None) -> CallOptions:
-        """This call's routing, checked: adapter_names has one adapter name (or None) per row."""
+    @contextmanager
+    def _calling(self, adapter_names, prompt_lengths, batch_size: int | None):
+        """This call's routing, checked (adapter_names: one adapter name or None per row), as the
+        CALL context variable for the hooks of the forwards it makes."""
         if adapter_names is not None:
             if isinstance(adapter_names, str) or not hasattr(adapter_names, "__len__"):
                 raise ValueError(f"adapter_names must be a list with one adapter name (or None) per row, "
@@ -240,11 +242,7 @@ class PARAModel(nn.Module):
             for name in adapter_names:
                 if name is not None:
                     self._check_known(name)
-        return CallOptions(adapter_names, prompt_lengths)
-
-    @contextmanager
-    def _calling(self, adapter_names, prompt_lengths, batch_size: int | None):
-        token = CALL.set(self._call_options(adapter_names, prompt_lengths, batch_size))
+        token = CALL.set(CallOptions(adapter_names, prompt_lengths))
         try:
             yield
         finally:
@@ -260,7 +258,7 @@ class PARAModel(nn.Module):
         conversation) as a new prompt."""
         batch = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if reprefill:
-            _empty_cache(_cache_argument(kwargs))
+            _empty_cache(kwargs.get("past_key_values", kwargs.get("cache")))
         with self._calling(adapter_names, prompt_lengths, None if batch is None else batch.shape[0]):
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 
@@ -272,7 +270,7 @@ class PARAModel(nn.Module):
         empties that cache and prefills the whole ``input_ids`` as the prompt instead."""
         batch = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if reprefill:
-            _empty_cache(_cache_argument(kwargs))
+            _empty_cache(kwargs.get("past_key_values", kwargs.get("cache")))
         with self._calling(adapter_names, None, None if batch is None else batch.shape[0]):
             return self.base_model.generate(*args, **kwargs)
 
@@ -329,55 +327,61 @@ class PARAModel(nn.Module):
         return RequestState(batch, requested, self._make_groups(rows, device), start, end, token_rows,
                             [None] * n, [None] * n, disabled=DISABLED.get())
 
-    def _continued(self, cache, cached: int, session, call: CallOptions, batch: int) -> RequestState | None:
-        """The state of the request this forward continues (None: it starts a new one)."""
-        if cached > 0:
-            state = self._cache_states.get(cache)
-            if state is None:
-                raise RequestStateError(
-                    f"this forward continues a KV cache ({cached} tokens) that PARA has no vectors for: the "
-                    "vectors come from the prompt, so the cache must be prefilled through this PARAModel "
-                    "(or pass reprefill=True with the whole conversation to start the request again)")
-        elif session is not None and session.state is not None:
-            state = session.state  # a later step of this generate call, uncached
-        else:
-            return None
+    def _refuse_continuation(self, state: RequestState, batch: int, call: CallOptions) -> None:
+        """Raise the error that says why this forward cannot continue ``state``'s request."""
         if batch != state.batch:
             raise RequestStateError(f"this forward continues a request prefilled with {state.batch} rows, but "
                                     f"has {batch} rows")
         if state.token_rows is not None:
             raise RequestStateError("this forward continues packed rows (several sequences in one row): packed "
                                     "rows can be trained and scored, not continued; generate from unpacked rows")
-        if call.adapter_names is not None and tuple(call.adapter_names) != state.requested:
-            raise RequestStateError(
-                f"adapter_names {call.adapter_names} differ from those this request was prefilled with "
-                f"({None if state.requested is None else list(state.requested)}): a request keeps its prefill's "
-                "vectors; start a new request (a fresh cache) to change adapters")
         if DISABLED.get() != state.disabled:
             raise RequestStateError(
                 f"disable_adapter() is {'on' if DISABLED.get() else 'off'} for a forward that continues a request "
                 f"prefilled with it {'on' if state.disabled else 'off'}: a request keeps its prefill's vectors, so "
                 "disable the adapters for the whole request (prefill included) or for none of it")
-        state.fit(len(self._module_index))
-        return state
+        raise RequestStateError(
+            f"adapter_names {call.adapter_names} differ from those this request was prefilled with "
+            f"({None if state.requested is None else list(state.requested)}): a request keeps its prefill's "
+            "vectors; start a new request (a fresh cache) to change adapters")
 
     def _before_model(self, module, args, kwargs):
+        # Runs at every forward, decode steps included: the path that continues a request is
+        # written out here, without helper calls, because its Python cost is what PARA adds to
+        # every generated token.
         try:
-            cache = _cache_argument(kwargs)
-            if cache is not None and type(cache).__name__ == "PagedAttentionCache":
-                _no_continuous_batching(None)()
+            cache = kwargs.get("past_key_values")
+            if cache is None:
+                cache = kwargs.get("cache")  # the name from transformers 5.2x
             cached = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
             x = kwargs.get("input_ids")
             if x is None:
                 x = args[0] if args else kwargs.get("inputs_embeds")
-            batch = x.shape[0]
             call = CALL.get()
             session = SESSION.get()
             if session is not None and session.owner is not self:
                 session = None  # another model's generate (e.g. an assistant's)
-            state = self._continued(cache, cached, session, call, batch)
-            if state is None:
-                state = self._new_state(kwargs, call, batch, x.shape[1], x.device)
+            state = None
+            if cached > 0:  # continues the request this cache was prefilled with
+                entry = self._cache_states.by_id.get(id(cache))
+                state = entry[1] if entry is not None and entry[0]() is cache else None
+                if state is None:
+                    _refuse_paged(cache)
+                    raise RequestStateError(
+                        f"this forward continues a KV cache ({cached} tokens) that PARA has no vectors for: the "
+                        "vectors come from the prompt, so the cache must be prefilled through this PARAModel "
+                        "(or pass reprefill=True with the whole conversation to start the request again)")
+            elif session is not None:  # a later step of this generate call, uncached
+                state = session.state
+            if state is not None:
+                if (x.shape[0] != state.batch or state.token_rows is not None or DISABLED.get() != state.disabled
+                        or (call.adapter_names is not None and tuple(call.adapter_names) != state.requested)):
+                    self._refuse_continuation(state, x.shape[0], call)
+                if len(state.scales) < len(self._module_index):  # an adapter was added since the prefill
+                    state.fit(len(self._module_index))
+            else:  # a prefill: a new request
+                _refuse_paged(cache)
+                state = self._new_state(kwargs, call, x.shape[0], x.shape[1], x.device)
                 if cache is not None:
                     self._cache_states.put(cache, state)
             if session is not None and session.state is None:
@@ -386,15 +390,20 @@ class PARAModel(nn.Module):
                            and not torch.compiler.is_compiling()
                            and ops.backend_for("scale", x.device) == "reference")
         except Exception:
-            enter(None)  # the post-hook (always called) pops this
+            TOKENS.set(TOKENS.get() + (ACTIVE.set(None),))  # the post-hook (always called) pops it
             raise
-        enter(state)
+        TOKENS.set(TOKENS.get() + (ACTIVE.set(state),))
 
     def _after_model(self, module, args, output):
-        state = leave()
-        if state is None:
+        tokens = TOKENS.get()
+        if not tokens:
             return
-        state.ready = True
+        state = ACTIVE.get()
+        ACTIVE.reset(tokens[-1])
+        TOKENS.set(tokens[:-1])
+        if state is None or state.ready:
+            return
+        state.ready = True  # the prefill ended: every layer's vectors are in
         cache = None if output is None else getattr(output, "past_key_values", None)
         if cache is not None and not isinstance(cache, (tuple, list)) and state.token_rows is None:
             self._cache_states.put(cache, state)  # a cache the model made itself (use_cache, none given)
@@ -527,10 +536,9 @@ class PARAModel(nn.Module):
         return para
 
 
-def _cache_argument(kwargs: dict):
-    """The KV cache a call was given: ``past_key_values``, or ``cache`` (its name from transformers 5.2x)."""
-    cache = kwargs.get("past_key_values")
-    return kwargs.get("cache") if cache is None else cache
+def _refuse_paged(cache) -> None:
+    if type(cache).__name__ == "PagedAttentionCache":
+        _no_continuous_batching(None)()
 
 
 def _empty_cache(cache) -> None:

@@ -9,7 +9,7 @@ and assisted candidates see the prompt's vectors, never the text generated so fa
 Nothing of a request is kept on the shared modules, so several threads can serve one model:
 
 - the running forward's state is in the context variable ``ACTIVE`` (each thread and asyncio
-  task has its own), pushed by the model's pre-hook and popped by its post-hook;
+  task has its own), pushed by the model's pre-hook and popped by its post-hook (``TOKENS``);
 - a KV cache's state is found through the cache object (:class:`CacheStates`, weakly keyed:
   it lives as long as the cache);
 - a ``generate`` call's state is in its own :class:`GenerateSession` (context variable
@@ -92,23 +92,9 @@ class RequestState:
 
 
 ACTIVE: ContextVar[RequestState | None] = ContextVar("para_active_request", default=None)
-_TOKENS: ContextVar[tuple] = ContextVar("para_active_tokens", default=())
-
-
-def enter(state: RequestState) -> None:
-    """Make ``state`` the running forward's (the model's pre-hook)."""
-    _TOKENS.set(_TOKENS.get() + (ACTIVE.set(state),))
-
-
-def leave() -> RequestState | None:
-    """Back to the state that ran before (the model's post-hook); returns the one that ends."""
-    tokens = _TOKENS.get()
-    if not tokens:
-        return None
-    state = ACTIVE.get()
-    ACTIVE.reset(tokens[-1])
-    _TOKENS.set(tokens[:-1])
-    return state
+# The tokens to restore ACTIVE with, innermost last: the model's pre-hook pushes, its post-hook
+# pops (written out in those hooks, which run at every decode step).
+TOKENS: ContextVar[tuple] = ContextVar("para_active_tokens", default=())
 
 
 @contextmanager
@@ -166,17 +152,17 @@ SESSION: ContextVar[GenerateSession | None] = ContextVar("para_generate", defaul
 @dataclass(eq=False)
 class CacheStates:
     """KV cache object -> the state it was prefilled with. Weak: an entry goes with its cache."""
-    _states: dict = field(default_factory=dict)
+    by_id: dict = field(default_factory=dict)  # id(cache) -> (weak reference to the cache, state)
 
     def get(self, cache) -> RequestState | None:
-        entry = self._states.get(id(cache))
+        entry = self.by_id.get(id(cache))
         return entry[1] if entry is not None and entry[0]() is cache else None
 
     def put(self, cache, state: RequestState) -> None:
         key = id(cache)
-        entry = self._states.get(key)
+        entry = self.by_id.get(key)
         if entry is not None and entry[0]() is cache:
-            self._states[key] = (entry[0], state)
+            self.by_id[key] = (entry[0], state)
             return
         try:
             ref = weakref.ref(cache)
@@ -184,12 +170,12 @@ class CacheStates:
             raise RequestStateError(
                 f"PARA keeps a request's vectors with its KV cache object, and a {type(cache).__name__} cannot "
                 "be referenced weakly; pass a transformers Cache (e.g. DynamicCache) as past_key_values") from None
-        weakref.finalize(cache, self._states.pop, key, None)
-        self._states[key] = (ref, state)
+        weakref.finalize(cache, self.by_id.pop, key, None)
+        self.by_id[key] = (ref, state)
 
     def __len__(self) -> int:
-        return len(self._states)
+        return len(self.by_id)
 
 
 __all__ = ["RequestState", "RequestStateError", "AdapterGroup", "CacheStates", "GenerateSession", "CallOptions",
-           "ACTIVE", "CALL", "DISABLED", "SESSION", "enter", "leave", "active", "checkpoint_context_fn"]
+           "ACTIVE", "TOKENS", "CALL", "DISABLED", "SESSION", "active", "checkpoint_context_fn"]
