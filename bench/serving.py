@@ -441,7 +441,7 @@ def run_checks(s: Setup, log=print, results: dict | None = None) -> dict:
         record("para_adapter_rows_differ", effect, "> 1e-3", effect > 1e-3,
                "relative change of the adapter rows' logits vs bare (the random W_up really rescales)")
         # the vectors the adapters produce, for the record: v - 1 at layer 0 for the prefill
-        try:  # reads PARA's per-batch state: informative only, skipped if the internals change
+        try:  # reads the request state of a prefill: informative only, skipped if the internals change
             results["para_vector_stats"] = _para_vectors(s, mixed)
         except Exception:  # noqa: BLE001
             pass
