@@ -6,6 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tiny_models import PAD
+
 VOCAB = 128
 HIDDEN = 32
 HEADS = 4
@@ -64,3 +66,19 @@ def randomize_adapter(pm, name: str = "default", seed: int = 1, std: float = 0.3
                 p.add_(0.01 * noise)
             else:
                 p.copy_(std * noise)
+
+
+def batch_inputs(batch: int, length: int, pads: list[int], seed: int = 1):
+    """Random ids with left padding: row b has pads[b] pad tokens in front."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for b, p in enumerate(pads):
+        mask[b, :p] = 0
+    ids[mask == 0] = PAD
+    return ids, mask
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all()
+    return float((out.double() - ref.double()).norm() / ref.double().norm())

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from para_kernels import MappingError, PARAConfig, get_para_model
+from para_helpers import batch_inputs, rel_err
 from tiny_models import ARCHITECTURES, PAD, VOCAB, tiny_model
 
 GENERATOR_PARAM = re.compile(r"\.(\d+)\.para_generator\.adapters\.([^.]+)\.(\w+)$")
@@ -75,17 +76,6 @@ def target_sizes(arch: str, cfg) -> dict[str, int]:
     return {"q": heads * hd, "v": kv * hd, "up": n_up}
 
 
-def batch_inputs(batch: int, length: int, pads: list[int], seed: int = 1):
-    """Random ids with left padding: row b has pads[b] pad tokens in front."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (batch, length), generator=g)
-    mask = torch.ones(batch, length, dtype=torch.long)
-    for b, p in enumerate(pads):
-        mask[b, :p] = 0
-    ids[mask == 0] = PAD
-    return ids, mask
-
-
 def adapter_params(para, name: str) -> dict[int, dict[str, nn.Parameter]]:
     """{layer index: {weight name: parameter}} of one adapter, from the PARA model's parameters."""
     out: dict[int, dict] = {}
@@ -104,11 +94,6 @@ def randomize(para, name: str, seed: int, std: float = 0.5) -> None:
             for key in ("b_down", "w_up", "b_up"):
                 p = weights[key]
                 p.copy_(std * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert torch.isfinite(out).all()
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:

@@ -12,17 +12,16 @@ from transformers import DynamicCache
 from para_kernels import PARAConfig, get_para_model
 from para_kernels.transformers.state import ACTIVE, RequestStateError, checkpoint_context_fn
 
-from para_helpers import randomize_adapter, single_thread, tiny_llama  # noqa: F401 (autouse)
-from test_architectures import PAD, batch_inputs, randomize, rel_err
-from tiny_models import ARCHITECTURES, tiny_model
+from para_helpers import batch_inputs, randomize_adapter, rel_err, single_thread, tiny_llama  # noqa: F401 (autouse)
+from tiny_models import ARCHITECTURES, PAD, tiny_model
 
 
 def _two_adapters(model):
     """'a' (last pooler) and 'b' (mean pooler, another signature), both with nonzero weights."""
     pm = get_para_model(model, PARAConfig(r=4), adapter_name="a")
     pm.add_adapter("b", PARAConfig(r=5, pooler="mean", activation="silu"))
-    randomize(pm, "a", seed=3, std=1.0)
-    randomize(pm, "b", seed=4, std=1.0)
+    randomize_adapter(pm, "a", seed=3, std=0.5)
+    randomize_adapter(pm, "b", seed=4, std=0.5)
     return pm
 
 
@@ -391,7 +390,7 @@ def test_checkpoint_recompute_uses_the_forward_request(wrapped):
         model = tiny_llama(dtype=torch.float64)
         pm = _two_adapters(model)
         pm.add_adapter("n", PARAConfig(r=3, pool_input="normed", pooler="attn"))
-        randomize(pm, "n", seed=5, std=1.0)
+        randomize_adapter(pm, "n", seed=5, std=0.5)
         pm.set_adapter("n")
         pm.train()
         if ckpt and wrapped == "forward":
