@@ -35,6 +35,10 @@ class PARAConfig:
     init_scale: W_down starts uniform in ±init_scale/sqrt(d); W_up and b_up start at zero.
     base_model_name_or_path, revision: the backbone the adapter was trained on (filled from the
         model when saved, if not given); what AutoPARAModelForCausalLM loads.
+    modules_to_save: names of backbone modules outside the decoder layers (e.g. ['lm_head']; a
+        name matches a module path equal to it or ending in '.<name>', as in PEFT) of which the
+        adapter keeps its own trainable copy, saved and loaded with it; rows of other adapters
+        (or none) use the original.
     task_type: 'CAUSAL_LM' (as in PEFT).
     inference_mode: True freezes the adapter (get_para_model, add_adapter); saved files say
         True, and loading sets it to ``not is_trainable``, as PEFT does.
@@ -49,6 +53,7 @@ class PARAConfig:
     layers_to_transform: list | None = None
     layers_path: str | None = None
     init_scale: float = 1.0
+    modules_to_save: list | None = None
     base_model_name_or_path: str | None = field(default=None, compare=False)
     revision: str | None = field(default=None, compare=False)
     task_type: str | None = field(default="CAUSAL_LM", compare=False)
@@ -86,6 +91,12 @@ class PARAConfig:
             self.layers_to_transform = sorted(set(layers))
         if not self.init_scale > 0:
             raise ValueError(f"init_scale must be positive, got {self.init_scale!r}")
+        if self.modules_to_save is not None:
+            names = [self.modules_to_save] if isinstance(self.modules_to_save, str) else self.modules_to_save
+            if not isinstance(names, (list, tuple)) or not names or any(not isinstance(n, str) or not n for n in names):
+                raise ValueError(f"modules_to_save must be a list of module names, e.g. ['lm_head'], got "
+                                 f"{self.modules_to_save!r}")
+            self.modules_to_save = sorted(set(names))
         if self.task_type not in TASK_TYPES + (None,):
             raise ValueError(f"task_type must be one of {TASK_TYPES} (or None), got {self.task_type!r}: PARA "
                              "adapts decoder-only causal LMs")

@@ -109,7 +109,7 @@ def _write_first_layout(pm, folder, name):
     save_file(tensors, str(target / WEIGHTS),
               metadata={"format": "pt", "para_format": para_io.FORMAT, "sha256": para_io._digest(tensors)})
     config = pm.peft_config[name].to_dict()
-    for key in ("revision", "task_type", "inference_mode"):  # fields the first layout did not have
+    for key in ("revision", "task_type", "inference_mode", "modules_to_save"):  # fields the first layout lacked
         config.pop(key)
     doc = {"format": para_io.FORMAT, "para_kernels_version": "0.1.0", "model_type": "llama", "hidden_size": 32,
            "num_layers": 2, "generator_outputs": 112, "base_model_name_or_path": None, "config": config}
@@ -455,3 +455,85 @@ def test_trainer_restores_checkpoints_of_both_layouts(tmp_path):
         assert sorted(restore_adapters(target, str(tmp_path / layout))) == ["default", "extra"]
         for name in ("default", "extra"):
             assert torch.equal(_logits(target, adapter_names=[name] * 2), _logits(pm, adapter_names=[name] * 2))
+
+
+# ---------------------------------------------------------------- modules_to_save
+def _train_step(pm, lr=0.5):
+    ids = _ids()
+    out = pm(input_ids=ids, labels=ids)
+    out.loss.backward()
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.sub_(lr * p.grad)
+                p.grad = None
+
+
+def test_modules_to_save_trains_a_copy_saved_and_loaded_with_the_adapter(tmp_path):
+    from safetensors.torch import load_file
+    model = tiny_llama()
+    head = model.lm_head.weight.detach().clone()
+    with torch.no_grad():
+        bare = model(input_ids=_ids()).logits
+        bare_generated = model.generate(input_ids=_ids(), max_new_tokens=3, do_sample=False)
+    pm = get_para_model(model, PARAConfig(r=4, modules_to_save=["lm_head"]))
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert "saved_modules.default.lm_head.weight" in trainable and not model.lm_head.weight.requires_grad
+    assert pm.get_nb_trainable_parameters()[0] == sum(p.numel() for n, p in pm.named_parameters() if n in trainable)
+    _train_step(pm)
+    assert torch.equal(model.lm_head.weight, head)  # the original stays as it was
+    copy = pm.saved_modules["default"]["lm_head"].weight
+    assert not torch.equal(copy, head)
+    trained = _logits(pm)
+    assert not torch.allclose(trained, bare, atol=1e-3)
+    # a bare row uses the original head, an adapter row the copy; disable_adapter: all original
+    mixed = _logits(pm, adapter_names=[None, "default"])
+    torch.testing.assert_close(mixed[0], bare[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(mixed[1], trained[1], rtol=0, atol=1e-5)
+    with pm.disable_adapter():
+        torch.testing.assert_close(_logits(pm), bare, rtol=0, atol=0)
+    with torch.no_grad():
+        generated = pm.generate(input_ids=_ids(), max_new_tokens=3, do_sample=False, adapter_names=[None, "default"])
+    assert torch.equal(generated[0], bare_generated[0])
+    pm.save_pretrained(str(tmp_path))
+    assert json.loads((tmp_path / CONFIG).read_text())["modules_to_save"] == ["lm_head"]
+    assert torch.equal(load_file(str(tmp_path / WEIGHTS))["modules_to_save.lm_head.weight"], copy.detach())
+    fresh = tiny_llama()
+    loaded = PARAModel.from_pretrained(fresh, str(tmp_path))
+    assert torch.equal(_logits(loaded), trained)
+    assert torch.equal(fresh.lm_head.weight, head)
+    base = loaded.unload()
+    assert "forward" not in base.lm_head.__dict__  # the router is gone
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=_ids()).logits, bare)
+
+
+def test_modules_to_save_follow_their_adapter():
+    pm = get_para_model(tiny_llama(), PARAConfig(r=4, modules_to_save=["lm_head"]))
+    pm.add_adapter("plain", PARAConfig(r=4))
+    _train_step(pm)
+    with pm.disable_adapter():
+        bare = _logits(pm)
+    # "plain" has no copy: its rows use the original head (and its untrained generator: v = 1)
+    torch.testing.assert_close(_logits(pm, adapter_names=["plain", "plain"]), bare, rtol=0, atol=1e-6)
+    pm.set_adapter("plain")
+    assert not pm.saved_modules["default"]["lm_head"].weight.requires_grad  # only the active adapter trains
+    pm.delete_adapter("default")
+    assert "default" not in pm.saved_modules
+    torch.testing.assert_close(_logits(pm), bare, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("names,match", [(["no_such_head"], "no module"), (["q_proj"], "inside the decoder layers")])
+def test_modules_to_save_that_cannot_be_kept_are_refused(names, match):
+    from para_kernels import MappingError
+    model = tiny_llama()
+    with pytest.raises(MappingError, match=match):
+        get_para_model(model, PARAConfig(r=4, modules_to_save=names))
+    assert not any(hasattr(m, "para_generator") for m in model.modules())
+
+
+def test_weighted_adapter_refuses_modules_to_save():
+    pm = get_para_model(tiny_llama(), PARAConfig(r=4, modules_to_save=["lm_head"]))
+    pm.add_adapter("b", PARAConfig(r=2, modules_to_save=["lm_head"]))
+    with pytest.raises(ValueError, match="modules_to_save"):
+        pm.add_weighted_adapter(["default", "b"], [0.5, 0.5], "mix")

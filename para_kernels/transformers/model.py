@@ -17,6 +17,7 @@ raises an error that says why. After ``unload()`` the wrapper refuses every call
 """
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import tempfile
@@ -36,6 +37,7 @@ from .state import (ACTIVE, CALL, DISABLED, SESSION, TOKENS, AdapterGroup, Cache
                     GenerateSession, RequestState, RequestStateError, checkpoint_context_fn)
 
 GENERATOR_ATTR = "para_generator"
+SAVED_PREFIX = "modules_to_save"  # tensor names of an adapter's module copies: modules_to_save.<path>.<param>
 BASE_ROW = "__base__"  # PEFT's adapter_names entry for a row without adapter (as None)
 MERGE_ERROR = (
     "PARA adapters cannot be merged into the model's weights: PARA's vectors are computed from each "
@@ -82,10 +84,12 @@ class ModelStatus:
 
 @dataclass
 class _Plan:
-    """Where one adapter attaches: the layer maps (None: layer not transformed), d and N."""
+    """Where one adapter attaches: the layer maps (None: layer not transformed), d and N, and
+    the paths of the backbone modules it keeps a copy of (modules_to_save)."""
     maps: list
     d: int
     n: int
+    saved: list = field(default_factory=list)
 
 
 class PARAModel(nn.Module):
@@ -103,6 +107,9 @@ class PARAModel(nn.Module):
         self._plans: dict[str, _Plan] = {}
         self._trainable: dict[str, bool] = {}
         self._layers = None  # plain list: not registered twice as submodules
+        # modules_to_save: {adapter: {escaped module path: the adapter's copy}}; registered here,
+        # not in the backbone, so the backbone's own state dict stays the backbone's
+        self.saved_modules = nn.ModuleDict()
         self._handles: list = []
         self._hooked: set = set()
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -180,13 +187,35 @@ class PARAModel(nn.Module):
         d = getattr(hf_config, "hidden_size", None)
         if d is None:
             raise MappingError("the model's config has no hidden_size, so the generator's input size is unknown")
+        saved = self._modules_to_save(config, layers)
         if self._layers is None:
             self._layers = list(layers)
-        return _Plan(maps, d, sum(sizes[t] for t in config.targets))
+        return _Plan(maps, d, sum(sizes[t] for t in config.targets), saved)
+
+    def _modules_to_save(self, config: PARAConfig, layers) -> list[str]:
+        """The backbone module paths config.modules_to_save names (PEFT's suffix match)."""
+        inside = {id(m) for layer in layers for m in layer.modules()}
+        found = []
+        for key in config.modules_to_save or ():
+            paths = [n for n, m in self.base_model.named_modules() if n and (n == key or n.endswith("." + key))]
+            if not paths:
+                raise MappingError(f"modules_to_save names {key!r}, but the model has no module of that name "
+                                   "(e.g. 'lm_head')")
+            in_layers = [n for n in paths if id(self.base_model.get_submodule(n)) in inside]
+            if in_layers:
+                raise MappingError(f"modules_to_save {key!r} matches {in_layers}, inside the decoder layers, whose "
+                                   "projections PARA rescales; name modules outside them (a head, the embeddings, "
+                                   "the final norm)")
+            found += paths
+        return sorted(set(found))
 
     def _expected_tensors(self, config: PARAConfig, plan: _Plan) -> dict[str, tuple]:
-        return {f"layers.{i}.{k}": s for i, m in enumerate(plan.maps) if m is not None
-                for k, s in weight_shapes(config, plan.d, plan.n).items()}
+        shapes = {f"layers.{i}.{k}": s for i, m in enumerate(plan.maps) if m is not None
+                  for k, s in weight_shapes(config, plan.d, plan.n).items()}
+        for path in plan.saved:
+            for k, p in self.base_model.get_submodule(path).named_parameters():
+                shapes[f"{SAVED_PREFIX}.{path}.{k}"] = tuple(p.shape)
+        return shapes
 
     def add_adapter(self, adapter_name: str, config: PARAConfig) -> None:
         """Give every mapped layer a fresh generator for ``adapter_name`` (W_up = 0: no effect
@@ -212,9 +241,66 @@ class PARAModel(nn.Module):
             weights = AdapterWeights(config, plan.d, plan.n, dtype, device).requires_grad_(False)
             getattr(layer, GENERATOR_ATTR).adapters[adapter_name] = weights
             self._install_hooks(i, layer, lmap, config)
+        if plan.saved:
+            self._add_module_copies(adapter_name, plan.saved)
         self.peft_config[adapter_name] = config
         self._plans[adapter_name] = plan
         self._trainable[adapter_name] = not config.inference_mode
+
+    def _add_module_copies(self, adapter_name: str, paths: list[str]) -> None:
+        """The adapter's own (frozen until set_adapter) copy of each module in ``paths``, and on
+        each original module, once, a forward that routes every row to its adapter's copy."""
+        copies = nn.ModuleDict()
+        for path in paths:
+            module = self.base_model.get_submodule(path)
+            duplicate = copy.deepcopy(module).requires_grad_(False)
+            if getattr(duplicate.__dict__.get("forward"), "para_routing", False):
+                del duplicate.forward  # the copy runs itself, not the router copied with it
+            copies[_escape(path)] = duplicate
+            if ("<saved>", path) not in self._hooked:
+                self._hooked.add(("<saved>", path))
+                self._handles.append(consumers.ForwardOverride(module, self._routed_forward(path)))
+        self.saved_modules[adapter_name] = copies
+
+    def _saved_module_rows(self, batch: int) -> list | None:
+        """The adapter of each row for modules_to_save (None: all rows use the original): the
+        running request's routing, else the active adapter."""
+        state = ACTIVE.get()
+        if DISABLED.get() or (state is not None and state.disabled):
+            return None
+        requested = None if state is None else state.requested
+        if requested is None or batch % len(requested):
+            return [self.active_adapter] * batch
+        return [name for name in requested for _ in range(batch // len(requested))]
+
+    def _routed_forward(self, path: str):
+        key = _escape(path)
+
+        def make(original):
+            def forward(*args, **kwargs):
+                x = args[0] if args else next(iter(kwargs.values()))
+                rows = self._saved_module_rows(x.shape[0])
+                copies = {} if rows is None else {
+                    n: self.saved_modules[n][key] for n in set(rows)
+                    if n is not None and n in self.saved_modules and key in self.saved_modules[n]}
+                if not copies:
+                    return original(*args, **kwargs)
+                if len(set(rows)) == 1:
+                    return copies[rows[0]](*args, **kwargs)
+                if not args:
+                    raise TypeError(f"modules_to_save: {path} was called without a positional input, so its rows "
+                                    "cannot be split among adapters")
+                pieces, order = [], []
+                for name in dict.fromkeys(rows):  # a mixed batch: each row through its adapter's copy
+                    idx = [i for i, r in enumerate(rows) if r == name]
+                    sub = x.index_select(0, torch.tensor(idx, device=x.device))
+                    pieces.append(copies.get(name, original)(sub, *args[1:], **kwargs))
+                    order += idx
+                inverse = torch.argsort(torch.tensor(order, device=pieces[0].device))
+                return torch.cat(pieces).index_select(0, inverse)
+            forward.para_routing = True
+            return forward
+        return make
 
     def _install_hooks(self, i: int, layer: nn.Module, lmap: LayerMap, config: PARAConfig) -> None:
         def once(key, register):
@@ -271,12 +357,16 @@ class PARAModel(nn.Module):
             trainable = name == adapter_name and self._trainable[name] and not inference_mode
             for _, weights in self._adapter_weights(name):
                 weights.requires_grad_(trainable)
+            if name in self.saved_modules:
+                self.saved_modules[name].requires_grad_(trainable)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_usable()
         self._check_known(adapter_name)
         for i, _ in list(self._adapter_weights(adapter_name)):
             del getattr(self._layers[i], GENERATOR_ATTR).adapters[adapter_name]
+        if adapter_name in self.saved_modules:
+            del self.saved_modules[adapter_name]
         del self.peft_config[adapter_name], self._plans[adapter_name], self._trainable[adapter_name]
         if self.active_adapter == adapter_name:
             self.active_adapter = next(iter(self.peft_config), None)
@@ -295,7 +385,7 @@ class PARAModel(nn.Module):
             DISABLED.reset(token)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        params = list(self.base_model.parameters())
+        params = list(self.base_model.parameters()) + list(self.saved_modules.parameters())
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
     def print_trainable_parameters(self) -> None:
@@ -315,6 +405,8 @@ class PARAModel(nn.Module):
         for layer in self._layers or []:
             if hasattr(layer, GENERATOR_ATTR):
                 delattr(layer, GENERATOR_ATTR)
+        for name in list(self.saved_modules):
+            del self.saved_modules[name]
         model = self.base_model
         for name, p in model.named_parameters():
             p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
@@ -633,6 +725,10 @@ class PARAModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
         configs = [self.peft_config[a] for a in adapters]
+        with_copies = [a for a, c in zip(adapters, configs) if c.modules_to_save]
+        if with_copies:
+            raise ValueError(f"add_weighted_adapter cannot combine {with_copies}: they keep modules_to_save copies, "
+                             "and a weighted sum of modules' weights is not the weighted sum of their outputs' effect")
         first = configs[0]
         for name, config in zip(adapters[1:], configs[1:]):
             if io.with_fields(config, r=first.r) != first:
@@ -670,8 +766,12 @@ class PARAModel(nn.Module):
 
     # ------------------------------------------------------------------ files
     def _adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        return {f"layers.{i}.{k}": p for i, w in self._adapter_weights(adapter_name)
-                for k, p in w.named_parameters()}
+        tensors = {f"layers.{i}.{k}": p for i, w in self._adapter_weights(adapter_name)
+                   for k, p in w.named_parameters()}
+        for path in self._plans[adapter_name].saved:
+            for k, p in self.saved_modules[adapter_name][_escape(path)].named_parameters():
+                tensors[f"{SAVED_PREFIX}.{path}.{k}"] = p
+        return tensors
 
     def _base_model_name(self, config: PARAConfig) -> tuple[str | None, str | None]:
         """(base_model_name_or_path, revision) to record: the config's if set, else the model's
@@ -775,6 +875,11 @@ class PARAModel(nn.Module):
             para.unload()
             raise
         return para
+
+
+def _escape(path: str) -> str:
+    """A module path as a ModuleDict key (no dots)."""
+    return path.replace(".", "__")
 
 
 def _refuse_paged(cache) -> None:
