@@ -331,7 +331,7 @@ def test_merge_and_unload_explains_why_not():
 
 def test_layer_and_model_status():
     pm = get_para_model(tiny_llama(), PARAConfig(r=4, layers_to_transform=[1]))
-    pm.add_adapter("b", PARAConfig(r=2, targets=("up",)))
+    pm.add_adapter("b", PARAConfig(r=2, targets=("up",), layers_to_transform=[1]))
     layers = pm.get_layer_status()
     assert [s.name for s in layers] == ["model.layers.1"]  # only the transformed layer
     layer = layers[0]
@@ -464,7 +464,7 @@ def _train_step(pm, lr=0.5):
     out.loss.backward()
     with torch.no_grad():
         for p in pm.parameters():
-            if p.requires_grad:
+            if p.requires_grad and p.grad is not None:
                 p.sub_(lr * p.grad)
                 p.grad = None
 

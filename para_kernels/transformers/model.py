@@ -141,7 +141,7 @@ class PARAModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_model" or name.startswith("__"):
+            if name == "base_model":
                 raise
             if self.__dict__.get("_unloaded"):
                 raise AttributeError(f"this PARAModel was unloaded, so it has no {name!r}: use the model "
@@ -776,10 +776,11 @@ class PARAModel(nn.Module):
     def _base_model_name(self, config: PARAConfig) -> tuple[str | None, str | None]:
         """(base_model_name_or_path, revision) to record: the config's if set, else the model's
         (None for a model built from a config: no name identifies its weights)."""
+        if config.base_model_name_or_path:
+            return config.base_model_name_or_path, config.revision
         hf_config = getattr(self.base_model, "config", None)
-        name = config.base_model_name_or_path or getattr(self.base_model, "name_or_path", None) \
-            or getattr(hf_config, "_name_or_path", None) or None
-        revision = config.revision or getattr(hf_config, "_commit_hash", None) if name else config.revision
+        name = getattr(self.base_model, "name_or_path", None) or getattr(hf_config, "_name_or_path", None) or None
+        revision = config.revision or (getattr(hf_config, "_commit_hash", None) if name else None)
         return name, revision
 
     def save_pretrained(self, save_directory: str, selected_adapters=None, is_main_process: bool = True,
