@@ -384,8 +384,24 @@ def _vectors(pm, rows):
     ids = _ids(batch=1).repeat(len(rows), 1)
     cache = DynamicCache()
     with torch.no_grad():
-        pm(input_ids=ids, adapter_names=rows, past_key_values=cache, use_cache=True)
+        pm(input_ids=ids, adapter_names=rows, cache=cache, use_cache=True)
     return dict(pm.request_state(cache).vectors())
+
+
+def _generator_outputs(pm, name, hidden):
+    """[layer] -> v [B, N] of adapter ``name``'s generator on the same ``hidden`` [B, T, d] in
+    every layer (the forward's own call, pool_generate, with the whole row as the prompt)."""
+    from para_kernels import ops
+    config, batch, length = pm.peft_config[name], hidden.shape[0], hidden.shape[1]
+    ids = torch.zeros(batch, dtype=torch.long)
+    start, end = torch.zeros(batch, dtype=torch.long), torch.full((batch,), length, dtype=torch.long)
+    out = []
+    for layer in pm._layers:
+        bank = layer.para_generator.bank([name])
+        w_sa = bank["w_sa"][ids] if "w_sa" in bank else None
+        out.append(ops.pool_generate(hidden, start, end, config.pooler, w_sa, bank["w_down"], bank["b_down"],
+                                     bank["w_up"], bank["b_up"], ids, config.activation, bank.get("act_params")))
+    return out
 
 
 @pytest.mark.parametrize("pooler,activation", [("last", "gelu"), ("mean", "silu"), ("max", "tanh"),
@@ -403,13 +419,21 @@ def test_weighted_adapter_is_exactly_the_weighted_sum_of_the_vectors(pooler, act
     weights = (0.7, -0.4)
     pm.add_weighted_adapter(["default", "b"], weights, "mix")
     assert pm.peft_config["mix"].r == 8 and pm.active_adapter == "default"
+    # every layer's generator, on the same pooled input
+    hidden = torch.randn(3, 6, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b, mix = (_generator_outputs(pm, n, hidden) for n in ("default", "b", "mix"))
+    for va, vb, vm in zip(a, b, mix):
+        assert vm.dtype == torch.float64 and not torch.allclose(va, vb)  # the check can fail
+        torch.testing.assert_close(vm, 1 + weights[0] * (va - 1) + weights[1] * (vb - 1), rtol=0, atol=1e-12)
+    # and a real forward: the first layer's vectors (the later layers' inputs differ by row, as
+    # the rows' earlier vectors differ)
     got = _vectors(pm, ["default", "b", "mix"])
-    assert got
-    for k, v in got.items():
-        assert v.dtype == torch.float64
-        want = 1 + weights[0] * (v[0] - 1) + weights[1] * (v[1] - 1)
-        torch.testing.assert_close(v[2], want, rtol=0, atol=1e-12)
-        assert not torch.allclose(v[0], v[1])  # the adapters differ, so the check can fail
+    first_layer = [k for (i, _), k in pm._module_index.items() if i == 0]
+    assert first_layer and all(k in got for k in first_layer)
+    for k in first_layer:
+        v = got[k]
+        torch.testing.assert_close(v[2], 1 + weights[0] * (v[0] - 1) + weights[1] * (v[1] - 1), rtol=0, atol=1e-12)
 
 
 def test_weighted_adapter_refuses_what_it_cannot_combine_exactly():
@@ -460,7 +484,9 @@ def test_trainer_restores_checkpoints_of_both_layouts(tmp_path):
 # ---------------------------------------------------------------- modules_to_save
 def _train_step(pm, lr=0.5):
     ids = _ids()
-    out = pm(input_ids=ids, labels=ids)
+    labels = ids.clone()
+    labels[:, :3] = -100  # the prompt
+    out = pm(input_ids=ids, labels=labels)
     out.loss.backward()
     with torch.no_grad():
         for p in pm.parameters():
