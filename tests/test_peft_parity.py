@@ -80,9 +80,9 @@ def test_base_model_name_is_filled_from_the_model(tmp_path):
     tiny_llama().save_pretrained(str(tmp_path / "backbone"))
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "backbone"))
-    get_para_model(model, PARAConfig(r=4)).save_pretrained(str(tmp_path / "adapter"))
+    get_para_model(model, PARAConfig(r=4), revision="v3").save_pretrained(str(tmp_path / "adapter"))
     doc = json.loads((tmp_path / "adapter" / CONFIG).read_text())
-    assert doc["base_model_name_or_path"] == str(tmp_path / "backbone")
+    assert (doc["base_model_name_or_path"], doc["revision"]) == (str(tmp_path / "backbone"), "v3")
     # a model built from a config has no name: null (never ""), and an explicit name wins
     get_para_model(tiny_llama(), PARAConfig(r=4)).save_pretrained(str(tmp_path / "nameless"))
     assert json.loads((tmp_path / "nameless" / CONFIG).read_text())["base_model_name_or_path"] is None

@@ -124,11 +124,6 @@ def resolve_adapter(path: str, adapter_name: str | None = None, subfolder: str |
                            f"{' or '.join(repr(c) for c in reversed(candidates))}")
 
 
-def adapter_folder(path: str, adapter_name: str) -> str:
-    """Kept for callers of the first API: :func:`resolve_adapter` for a local ``path``."""
-    return resolve_adapter(path, adapter_name)
-
-
 # ---------------------------------------------------------------- reading
 def _split_doc(doc, config_path: str) -> tuple[dict, dict]:
     """(PARAConfig fields, model facts) of a flat (PEFT-style) or first-layout config document."""

@@ -922,6 +922,11 @@ def _no_continuous_batching(original):
     return refuse
 
 
-def get_para_model(model: nn.Module, config: PARAConfig, adapter_name: str = "default") -> PARAModel:
-    """Freeze ``model`` and give it a trainable PARA adapter ``adapter_name`` (active)."""
+def get_para_model(model: nn.Module, config: PARAConfig, adapter_name: str = "default",
+                   revision: str | None = None) -> PARAModel:
+    """Freeze ``model`` and give it a trainable PARA adapter ``adapter_name`` (active; frozen if
+    config.inference_mode). revision: the backbone's revision, recorded in the saved config (PEFT's
+    get_peft_model argument)."""
+    if revision is not None:
+        config = io.with_fields(config, revision=revision)
     return PARAModel(model, config, adapter_name)
