@@ -11,7 +11,10 @@ to the model: state.py says where they live; docs/requests.md gives the rules.
 The PEFT surface (``PeftModel``'s names and arguments) is kept where PARA can honour it:
 save/load in PEFT's folder layout and from Hub ids (io.py), ``get_base_model``,
 ``active_adapters``, ``add_weighted_adapter`` (exact: concatenated generators),
-``get_layer_status`` / ``get_model_status``, ``push_to_hub`` (the adapter folder only). What
+``get_layer_status`` / ``get_model_status``, ``push_to_hub`` (the adapter folder only),
+``modules_to_save`` (each adapter's own copy of a module outside the decoder layers, registered
+on the PARAModel, not in the backbone; a row goes through the copy of its request's adapter,
+else the active adapter's; rows without adapter and disable_adapter() through the original). What
 PARA cannot do (``merge_and_unload``: the vectors depend on the prompt, so no weight holds them)
 raises an error that says why. After ``unload()`` the wrapper refuses every call.
 """
