@@ -1,4 +1,9 @@
-"""PARAConfig: what one PARA adapter is (PARA_SPEC §1), stored as JSON beside its weights."""
+"""PARAConfig: what one PARA adapter is (PARA_SPEC §1), stored as JSON beside its weights.
+
+The fields PEFT's own configs carry (``base_model_name_or_path``, ``revision``, ``task_type``,
+``inference_mode``) are here too, so ``adapter_config.json`` reads like a PEFT adapter's
+(``peft_type: "PARA"``, flat fields); they do not change the generator and are not compared.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +14,7 @@ from .ops.checks import POOL_MODES
 
 TARGETS = ("q", "v", "up")  # the order of the generator's output: [l_q | l_v | l_u]
 POOL_INPUTS = ("residual", "normed")
+TASK_TYPES = ("CAUSAL_LM",)  # PARA rescales a decoder's activations: causal LMs only
 
 
 @dataclass
@@ -27,6 +33,15 @@ class PARAConfig:
     layers_to_transform: indices of the decoder layers that get a generator (None: all).
     layers_path: dotted path of the decoder-layer list (None: found from the config's layer count).
     init_scale: W_down starts uniform in ±init_scale/sqrt(d); W_up and b_up start at zero.
+    base_model_name_or_path, revision: the backbone the adapter was trained on (filled from the
+        model when saved, if not given); what AutoPARAModelForCausalLM loads.
+    modules_to_save: names of backbone modules outside the decoder layers (e.g. ['lm_head']; a
+        name matches a module path equal to it or ending in '.<name>', as in PEFT) of which the
+        adapter keeps its own trainable copy, saved and loaded with it; rows of other adapters
+        (or none) use the original.
+    task_type: 'CAUSAL_LM' (as in PEFT).
+    inference_mode: True freezes the adapter (get_para_model, add_adapter); saved files say
+        True, and loading sets it to ``not is_trainable``, as PEFT does.
     """
 
     r: int = 12
@@ -38,7 +53,11 @@ class PARAConfig:
     layers_to_transform: list | None = None
     layers_path: str | None = None
     init_scale: float = 1.0
+    modules_to_save: list | None = None
     base_model_name_or_path: str | None = field(default=None, compare=False)
+    revision: str | None = field(default=None, compare=False)
+    task_type: str | None = field(default="CAUSAL_LM", compare=False)
+    inference_mode: bool = field(default=False, compare=False)
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -72,6 +91,17 @@ class PARAConfig:
             self.layers_to_transform = sorted(set(layers))
         if not self.init_scale > 0:
             raise ValueError(f"init_scale must be positive, got {self.init_scale!r}")
+        if self.modules_to_save is not None:
+            names = [self.modules_to_save] if isinstance(self.modules_to_save, str) else self.modules_to_save
+            if not isinstance(names, (list, tuple)) or not names or any(not isinstance(n, str) or not n for n in names):
+                raise ValueError(f"modules_to_save must be a list of module names, e.g. ['lm_head'], got "
+                                 f"{self.modules_to_save!r}")
+            self.modules_to_save = sorted(set(names))
+        if self.task_type not in TASK_TYPES + (None,):
+            raise ValueError(f"task_type must be one of {TASK_TYPES} (or None), got {self.task_type!r}: PARA "
+                             "adapts decoder-only causal LMs")
+        if not isinstance(self.inference_mode, bool):
+            raise ValueError(f"inference_mode must be a bool, got {self.inference_mode!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -85,6 +115,22 @@ class PARAConfig:
         if unknown:
             raise ValueError(f"unknown PARAConfig fields {unknown}; known fields are {sorted(names)}")
         return cls(**d)
+
+    @classmethod
+    def from_pretrained(cls, path: str, subfolder: str | None = None, adapter_name: str | None = None,
+                        **hub_kwargs) -> "PARAConfig":
+        """The config saved in a local adapter folder or a Hub repo id (``path``, its ``subfolder``
+        or its ``adapter_name`` subfolder); hub_kwargs: revision, token, cache_dir, local_files_only."""
+        from .transformers import io  # io imports this module
+
+        folder = io.resolve_adapter(path, adapter_name, subfolder, **hub_kwargs)
+        return io.read_config(folder)[0]
+
+    def save_pretrained(self, save_directory: str) -> None:
+        """Write this config alone as ``save_directory/adapter_config.json`` (flat, PEFT-style)."""
+        from .transformers import io
+
+        io.write_config(save_directory, self, {})
 
     def generator_signature(self) -> tuple:
         """Adapters with equal signatures share one stacked bank in a mixed batch."""

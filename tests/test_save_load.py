@@ -45,15 +45,15 @@ def _logits(pm, **kwargs):
 
 
 # ---------------------------------------------------------------- layout
-def test_save_pretrained_writes_one_folder_per_adapter_without_pickles(tmp_path):
+def test_save_pretrained_writes_peft_layout_without_pickles(tmp_path):
+    """As PEFT: the default adapter at the folder root, every other one in its subfolder."""
     pm = _saved(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["default", "extra"]
-    for name in ("default", "extra"):
-        folder = tmp_path / name
-        assert sorted(os.listdir(folder)) == [CONFIG, WEIGHTS]
+    assert sorted(os.listdir(tmp_path)) == sorted([CONFIG, WEIGHTS, "extra"])
+    for name, folder in (("default", tmp_path), ("extra", tmp_path / "extra")):
+        assert sorted(f for f in os.listdir(folder) if f != "extra") == [CONFIG, WEIGHTS]
         doc = json.loads((folder / CONFIG).read_text())
-        assert PARAConfig.from_dict(doc["config"]) == pm.peft_config[name]
-        assert doc["hidden_size"] == 32 and doc["num_layers"] == 2
+        assert PARAConfig.from_pretrained(str(folder)) == pm.peft_config[name]
+        assert doc["peft_type"] == "PARA" and doc["hidden_size"] == 32 and doc["num_layers"] == 2
         tensors = load_file(str(folder / WEIGHTS))
         assert len(tensors) == len(adapter_params(pm, name))
         for n, p in adapter_params(pm, name).items():
@@ -89,8 +89,9 @@ def test_from_pretrained_round_trips_exactly(tmp_path, name, config):
     for k in want:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
     assert torch.equal(_logits(loaded), want_logits)
-    # the folder itself works as the path too
-    direct = PARAModel.from_pretrained(tiny_llama(), str(tmp_path / name), adapter_name=name)
+    # the adapter's own folder works as the path too (default: the root, others: their subfolder)
+    folder = tmp_path if name == "default" else tmp_path / name
+    direct = PARAModel.from_pretrained(tiny_llama(), str(folder), adapter_name=name)
     assert torch.equal(_logits(direct), want_logits)
 
 
@@ -218,10 +219,11 @@ CORRUPTIONS = {
     "truncated config": lambda f: _truncate(f / CONFIG),
     "invalid json": lambda f: (f / CONFIG).write_text("{not json"),
     "json list": lambda f: (f / CONFIG).write_text("[1, 2]"),
-    "unknown config field": lambda f: _edit_config(f / CONFIG, lambda d: d["config"].update(lora_alpha=16)),
-    "invalid config value": lambda f: _edit_config(f / CONFIG, lambda d: d["config"].update(pooler="sum")),
-    "no format marker": lambda f: _edit_config(f / CONFIG, lambda d: d.pop("format")),
-    "config r disagrees": lambda f: _edit_config(f / CONFIG, lambda d: d["config"].update(r=5)),
+    "unknown config field": lambda f: _edit_config(f / CONFIG, lambda d: d.update(lora_alpha=16)),
+    "invalid config value": lambda f: _edit_config(f / CONFIG, lambda d: d.update(pooler="sum")),
+    "no peft_type marker": lambda f: _edit_config(f / CONFIG, lambda d: d.pop("peft_type")),
+    "unknown format version": lambda f: _edit_config(f / CONFIG, lambda d: d.update(format="para_kernels.adapter.v9")),
+    "config r disagrees": lambda f: _edit_config(f / CONFIG, lambda d: d.update(r=5)),
     "wrong tensor shape": lambda f: _rewrite_tensors(f / WEIGHTS, _wrong_shape),
     "integer tensor": lambda f: _rewrite_tensors(f / WEIGHTS, _wrong_dtype),
     "missing tensor": lambda f: _rewrite_tensors(f / WEIGHTS, lambda t: t.pop("layers.0.w_down")),
@@ -232,7 +234,7 @@ CORRUPTIONS = {
 
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
 def test_bad_files_raise_adapter_file_error_before_anything_changes(tmp_path, corruption):
-    _saved(tmp_path)
+    _saved(tmp_path / "default")  # the default adapter at the root of .../default
     CORRUPTIONS[corruption](tmp_path / "default")
     pm = get_para_model(tiny_llama(), PARAConfig(r=4))
     before = {n: p.detach().clone() for n, p in pm.named_parameters()}

@@ -188,10 +188,10 @@ def test_para_trainer_checkpoints_hold_the_adapter_only_and_resume_exactly(tmp_p
     _, full = _trainer_run(tmp_path / "a", max_steps=4)
     ckpt = tmp_path / "a" / "checkpoint-2"
     files = sorted(p.name for p in ckpt.iterdir())
-    assert "default" in files and "training_args.json" in files
+    assert "adapter_config.json" in files and "training_args.json" in files  # default: at the root
     assert not any(f.startswith(("model", "pytorch_model")) for f in files), files  # no backbone
     assert not any(f.endswith(".bin") and f != "training_args.bin" for f in files)
-    saved = load_file(str(ckpt / "default" / "adapter_model.safetensors"))
+    saved = load_file(str(ckpt / "adapter_model.safetensors"))
     assert len(saved) == len(adapter_params(full)) and all(t.numel() < 10_000 for t in saved.values())
     # resuming at step 2 into a fresh model ends where the uninterrupted run ended
     trainer, resumed = _trainer_run(tmp_path / "b", max_steps=4, resume=str(ckpt))

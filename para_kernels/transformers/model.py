@@ -7,13 +7,25 @@ their outputs (``scale`` in a forward hook, or a fused consumer — see consumer
 that continues a request (a KV cache PARA prefilled, or a later step of one generate call)
 reuses that request's vectors unchanged (PARA_SPEC §2). The vectors belong to the request, not
 to the model: state.py says where they live; docs/requests.md gives the rules.
+
+The PEFT surface (``PeftModel``'s names and arguments) is kept where PARA can honour it:
+save/load in PEFT's folder layout and from Hub ids (io.py), ``get_base_model``,
+``active_adapters``, ``add_weighted_adapter`` (exact: concatenated generators),
+``get_layer_status`` / ``get_model_status``, ``push_to_hub`` (the adapter folder only),
+``modules_to_save`` (each adapter's own copy of a module outside the decoder layers, registered
+on the PARAModel, not in the backbone; a row goes through the copy of its request's adapter,
+else the active adapter's; rows without adapter and disable_adapter() through the original). What
+PARA cannot do (``merge_and_unload``: the vectors depend on the prompt, so no weight holds them)
+raises an error that says why. After ``unload()`` the wrapper refuses every call.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import os
+import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -28,14 +40,59 @@ from .state import (ACTIVE, CALL, DISABLED, SESSION, TOKENS, AdapterGroup, Cache
                     GenerateSession, RequestState, RequestStateError, checkpoint_context_fn)
 
 GENERATOR_ATTR = "para_generator"
+SAVED_PREFIX = "modules_to_save"  # tensor names of an adapter's module copies: modules_to_save.<path>.<param>
+BASE_ROW = "__base__"  # PEFT's adapter_names entry for a row without adapter (as None)
+MERGE_ERROR = (
+    "PARA adapters cannot be merged into the model's weights: PARA's vectors are computed from each "
+    "prompt (pool -> generate at every layer), so the scale of q / v / up differs from one request to the "
+    "next and no fixed weight can hold it. unload() returns the bare backbone (every hook and generator "
+    "removed); keep the PARAModel to serve the adapters (several adapters share one batch, for the cost of "
+    "an elementwise multiply per token).")
+
+
+class UnloadedError(RuntimeError):
+    """A PARAModel used after unload(): its hooks and generators are gone."""
+
+
+@dataclass
+class LayerStatus:
+    """One transformed decoder layer, with the fields of PEFT's TunerLayerStatus."""
+    name: str
+    module_type: str
+    enabled: bool
+    active_adapters: list
+    merged_adapters: list
+    requires_grad: dict
+    available_adapters: list
+    devices: dict
+    scaled_modules: list = field(default_factory=list)  # q / v / up projections this layer rescales
+
+
+@dataclass
+class ModelStatus:
+    """The whole model, with the fields of PEFT's ModelStatus."""
+    base_model_type: str
+    adapter_model_type: str
+    peft_types: dict
+    trainable_params: int
+    total_params: int
+    num_adapter_layers: int
+    enabled: bool
+    active_adapters: list
+    merged_adapters: list
+    requires_grad: dict
+    available_adapters: list
+    devices: dict
 
 
 @dataclass
 class _Plan:
-    """Where one adapter attaches: the layer maps (None: layer not transformed), d and N."""
+    """Where one adapter attaches: the layer maps (None: layer not transformed), d and N, and
+    the paths of the backbone modules it keeps a copy of (modules_to_save)."""
     maps: list
     d: int
     n: int
+    saved: list = field(default_factory=list)
 
 
 class PARAModel(nn.Module):
@@ -43,6 +100,7 @@ class PARAModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: PARAConfig | None = None, adapter_name: str = "default"):
         super().__init__()
+        self._unloaded = False
         if any(hasattr(m, GENERATOR_ATTR) for m in model.modules()):
             raise ValueError("this model already carries PARA generators; add adapters to its PARAModel "
                              "with add_adapter(), or unload() it first")
@@ -52,6 +110,9 @@ class PARAModel(nn.Module):
         self._plans: dict[str, _Plan] = {}
         self._trainable: dict[str, bool] = {}
         self._layers = None  # plain list: not registered twice as submodules
+        # modules_to_save: {adapter: {escaped module path: the adapter's copy}}; registered here,
+        # not in the backbone, so the backbone's own state dict stays the backbone's
+        self.saved_modules = nn.ModuleDict()
         self._handles: list = []
         self._hooked: set = set()
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -68,6 +129,9 @@ class PARAModel(nn.Module):
         for method in ("generate_batch", "init_continuous_batching"):
             if hasattr(model, method):
                 self._handles.append(consumers.MethodOverride(model, method, _no_continuous_batching))
+        if hasattr(model, "save_pretrained"):  # the backbone's own files stay the backbone's
+            self._handles.append(consumers.MethodOverride(model, "save_pretrained",
+                                                           functools.partial(_without_generators, model)))
         if config is not None:
             try:
                 self.add_adapter(adapter_name, config)
@@ -82,7 +146,31 @@ class PARAModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
+            if self.__dict__.get("_unloaded"):
+                raise AttributeError(f"this PARAModel was unloaded, so it has no {name!r}: use the model "
+                                     "unload() returned") from None
             return getattr(self.base_model, name)
+
+    def _check_usable(self) -> None:
+        if self._unloaded:
+            raise UnloadedError("this PARAModel was unloaded (its hooks and generators are removed): use the model "
+                                "unload() returned, or wrap it again with get_para_model / PARAModel.from_pretrained")
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped Hugging Face model (with PARA's hooks in place)."""
+        self._check_usable()
+        return self.base_model
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The active adapter as a list (PEFT's name); empty when none is resident."""
+        return [] if self.active_adapter is None else [self.active_adapter]
+
+    def merge_and_unload(self, *args, **kwargs):
+        raise NotImplementedError(MERGE_ERROR)
+
+    def merge_adapter(self, *args, **kwargs):
+        raise NotImplementedError(MERGE_ERROR)
 
     # ------------------------------------------------------------------ adapters
     def _plan(self, config: PARAConfig) -> _Plan:
@@ -102,21 +190,46 @@ class PARAModel(nn.Module):
         d = getattr(hf_config, "hidden_size", None)
         if d is None:
             raise MappingError("the model's config has no hidden_size, so the generator's input size is unknown")
+        saved = self._modules_to_save(config, layers)
         if self._layers is None:
             self._layers = list(layers)
-        return _Plan(maps, d, sum(sizes[t] for t in config.targets))
+        return _Plan(maps, d, sum(sizes[t] for t in config.targets), saved)
+
+    def _modules_to_save(self, config: PARAConfig, layers) -> list[str]:
+        """The backbone module paths config.modules_to_save names (PEFT's suffix match)."""
+        inside = {id(m) for layer in layers for m in layer.modules()}
+        found = []
+        for key in config.modules_to_save or ():
+            paths = [n for n, m in self.base_model.named_modules() if n and (n == key or n.endswith("." + key))]
+            if not paths:
+                raise MappingError(f"modules_to_save names {key!r}, but the model has no module of that name "
+                                   "(e.g. 'lm_head')")
+            in_layers = [n for n in paths if id(self.base_model.get_submodule(n)) in inside]
+            if in_layers:
+                raise MappingError(f"modules_to_save {key!r} matches {in_layers}, inside the decoder layers, whose "
+                                   "projections PARA rescales; name modules outside them (a head, the embeddings, "
+                                   "the final norm)")
+            found += paths
+        return sorted(set(found))
 
     def _expected_tensors(self, config: PARAConfig, plan: _Plan) -> dict[str, tuple]:
-        return {f"layers.{i}.{k}": s for i, m in enumerate(plan.maps) if m is not None
-                for k, s in weight_shapes(config, plan.d, plan.n).items()}
+        shapes = {f"layers.{i}.{k}": s for i, m in enumerate(plan.maps) if m is not None
+                  for k, s in weight_shapes(config, plan.d, plan.n).items()}
+        for path in plan.saved:
+            for k, p in self.base_model.get_submodule(path).named_parameters():
+                shapes[f"{SAVED_PREFIX}.{path}.{k}"] = tuple(p.shape)
+        return shapes
 
     def add_adapter(self, adapter_name: str, config: PARAConfig) -> None:
         """Give every mapped layer a fresh generator for ``adapter_name`` (W_up = 0: no effect
         until trained). The new adapter is resident but not active; see set_adapter."""
+        self._check_usable()
         if not isinstance(config, PARAConfig):
             raise TypeError(f"config must be a PARAConfig, got {type(config).__name__}")
         if not isinstance(adapter_name, str) or not adapter_name or any(c in adapter_name for c in "./\\"):
             raise ValueError(f"adapter_name must be a non-empty string without '.', '/' or '\\', got {adapter_name!r}")
+        if adapter_name == BASE_ROW:
+            raise ValueError(f"adapter_name {BASE_ROW!r} is reserved: in adapter_names it means the bare backbone")
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
         plan = self._plan(config)
@@ -131,9 +244,66 @@ class PARAModel(nn.Module):
             weights = AdapterWeights(config, plan.d, plan.n, dtype, device).requires_grad_(False)
             getattr(layer, GENERATOR_ATTR).adapters[adapter_name] = weights
             self._install_hooks(i, layer, lmap, config)
+        if plan.saved:
+            self._add_module_copies(adapter_name, plan.saved)
         self.peft_config[adapter_name] = config
         self._plans[adapter_name] = plan
-        self._trainable[adapter_name] = True
+        self._trainable[adapter_name] = not config.inference_mode
+
+    def _add_module_copies(self, adapter_name: str, paths: list[str]) -> None:
+        """The adapter's own (frozen until set_adapter) copy of each module in ``paths``, and on
+        each original module, once, a forward that routes every row to its adapter's copy."""
+        copies = nn.ModuleDict()
+        for path in paths:
+            module = self.base_model.get_submodule(path)
+            duplicate = copy.deepcopy(module).requires_grad_(False)
+            if getattr(duplicate.__dict__.get("forward"), "para_routing", False):
+                del duplicate.forward  # the copy runs itself, not the router copied with it
+            copies[_escape(path)] = duplicate
+            if ("<saved>", path) not in self._hooked:
+                self._hooked.add(("<saved>", path))
+                self._handles.append(consumers.ForwardOverride(module, self._routed_forward(path)))
+        self.saved_modules[adapter_name] = copies
+
+    def _saved_module_rows(self, batch: int) -> list | None:
+        """The adapter of each row for modules_to_save (None: all rows use the original): the
+        running request's routing, else the active adapter."""
+        state = ACTIVE.get()
+        if DISABLED.get() or (state is not None and state.disabled):
+            return None
+        requested = None if state is None else state.requested
+        if requested is None or batch % len(requested):
+            return [self.active_adapter] * batch
+        return [name for name in requested for _ in range(batch // len(requested))]
+
+    def _routed_forward(self, path: str):
+        key = _escape(path)
+
+        def make(original):
+            def forward(*args, **kwargs):
+                x = args[0] if args else next(iter(kwargs.values()))
+                rows = self._saved_module_rows(x.shape[0])
+                copies = {} if rows is None else {
+                    n: self.saved_modules[n][key] for n in set(rows)
+                    if n is not None and n in self.saved_modules and key in self.saved_modules[n]}
+                if not copies:
+                    return original(*args, **kwargs)
+                if len(set(rows)) == 1:
+                    return copies[rows[0]](*args, **kwargs)
+                if not args:
+                    raise TypeError(f"modules_to_save: {path} was called without a positional input, so its rows "
+                                    "cannot be split among adapters")
+                pieces, order = [], []
+                for name in dict.fromkeys(rows):  # a mixed batch: each row through its adapter's copy
+                    idx = [i for i, r in enumerate(rows) if r == name]
+                    sub = x.index_select(0, torch.tensor(idx, device=x.device))
+                    pieces.append(copies.get(name, original)(sub, *args[1:], **kwargs))
+                    order += idx
+                inverse = torch.argsort(torch.tensor(order, device=pieces[0].device))
+                return torch.cat(pieces).index_select(0, inverse)
+            forward.para_routing = True
+            return forward
+        return make
 
     def _install_hooks(self, i: int, layer: nn.Module, lmap: LayerMap, config: PARAConfig) -> None:
         def once(key, register):
@@ -171,19 +341,35 @@ class PARAModel(nn.Module):
         if adapter_name not in self.peft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; resident adapters: {sorted(self.peft_config)}")
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the one every row uses by default, and the one that trains."""
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` the one every row uses by default, and the one that trains
+        (frozen when inference_mode, or when it was loaded without is_trainable)."""
+        self._check_usable()
+        if isinstance(adapter_name, (list, tuple)):
+            if len(adapter_name) != 1:
+                raise ValueError(
+                    f"set_adapter takes one adapter name, got {list(adapter_name)}: PARA activates one adapter at a "
+                    "time. To serve several, pass adapter_names=[one name per row] to forward / generate; to "
+                    "combine them into one, use add_weighted_adapter(adapters, weights, adapter_name)")
+            adapter_name = adapter_name[0]
+        if not isinstance(adapter_name, str):
+            raise TypeError(f"adapter_name must be a str, got {type(adapter_name).__name__}")
         self._check_known(adapter_name)
         self.active_adapter = adapter_name
         for name in self.peft_config:
-            trainable = name == adapter_name and self._trainable[name]
+            trainable = name == adapter_name and self._trainable[name] and not inference_mode
             for _, weights in self._adapter_weights(name):
                 weights.requires_grad_(trainable)
+            if name in self.saved_modules:
+                self.saved_modules[name].requires_grad_(trainable)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        self._check_usable()
         self._check_known(adapter_name)
         for i, _ in list(self._adapter_weights(adapter_name)):
             del getattr(self._layers[i], GENERATOR_ATTR).adapters[adapter_name]
+        if adapter_name in self.saved_modules:
+            del self.saved_modules[adapter_name]
         del self.peft_config[adapter_name], self._plans[adapter_name], self._trainable[adapter_name]
         if self.active_adapter == adapter_name:
             self.active_adapter = next(iter(self.peft_config), None)
@@ -194,6 +380,7 @@ class PARAModel(nn.Module):
     def disable_adapter(self):
         """Run the bare backbone inside this context (in this thread / task only: the switch is
         private to the caller, like every per-call setting)."""
+        self._check_usable()
         token = DISABLED.set(True)
         try:
             yield
@@ -201,7 +388,7 @@ class PARAModel(nn.Module):
             DISABLED.reset(token)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        params = list(self.base_model.parameters())
+        params = list(self.base_model.parameters()) + list(self.saved_modules.parameters())
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
     def print_trainable_parameters(self) -> None:
@@ -210,7 +397,9 @@ class PARAModel(nn.Module):
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
 
     def unload(self) -> nn.Module:
-        """Remove every hook and generator and return the original model, as it was."""
+        """Remove every hook and generator and return the original model, as it was. The
+        wrapper is unusable afterwards (every call raises UnloadedError)."""
+        self._check_usable()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -219,11 +408,14 @@ class PARAModel(nn.Module):
         for layer in self._layers or []:
             if hasattr(layer, GENERATOR_ATTR):
                 delattr(layer, GENERATOR_ATTR)
+        for name in list(self.saved_modules):
+            del self.saved_modules[name]
         model = self.base_model
         for name, p in model.named_parameters():
             p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
         self.peft_config.clear()
         self.active_adapter = None
+        self._unloaded = True
         return model
 
     # ------------------------------------------------------------------ running
@@ -235,7 +427,7 @@ class PARAModel(nn.Module):
             if isinstance(adapter_names, str) or not hasattr(adapter_names, "__len__"):
                 raise ValueError(f"adapter_names must be a list with one adapter name (or None) per row, "
                                  f"got {adapter_names!r}")
-            adapter_names = list(adapter_names)
+            adapter_names = [None if name == BASE_ROW else name for name in adapter_names]
             if batch_size is not None and len(adapter_names) != batch_size:
                 raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has "
                                  f"{batch_size} rows; give one adapter name (or None) per row")
@@ -252,10 +444,11 @@ class PARAModel(nn.Module):
                 adapter_names=None, reprefill: bool = False, **kwargs):
         """The wrapped model's forward. prompt_lengths [B]: prompt tokens per row (counted from
         its first attended token; packed rows: one per example); else the labels' -100 prefix,
-        else all attended tokens. adapter_names: one adapter name or None per row; default: the
-        active adapter. A forward given a KV cache PARA prefilled reuses that request's vectors;
+        else all attended tokens. adapter_names: one adapter name or None (or PEFT's "__base__")
+        per row; default: the active adapter. A forward given a KV cache PARA prefilled reuses that request's vectors;
         reprefill=True empties the cache first and prefills ``input_ids`` (the whole
         conversation) as a new prompt."""
+        self._check_usable()
         batch = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if reprefill:
             _empty_cache(kwargs.get("past_key_values", kwargs.get("cache")))
@@ -268,6 +461,7 @@ class PARAModel(nn.Module):
         None per row. Given a past_key_values PARA prefilled, generation continues that request
         with its vectors (a new user turn keeps the first prompt's vectors); reprefill=True
         empties that cache and prefills the whole ``input_ids`` as the prompt instead."""
+        self._check_usable()
         batch = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if reprefill:
             _empty_cache(kwargs.get("past_key_values", kwargs.get("cache")))
@@ -471,33 +665,183 @@ class PARAModel(nn.Module):
         """The transformers 5 name of :meth:`gradient_checkpointing_enable` (what Trainer calls)."""
         self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
 
+    # ------------------------------------------------------------------ status
+    def _layer_names(self) -> list[str]:
+        names = {id(m): n for n, m in self.base_model.named_modules()}
+        return [names.get(id(layer), str(i)) for i, layer in enumerate(self._layers or [])]
+
+    def get_layer_status(self) -> list[LayerStatus]:
+        """One entry per decoder layer that holds a PARA generator (PEFT's TunerLayerStatus)."""
+        self._check_usable()
+        status = []
+        for i, name in enumerate(self._layer_names()):
+            generator = getattr(self._layers[i], GENERATOR_ATTR, None)
+            if generator is None or not len(generator.adapters):
+                continue
+            resident = sorted(generator.adapters)
+            grads = {a: all(p.requires_grad for p in generator.adapters[a].parameters()) for a in resident}
+            devices = {a: sorted({p.device.type for p in generator.adapters[a].parameters()}) for a in resident}
+            scaled = sorted({m.path for a in resident for m in (self._plans[a].maps[i].modules
+                                                                if self._plans[a].maps[i] else ())})
+            status.append(LayerStatus(
+                name=name, module_type="PARAGenerator", enabled=not DISABLED.get(),
+                active_adapters=[a for a in self.active_adapters if a in resident], merged_adapters=[],
+                requires_grad=grads, available_adapters=resident, devices=devices, scaled_modules=scaled))
+        return status
+
+    def get_model_status(self) -> ModelStatus:
+        """The layers' status summed up (PEFT's ModelStatus)."""
+        layers = self.get_layer_status()
+        trainable, total = self.get_nb_trainable_parameters()
+        grads: dict = {}
+        devices: dict = {}
+        for layer in layers:
+            for a, flag in layer.requires_grad.items():
+                grads[a] = flag if grads.get(a, flag) == flag else "irregular"
+            for a, devs in layer.devices.items():
+                devices[a] = sorted(set(devices.get(a, [])) | set(devs))
+        return ModelStatus(
+            base_model_type=type(self.base_model).__name__, adapter_model_type=type(self).__name__,
+            peft_types={a: io.PEFT_TYPE for a in self.peft_config}, trainable_params=trainable, total_params=total,
+            num_adapter_layers=len(layers), enabled=not DISABLED.get(), active_adapters=self.active_adapters,
+            merged_adapters=[], requires_grad=grads, available_adapters=sorted(self.peft_config), devices=devices)
+
+    # ------------------------------------------------------------------ combining
+    def add_weighted_adapter(self, adapters, weights, adapter_name: str, combination_type: str = "cat") -> None:
+        """Add ``adapter_name`` whose vectors are exactly 1 + Σ w_i (v_i - 1), v_i the vectors of
+        ``adapters[i]``. The generators are concatenated along r (W_down, b_down side by side,
+        the up-projections stacked with w_i W_up_i, b_up = Σ w_i b_up_i): exact when the adapters
+        pool the same vector from the prompt and share the activation, so they must agree on
+        everything but r (and the attn pooler's w_sa, the rational activation's parameters must
+        be equal). The new adapter is resident, not active, frozen unless made trainable."""
+        self._check_usable()
+        adapters, weights = list(adapters), [float(w) for w in weights]
+        if combination_type != "cat":
+            raise ValueError(f"combination_type must be 'cat' (the exact combination PARA supports), got "
+                             f"{combination_type!r}: an SVD or linear mix of generators is not the weighted sum "
+                             "of their vectors")
+        if not adapters or len(adapters) != len(weights):
+            raise ValueError(f"adapters and weights must be non-empty and of equal length, got {len(adapters)} "
+                             f"adapters and {len(weights)} weights")
+        for name in adapters:
+            self._check_known(name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
+        configs = [self.peft_config[a] for a in adapters]
+        with_copies = [a for a, c in zip(adapters, configs) if c.modules_to_save]
+        if with_copies:
+            raise ValueError(f"add_weighted_adapter cannot combine {with_copies}: they keep modules_to_save copies, "
+                             "and a weighted sum of modules' weights is not the weighted sum of their outputs' effect")
+        first = configs[0]
+        for name, config in zip(adapters[1:], configs[1:]):
+            if io.with_fields(config, r=first.r) != first:
+                raise ValueError(
+                    f"add_weighted_adapter is exact only for adapters that differ in r alone: {adapters[0]!r} has "
+                    f"{first.generator_signature()[1:]}, {name!r} has {config.generator_signature()[1:]} "
+                    "(pooler, activation, targets, pool_input, target_modules, layers, layers_path)")
+        self._check_shared(adapters, "w_sa", "the attn pooler's w_sa (the pooled vector depends on it)")
+        self._check_shared(adapters, "act_params", "the rational activation's parameters")
+        combined = io.with_fields(first, r=sum(c.r for c in configs), inference_mode=True)
+        self.add_adapter(adapter_name, combined)
+        self._trainable[adapter_name] = False
+        parts = {a: dict(self._adapter_weights(a)) for a in adapters}
+        with torch.no_grad():
+            for i, target in self._adapter_weights(adapter_name):
+                sources = [parts[a][i] for a in adapters]
+                target.w_down.copy_(torch.cat([s.w_down for s in sources], dim=1))
+                target.b_down.copy_(torch.cat([s.b_down for s in sources]))
+                target.w_up.copy_(torch.cat([w * s.w_up for w, s in zip(weights, sources)], dim=0))
+                target.b_up.copy_(sum(w * s.b_up for w, s in zip(weights, sources)))
+                for shared in ("w_sa", "act_params"):
+                    if hasattr(target, shared):
+                        getattr(target, shared).copy_(getattr(sources[0], shared))
+
+    def _check_shared(self, adapters: list, weight: str, what: str) -> None:
+        """Raise unless every adapter has the same ``weight`` tensor in every layer (or none)."""
+        first = dict(self._adapter_weights(adapters[0]))
+        for name in adapters[1:]:
+            for i, w in self._adapter_weights(name):
+                mine, theirs = getattr(first[i], weight, None), getattr(w, weight, None)
+                if mine is not None and not torch.equal(mine, theirs):
+                    raise ValueError(f"add_weighted_adapter cannot combine {adapters[0]!r} and {name!r} exactly: "
+                                     f"{what} differ (layer {i}); the weighted sum of their vectors is not one "
+                                     "generator's output")
+
     # ------------------------------------------------------------------ files
     def _adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        return {f"layers.{i}.{k}": p for i, w in self._adapter_weights(adapter_name)
-                for k, p in w.named_parameters()}
+        tensors = {f"layers.{i}.{k}": p for i, w in self._adapter_weights(adapter_name)
+                   for k, p in w.named_parameters()}
+        for path in self._plans[adapter_name].saved:
+            for k, p in self.saved_modules[adapter_name][_escape(path)].named_parameters():
+                tensors[f"{SAVED_PREFIX}.{path}.{k}"] = p
+        return tensors
 
-    def save_pretrained(self, save_directory: str, selected_adapters=None, **_) -> None:
-        """Each adapter into ``save_directory/<adapter name>/``: adapter_model.safetensors and
-        adapter_config.json."""
+    def _base_model_name(self, config: PARAConfig) -> tuple[str | None, str | None]:
+        """(base_model_name_or_path, revision) to record: the config's if set, else the model's
+        (None for a model built from a config: no name identifies its weights)."""
+        if config.base_model_name_or_path:
+            return config.base_model_name_or_path, config.revision
+        hf_config = getattr(self.base_model, "config", None)
+        name = getattr(self.base_model, "name_or_path", None) or getattr(hf_config, "_name_or_path", None) or None
+        revision = config.revision or (getattr(hf_config, "_commit_hash", None) if name else None)
+        return name, revision
+
+    def save_pretrained(self, save_directory: str, selected_adapters=None, is_main_process: bool = True,
+                        safe_serialization: bool = True, **kwargs) -> None:
+        """As PEFT: adapter ``default`` at ``save_directory`` itself, any other in
+        ``save_directory/<name>/``; each folder: adapter_model.safetensors + adapter_config.json.
+        Only the main process writes (is_main_process=False: nothing is written)."""
+        self._check_usable()
+        if kwargs:
+            raise TypeError(f"save_pretrained() got arguments PARA does not support: {sorted(kwargs)}")
+        if not safe_serialization:
+            raise ValueError("safe_serialization=False asks for pickled weights; para_kernels writes safetensors "
+                             "only (nothing it loads is unpickled)")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             self._check_known(name)
+        if not is_main_process:
+            return
         hf_config = getattr(self.base_model, "config", None)
         for name in names:
             config, plan = self.peft_config[name], self._plans[name]
+            base_name, revision = self._base_model_name(config)
+            saved = io.with_fields(config, base_model_name_or_path=base_name, revision=revision,
+                                   inference_mode=True)
             info = {"model_type": getattr(hf_config, "model_type", None), "hidden_size": plan.d,
-                    "num_layers": len(plan.maps), "generator_outputs": plan.n,
-                    "base_model_name_or_path": config.base_model_name_or_path
-                    or getattr(hf_config, "_name_or_path", None)}
-            io.save_adapter(os.path.join(save_directory, name), config, self._adapter_tensors(name), info)
+                    "num_layers": len(plan.maps), "generator_outputs": plan.n}
+            folder = os.path.join(save_directory, io.adapter_subfolder(name))
+            io.save_adapter(folder, saved, self._adapter_tensors(name), info)
 
-    def load_adapter(self, path: str, adapter_name: str = "default", is_trainable: bool = False) -> None:
-        """Load an adapter saved by save_pretrained (``path`` or ``path/adapter_name``) as
-        ``adapter_name``; frozen unless is_trainable."""
+    def push_to_hub(self, repo_id: str, selected_adapters=None, private: bool | None = None, token=None,
+                    revision: str | None = None, commit_message: str = "Upload PARA adapter",
+                    create_pr: bool = False):
+        """Upload the adapter folder save_pretrained writes (never the backbone) to Hub repo
+        ``repo_id`` (created if missing); returns the commit info."""
+        self._check_usable()
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        with tempfile.TemporaryDirectory(prefix="para_push_") as folder:
+            self.save_pretrained(folder, selected_adapters=selected_adapters)
+            return api.upload_folder(repo_id=getattr(repo, "repo_id", repo_id), folder_path=folder,
+                                     repo_type="model", revision=revision, commit_message=commit_message,
+                                     create_pr=create_pr)
+
+    def load_adapter(self, path: str, adapter_name: str = "default", is_trainable: bool = False,
+                     subfolder: str | None = None, revision: str | None = None, token=None,
+                     cache_dir: str | None = None, local_files_only: bool = False) -> None:
+        """Load an adapter saved by save_pretrained as ``adapter_name``; frozen unless is_trainable.
+        ``path``: a folder or a Hub repo id; the adapter is read from its ``adapter_name``
+        subfolder when there is one (save_pretrained's layout), else from the folder itself."""
+        self._check_usable()
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
-        folder = io.adapter_folder(path, adapter_name)
+        folder = io.resolve_adapter(path, adapter_name, subfolder, revision=revision, token=token,
+                                    cache_dir=cache_dir, local_files_only=local_files_only)
         config, info, tensors = io.read_adapter(folder)
+        config = io.with_fields(config, inference_mode=not is_trainable)
         try:
             plan = self._plan(config)
         except MappingError as e:
@@ -525,15 +869,21 @@ class PARAModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str, adapter_name: str = "default",
-                        is_trainable: bool = False) -> "PARAModel":
-        """Wrap ``model`` and load the adapter saved at ``path`` (or ``path/adapter_name``)."""
+                        is_trainable: bool = False, **load_kwargs) -> "PARAModel":
+        """Wrap ``model`` and load the adapter saved at ``path`` (a folder or a Hub repo id; see
+        load_adapter for ``subfolder``, ``revision``, ``token``, ``cache_dir``, ``local_files_only``)."""
         para = cls(model)
         try:
-            para.load_adapter(path, adapter_name, is_trainable=is_trainable)
+            para.load_adapter(path, adapter_name, is_trainable=is_trainable, **load_kwargs)
         except Exception:
             para.unload()
             raise
         return para
+
+
+def _escape(path: str) -> str:
+    """A module path as a ModuleDict key (no dots)."""
+    return path.replace(".", "__")
 
 
 def _refuse_paged(cache) -> None:
@@ -550,6 +900,19 @@ def _empty_cache(cache) -> None:
         cache.reset()
 
 
+def _without_generators(model: nn.Module, original):
+    """The backbone's save_pretrained, minus the PARA generator tensors that live inside its
+    layers while it is wrapped (they would reload as unexpected keys): the adapters are saved by
+    PARAModel.save_pretrained."""
+    marker = f".{GENERATOR_ATTR}."
+
+    def save_pretrained(*args, state_dict=None, **kwargs):
+        state_dict = model.state_dict() if state_dict is None else state_dict
+        kept = {k: v for k, v in state_dict.items() if marker not in f".{k}"}
+        return original(*args, state_dict=kept, **kwargs)
+    return save_pretrained
+
+
 def _no_continuous_batching(original):
     def refuse(*args, **kwargs):
         raise NotImplementedError(
@@ -562,6 +925,11 @@ def _no_continuous_batching(original):
     return refuse
 
 
-def get_para_model(model: nn.Module, config: PARAConfig, adapter_name: str = "default") -> PARAModel:
-    """Freeze ``model`` and give it a trainable PARA adapter ``adapter_name`` (active)."""
+def get_para_model(model: nn.Module, config: PARAConfig, adapter_name: str = "default",
+                   revision: str | None = None) -> PARAModel:
+    """Freeze ``model`` and give it a trainable PARA adapter ``adapter_name`` (active; frozen if
+    config.inference_mode). revision: the backbone's revision, recorded in the saved config (PEFT's
+    get_peft_model argument)."""
+    if revision is not None:
+        config = io.with_fields(config, revision=revision)
     return PARAModel(model, config, adapter_name)

@@ -2,8 +2,9 @@
 
 ``Trainer`` saves any model that is not a ``PreTrainedModel`` or a PEFT model as one full state
 dict (the frozen backbone included) and cannot resume from adapter files it does not know.
-:class:`PARATrainer` changes only that: ``save_model()`` and every checkpoint write
-``<dir>/<adapter>/adapter_model.safetensors`` + ``adapter_config.json`` (``save_pretrained``)
+:class:`PARATrainer` changes only that: ``save_model()`` and every checkpoint write the adapters
+as ``save_pretrained`` does (``default`` at ``<dir>``, others in ``<dir>/<adapter>/``; checkpoints
+of the first layout, every adapter in ``<dir>/<adapter>/``, still resume)
 and the training arguments as JSON; ``resume_from_checkpoint`` and ``load_best_model_at_end``
 copy the saved weights back into the same parameters, so the optimizer's references stay valid.
 """
@@ -14,24 +15,31 @@ import os
 import torch
 from transformers import Trainer
 
-from .io import CONFIG_NAME, AdapterFileError
+from .io import CONFIG_NAME, DEFAULT_ADAPTER, AdapterFileError
 from .model import PARAModel
 
 TRAINING_ARGS_JSON = "training_args.json"
 
 
+def _saved_folder(checkpoint: str, name: str) -> str | None:
+    """Where ``checkpoint`` holds adapter ``name``: its subfolder, or (``default`` only) the
+    checkpoint folder itself."""
+    folders = [os.path.join(checkpoint, name)] + ([checkpoint] if name == DEFAULT_ADAPTER else [])
+    return next((f for f in folders if os.path.isfile(os.path.join(f, CONFIG_NAME))), None)
+
+
 def restore_adapters(model: PARAModel, checkpoint: str) -> list[str]:
-    """Copy each adapter saved in ``checkpoint/<name>/`` into the resident adapter of that name,
-    in place (same config required). Every trainable adapter must be there. Returns the names."""
-    saved = [n for n in model.peft_config if os.path.isfile(os.path.join(checkpoint, n, CONFIG_NAME))]
+    """Copy each adapter saved in ``checkpoint`` into the resident adapter of that name, in place
+    (same config required). Every trainable adapter must be there. Returns the names."""
+    saved = {n: f for n in model.peft_config if (f := _saved_folder(checkpoint, n)) is not None}
     missing = [n for n in model.peft_config if model._trainable[n] and n not in saved]
     if missing or not saved:
         raise AdapterFileError(f"checkpoint {checkpoint!r} holds no saved weights for adapter(s) "
-                               f"{missing or list(model.peft_config)}; expected <checkpoint>/<adapter name>/"
-                               f"{CONFIG_NAME} as PARATrainer writes it")
-    for name in saved:
+                               f"{missing or list(model.peft_config)}; expected {CONFIG_NAME} in <checkpoint> "
+                               "(adapter 'default') or <checkpoint>/<adapter name>/, as PARATrainer writes it")
+    for name, folder in saved.items():
         staged = f"{name}__checkpoint"
-        model.load_adapter(os.path.join(checkpoint, name), adapter_name=staged)  # checks file and shapes
+        model.load_adapter(folder, adapter_name=staged)  # checks file and shapes
         try:
             saved_sig, own_sig = (model.peft_config[n].generator_signature() for n in (staged, name))
             if saved_sig != own_sig:
@@ -43,7 +51,7 @@ def restore_adapters(model: PARAModel, checkpoint: str) -> list[str]:
                     p.copy_(source[key])
         finally:
             model.delete_adapter(staged)
-    return saved
+    return list(saved)
 
 
 class PARATrainer(Trainer):
