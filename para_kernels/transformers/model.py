@@ -274,7 +274,7 @@ class PARAModel(nn.Module):
         requested = None if state is None else state.requested
         if requested is None or batch % len(requested):
             return [self.active_adapter] * batch
-        return [name for name in requested for _ in range(batch // len(requested))]
+        return _per_row(requested, batch)
 
     def _routed_forward(self, path: str):
         key = _escape(path)
@@ -451,7 +451,7 @@ class PARAModel(nn.Module):
         self._check_usable()
         batch = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if reprefill:
-            _empty_cache(kwargs.get("past_key_values", kwargs.get("cache")))
+            _empty_cache(_cache_of(kwargs))
         with self._calling(adapter_names, prompt_lengths, None if batch is None else batch.shape[0]):
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 
@@ -464,7 +464,7 @@ class PARAModel(nn.Module):
         self._check_usable()
         batch = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if reprefill:
-            _empty_cache(kwargs.get("past_key_values", kwargs.get("cache")))
+            _empty_cache(_cache_of(kwargs))
         with self._calling(adapter_names, None, None if batch is None else batch.shape[0]):
             return self.base_model.generate(*args, **kwargs)
 
@@ -492,7 +492,7 @@ class PARAModel(nn.Module):
             return [self.active_adapter] * batch
         if batch % len(rows):
             raise ValueError(f"adapter_names has {len(rows)} entries but the batch has {batch} rows")
-        return [name for name in rows for _ in range(batch // len(rows))]  # generate's beams / sequences
+        return _per_row(rows, batch)
 
     def _make_groups(self, rows: list, device) -> list[AdapterGroup]:
         by_signature: dict[tuple, list] = {}
@@ -544,9 +544,9 @@ class PARAModel(nn.Module):
         # written out here, without helper calls, because its Python cost is what PARA adds to
         # every generated token.
         try:
-            cache = kwargs.get("past_key_values")
+            cache = kwargs.get("past_key_values")  # _cache_of, written out (per-token path)
             if cache is None:
-                cache = kwargs.get("cache")  # the name from transformers 5.2x
+                cache = kwargs.get("cache")
             cached = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
             x = kwargs.get("input_ids")
             if x is None:
@@ -879,6 +879,18 @@ class PARAModel(nn.Module):
             para.unload()
             raise
         return para
+
+
+def _per_row(names, batch: int) -> list:
+    """One name per row: generate() repeats each row of the call for beams / return sequences."""
+    return [name for name in names for _ in range(batch // len(names))]
+
+
+def _cache_of(kwargs: dict):
+    """The KV cache a call was given: ``past_key_values``, else ``cache`` (its name from
+    transformers 5.2x)."""
+    cache = kwargs.get("past_key_values")
+    return kwargs.get("cache") if cache is None else cache
 
 
 def _escape(path: str) -> str:

@@ -17,6 +17,14 @@ def _row_error(kind: str, bad: Tensor, detail) -> ValueError:
     return ValueError(f"{kind} of row {b}: {detail(b)}")
 
 
+def _lengths(prompt_lengths, count: int, device, expected: str) -> Tensor:
+    """prompt_lengths as ``count`` int64s on ``device``; else ValueError 'prompt_lengths must <expected>'."""
+    lengths = torch.as_tensor(prompt_lengths, device=device)
+    if lengths.dim() != 1 or lengths.shape[0] != count or lengths.is_floating_point():
+        raise ValueError(f"prompt_lengths must {expected}, got {list(lengths.shape)} {lengths.dtype}")
+    return lengths.long()
+
+
 def attended_span(attention_mask: Tensor | None, batch: int, length: int, device) -> tuple[Tensor, Tensor]:
     """(first attended index, last attended index + 1) per row; the attended tokens of a row
     must be one contiguous run (left or right padding)."""
@@ -86,11 +94,8 @@ def packed_prompts(position_ids: Tensor, batch: int, length: int, device, attent
     token_rows = (torch.searchsorted(start, flat, right=True) - 1).clamp(min=0)
     n = start.shape[0]
     if prompt_lengths is not None:
-        lengths = torch.as_tensor(prompt_lengths, device=device)
-        if lengths.dim() != 1 or lengths.shape[0] != n or lengths.is_floating_point():
-            raise ValueError(f"prompt_lengths must give one integer per packed example: these rows hold {n} "
-                             f"examples (positions restart), got {list(lengths.shape)} {lengths.dtype}")
-        lengths = lengths.long()
+        lengths = _lengths(prompt_lengths, n, device, f"give one integer per packed example: these rows hold {n} "
+                           "examples (positions restart)")
         bad = (lengths < 1) | (lengths > end - start)
         if bool(bad.any()):
             raise _row_error("prompt_lengths", bad, lambda e: f"packed example {e} has {int(end[e] - start[e])} "
@@ -116,11 +121,7 @@ def prompt_ranges(batch: int, length: int, device, attention_mask: Tensor | None
     """[start, end) of every row's prompt, as int64 tensors on ``device``."""
     first, end = attended_span(attention_mask, batch, length, device)
     if prompt_lengths is not None:
-        lengths = torch.as_tensor(prompt_lengths, device=device)
-        if lengths.dim() != 1 or lengths.shape[0] != batch or lengths.is_floating_point():
-            raise ValueError(f"prompt_lengths must be {batch} integers, one per row, got {list(lengths.shape)} "
-                             f"{lengths.dtype}")
-        lengths = lengths.long()
+        lengths = _lengths(prompt_lengths, batch, device, f"be {batch} integers, one per row")
         if bool((lengths < 1).any()):
             raise _row_error("prompt_lengths", lengths < 1,
                              lambda b: f"prompt length {int(lengths[b])}: a prompt needs at least one token")
