@@ -12,11 +12,11 @@
 //   return cudaErrorInvalidValue;
 #pragma once
 
-#include <cstdint>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cstdint>
 
-#define PARA_HD __host__ __device__ __forceinline__
+#define PARA_HD  __host__ __device__ __forceinline__
 #define PARA_DEV __device__ __forceinline__
 #ifdef __CUDACC__  // host compilers (the torch-facing .cpp files) do not know the pragma
 #define PARA_UNROLL _Pragma("unroll")
@@ -28,19 +28,35 @@ namespace para {
 
 enum class ScalarKind : int { f32 = 0, f64 = 1, f16 = 2, bf16 = 3 };
 
-#define PARA_DISPATCH_FLOATING(kind, scalar_t, ...)                                       \
-  switch (kind) {                                                                         \
-    case ::para::ScalarKind::f32: { using scalar_t = float; __VA_ARGS__ } break;          \
-    case ::para::ScalarKind::f64: { using scalar_t = double; __VA_ARGS__ } break;         \
-    case ::para::ScalarKind::f16: { using scalar_t = __half; __VA_ARGS__ } break;         \
-    case ::para::ScalarKind::bf16: { using scalar_t = __nv_bfloat16; __VA_ARGS__ } break; \
-    default: break;                                                                       \
+#define PARA_DISPATCH_FLOATING(kind, scalar_t, ...) \
+  switch (kind) {                                   \
+    case ::para::ScalarKind::f32: {                 \
+      using scalar_t = float;                       \
+      __VA_ARGS__                                   \
+    } break;                                        \
+    case ::para::ScalarKind::f64: {                 \
+      using scalar_t = double;                      \
+      __VA_ARGS__                                   \
+    } break;                                        \
+    case ::para::ScalarKind::f16: {                 \
+      using scalar_t = __half;                      \
+      __VA_ARGS__                                   \
+    } break;                                        \
+    case ::para::ScalarKind::bf16: {                \
+      using scalar_t = __nv_bfloat16;               \
+      __VA_ARGS__                                   \
+    } break;                                        \
+    default: break;                                 \
   }
 
 // ---- accumulation type and conversions --------------------------------------------------
 
-template <class T> struct AccTrait { using type = float; };
-template <> struct AccTrait<double> { using type = double; };
+template <class T> struct AccTrait {
+  using type = float;
+};
+template <> struct AccTrait<double> {
+  using type = double;
+};
 template <class T> using AccT = typename AccTrait<T>::type;
 
 PARA_HD float to_acc(float x) { return x; }
@@ -101,28 +117,33 @@ template <class T> PARA_DEV void store_pack(T* p, const Pack<T>& in) {
 template <class T> PARA_DEV Pack<T> load_group(const T* p, std::int64_t stride, int n) {
   if (stride == 1 && n >= kPack<T> && is_aligned16(p)) return load_pack(p);
   Pack<T> out;
-PARA_UNROLL
+  PARA_UNROLL
   for (int i = 0; i < kPack<T>; ++i) out.v[i] = i < n ? p[i * stride] : from_acc<T>(0.0f);
   return out;
 }
 template <class T> PARA_DEV void store_group(T* p, std::int64_t stride, const Pack<T>& in, int n) {
-  if (stride == 1 && n >= kPack<T> && is_aligned16(p)) { store_pack(p, in); return; }
-PARA_UNROLL
+  if (stride == 1 && n >= kPack<T> && is_aligned16(p)) {
+    store_pack(p, in);
+    return;
+  }
+  PARA_UNROLL
   for (int i = 0; i < kPack<T>; ++i)
     if (i < n) p[i * stride] = in.v[i];
 }
 
 // A pack widened to the accumulator, and back (rounded once).
-template <class T> struct AccPack { AccT<T> v[kPack<T>]; };
+template <class T> struct AccPack {
+  AccT<T> v[kPack<T>];
+};
 template <class T> PARA_DEV AccPack<T> widen(const Pack<T>& p) {
   AccPack<T> a;
-PARA_UNROLL
+  PARA_UNROLL
   for (int i = 0; i < kPack<T>; ++i) a.v[i] = to_acc(p.v[i]);
   return a;
 }
 template <class T> PARA_DEV Pack<T> narrow(const AccPack<T>& a) {
   Pack<T> p;
-PARA_UNROLL
+  PARA_UNROLL
   for (int i = 0; i < kPack<T>; ++i) p.v[i] = from_acc<T>(a.v[i]);
   return p;
 }

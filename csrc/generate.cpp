@@ -126,8 +126,9 @@ at::Tensor generate_cuda(const at::Tensor& pooled, const at::Tensor& w_down, con
   if (out.numel() == 0) return out;
   const GeneratePlan plan = generate_plan(a, num_sms(pooled.device().index()), false);
   at::Tensor scratch = scratch_for(plan, pooled);
-  check_launch(generate_forward(a, plan, out.data_ptr(), scratch.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
-               "para_cuda::generate");
+  check_launch(
+      generate_forward(a, plan, out.data_ptr(), scratch.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
+      "para_cuda::generate");
   return out;
 }
 
@@ -147,8 +148,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor g_b_down = at::empty({a.A, a.r}, w_down.options());
   at::Tensor g_w_up = at::empty({a.A, a.r, a.N}, w_down.options());
   at::Tensor g_b_up = at::empty({a.A, a.N}, w_down.options());
-  at::Tensor g_params = act_params.has_value() ? at::empty({a.A, kRationalParams}, w_down.options())
-                                               : at::empty({0}, pooled.options());
+  at::Tensor g_params =
+      act_params.has_value() ? at::empty({a.A, kRationalParams}, w_down.options()) : at::empty({0}, pooled.options());
   GenerateGrads g{};
   g.grad = grad_c.data_ptr();
   g.g_pooled = g_pooled.data_ptr();

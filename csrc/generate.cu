@@ -40,12 +40,12 @@
 namespace para {
 namespace {
 
-constexpr int kRows = 32;          // rows per block: one warp's ballot
-constexpr int kRC = 16;            // r columns per pass
-constexpr int kDC = 64;            // k chunk staged by gather_gemm
+constexpr int kRows = 32;  // rows per block: one warp's ballot
+constexpr int kRC = 16;    // r columns per pass
+constexpr int kDC = 64;    // k chunk staged by gather_gemm
 constexpr int kGemmThreads = 256;
 constexpr int kGemmItems = kRows * kRC / kGemmThreads;  // (row, column, k-phase) items per thread
-constexpr int kColThreads = 128;   // up / bwd kernels: one output column per thread
+constexpr int kColThreads = 128;                        // up / bwd kernels: one output column per thread
 constexpr int kMaxSplits = 32;
 constexpr unsigned kFull = 0xffffffffu;
 static_assert(kGemmItems * kGemmThreads == kRows * kRC, "items must tile the output block");
@@ -57,7 +57,8 @@ static_assert(kColThreads >= kRC && kColThreads >= kRationalParams, "bias sums u
 // kernel never reads out of bounds).
 PARA_DEV int load_id(const void* ids, bool ids64, std::int64_t row, std::int64_t B, std::int64_t A) {
   if (row >= B) return -1;
-  const std::int64_t v = ids64 ? static_cast<const std::int64_t*>(ids)[row] : static_cast<const std::int32_t*>(ids)[row];
+  const std::int64_t v =
+      ids64 ? static_cast<const std::int64_t*>(ids)[row] : static_cast<const std::int32_t*>(ids)[row];
   return (v >= 0 && v < A) ? static_cast<int>(v) : -1;
 }
 
@@ -164,9 +165,9 @@ template <class TA> PARA_DEV TA act_deriv(TA x, GenAct act) {
 // X [B, K] contiguous. grid (B/32, S), kGemmThreads threads.
 template <class TX, class TW, class TA>
 __global__ void __launch_bounds__(kGemmThreads, 2)  // a min-blocks hint: ptxas spilled without it
-gather_gemm_kernel(const TX* __restrict__ X, const TW* __restrict__ W, std::int64_t w_sa, std::int64_t w_sk,
-                   std::int64_t w_sc, const void* __restrict__ ids, bool ids64, std::int64_t A,
-                   TA* __restrict__ out, std::int64_t B, std::int64_t K, std::int64_t r, std::int64_t k_per_split) {
+    gather_gemm_kernel(const TX* __restrict__ X, const TW* __restrict__ W, std::int64_t w_sa, std::int64_t w_sk,
+                       std::int64_t w_sc, const void* __restrict__ ids, bool ids64, std::int64_t A,
+                       TA* __restrict__ out, std::int64_t B, std::int64_t K, std::int64_t r, std::int64_t k_per_split) {
   constexpr int G = sizeof(TA) == 8 ? 2 : 8;  // adapters staged at once (shared memory < 48 KB)
   __shared__ RowBlock rb;
   __shared__ TA sX[kRows][kDC + 1];
@@ -181,9 +182,9 @@ gather_gemm_kernel(const TX* __restrict__ X, const TW* __restrict__ W, std::int6
 
   for (std::int64_t c0 = 0; c0 < r; c0 += kRC) {
     const int rc = static_cast<int>(r - c0 < kRC ? r - c0 : kRC);
-    const int slots = kRows * rc;                                 // (row, column) outputs
+    const int slots = kRows * rc;                                         // (row, column) outputs
     const int phases = slots >= kGemmThreads ? 1 : kGemmThreads / slots;  // k split across threads
-    const int items = slots * phases;                             // <= kRows * kRC
+    const int items = slots * phases;                                     // <= kRows * kRC
     TA acc[kGemmItems];
 #pragma unroll
     for (int q = 0; q < kGemmItems; ++q) acc[q] = TA(0);
@@ -250,9 +251,9 @@ template <class TW, class TA> PARA_DEV void load_column(TA (&w)[kRC], const TW* 
 // grid (N/128, B/32), kColThreads threads.
 template <class TP, class TW, class TA>
 __global__ void __launch_bounds__(kColThreads)
-up_kernel(const TA* __restrict__ hpart, int S, const TW* __restrict__ b_down, const TW* __restrict__ w_up,
-          const TW* __restrict__ b_up, const TW* __restrict__ prm, GenAct act, const void* __restrict__ ids,
-          bool ids64, std::int64_t A, TP* __restrict__ out, std::int64_t B, std::int64_t r, std::int64_t N) {
+    up_kernel(const TA* __restrict__ hpart, int S, const TW* __restrict__ b_down, const TW* __restrict__ w_up,
+              const TW* __restrict__ b_up, const TW* __restrict__ prm, GenAct act, const void* __restrict__ ids,
+              bool ids64, std::int64_t A, TP* __restrict__ out, std::int64_t B, std::int64_t r, std::int64_t N) {
   __shared__ RowBlock rb;
   __shared__ TA sZ[kRows][kRC];
   __shared__ TA sAcc[kRows][kColThreads];  // each thread owns its column: no barrier needed
@@ -332,15 +333,19 @@ __global__ void mid_kernel(const TA* __restrict__ hpart, int S, const TA* __rest
       x += to_acc(b_down[a * r + c]);
       if (rational) {
         const TA ax = fabs(x), num = q.num(x), den = q.den(ax);
-        const TA dnum = q.a[1] + x * (TA(2) * q.a[2] + x * (TA(3) * q.a[3] + x * (TA(4) * q.a[4] + x * TA(5) * q.a[5])));
+        const TA dnum =
+            q.a[1] + x * (TA(2) * q.a[2] + x * (TA(3) * q.a[3] + x * (TA(4) * q.a[4] + x * TA(5) * q.a[5])));
         const TA dden = (q.b[0] + ax * (TA(2) * q.b[1] + ax * (TA(3) * q.b[2] + ax * TA(4) * q.b[3]))) * sgn(x);
         const TA inv = TA(1) / den;
         zc = num * inv;
         dhc = dz * (dnum * den - num * dden) * inv * inv;
-        TA p = dz * inv;                  // d/da_j = dz x^j / den
+        TA p = dz * inv;  // d/da_j = dz x^j / den
         for (int j = 0; j < 6; ++j, p *= x) ga[j] += p;
-        TA pb = -dz * num * inv * inv;    // d/db_k = -dz num / den^2 |x|^k sign(b_k)
-        for (int k = 0; k < 4; ++k) { pb *= ax; gb[k] += pb; }
+        TA pb = -dz * num * inv * inv;  // d/db_k = -dz num / den^2 |x|^k sign(b_k)
+        for (int k = 0; k < 4; ++k) {
+          pb *= ax;
+          gb[k] += pb;
+        }
       } else {
         zc = act_fwd(x, act, prm);
         dhc = dz * act_deriv(x, act);
@@ -359,9 +364,9 @@ __global__ void mid_kernel(const TA* __restrict__ hpart, int S, const TA* __rest
 // grid (N/128, A), kColThreads threads.
 template <class TP, class TW, class TA>
 __global__ void __launch_bounds__(kColThreads)
-bwd_up_kernel(const TP* __restrict__ grad, const TA* __restrict__ z, const void* __restrict__ ids, bool ids64,
-              std::int64_t A, TW* __restrict__ g_w_up, TW* __restrict__ g_b_up, std::int64_t B, std::int64_t r,
-              std::int64_t N) {
+    bwd_up_kernel(const TP* __restrict__ grad, const TA* __restrict__ z, const void* __restrict__ ids, bool ids64,
+                  std::int64_t A, TW* __restrict__ g_w_up, TW* __restrict__ g_b_up, std::int64_t B, std::int64_t r,
+                  std::int64_t N) {
   const int a = blockIdx.y;
   const int lane = threadIdx.x & 31;
   const std::int64_t n = static_cast<std::int64_t>(blockIdx.x) * kColThreads + threadIdx.x;
@@ -399,10 +404,10 @@ bwd_up_kernel(const TP* __restrict__ grad, const TA* __restrict__ z, const void*
 // grid (max(1, d/128), A + 1), kColThreads threads.
 template <class TP, class TW, class TA>
 __global__ void __launch_bounds__(kColThreads, 4)  // <= 128 registers, no spills
-bwd_down_kernel(const TP* __restrict__ pooled, const TW* __restrict__ w_down, const TA* __restrict__ dh,
-                const TA* __restrict__ dprm, const void* __restrict__ ids, bool ids64, std::int64_t A,
-                TP* __restrict__ g_pooled, TW* __restrict__ g_w_down, TW* __restrict__ g_b_down,
-                TW* __restrict__ g_prm, std::int64_t B, std::int64_t d, std::int64_t r) {
+    bwd_down_kernel(const TP* __restrict__ pooled, const TW* __restrict__ w_down, const TA* __restrict__ dh,
+                    const TA* __restrict__ dprm, const void* __restrict__ ids, bool ids64, std::int64_t A,
+                    TP* __restrict__ g_pooled, TW* __restrict__ g_w_down, TW* __restrict__ g_b_down,
+                    TW* __restrict__ g_prm, std::int64_t B, std::int64_t d, std::int64_t r) {
   const int a = blockIdx.y;
   const int tid = threadIdx.x, lane = tid & 31;
   const std::int64_t k = static_cast<std::int64_t>(blockIdx.x) * kColThreads + tid;
@@ -416,7 +421,7 @@ bwd_down_kernel(const TP* __restrict__ pooled, const TW* __restrict__ w_down, co
     return;
   }
   const bool first_tile = blockIdx.x == 0;
-  const TW* wk = w_down + (a * d + k) * r;  // W_down[a][k][:]
+  const TW* wk = w_down + (a * d + k) * r;                      // W_down[a][k][:]
   const std::int64_t chunks = r > 0 ? (r + kRC - 1) / kRC : 1;  // one pass even for r == 0: g_pooled
   for (std::int64_t ch = 0; ch < chunks; ++ch) {
     const std::int64_t c0 = ch * kRC;
@@ -466,7 +471,9 @@ bwd_down_kernel(const TP* __restrict__ pooled, const TW* __restrict__ w_down, co
 
 // ---------------------------------------------------------------- host side
 
-template <class T> struct Tag { using type = T; };
+template <class T> struct Tag {
+  using type = T;
+};
 
 // Calls f(Tag<P>, Tag<W>) for the supported (pooled, bank) pairs.
 template <class F> cudaError_t dispatch_pair(ScalarKind p, ScalarKind w, F&& f) {
@@ -538,19 +545,20 @@ cudaError_t generate_forward(const GenerateArgs& g, const GeneratePlan& plan, vo
     const auto* wd = static_cast<const TW*>(g.w_down);
     const auto* prm = static_cast<const TW*>(g.act_params);
     if (g.r > 0)
-      gather_gemm_kernel<TP, TW, TA><<<dim3(row_blocks, static_cast<unsigned>(plan.down_splits)), kGemmThreads, 0,
-                                       stream>>>(static_cast<const TP*>(g.pooled), wd, g.d * g.r, g.r, 1, g.ids,
-                                                 g.ids64, g.A, hpart, g.B, g.d, g.r, plan.down_k_per_split);
-    up_kernel<TP, TW, TA><<<dim3(static_cast<unsigned>(ceil_div(g.N, kColThreads)), row_blocks), kColThreads, 0,
-                            stream>>>(hpart, static_cast<int>(plan.down_splits), static_cast<const TW*>(g.b_down),
-                                      static_cast<const TW*>(g.w_up), static_cast<const TW*>(g.b_up), prm, g.act,
-                                      g.ids, g.ids64, g.A, static_cast<TP*>(out), g.B, g.r, g.N);
+      gather_gemm_kernel<TP, TW, TA>
+          <<<dim3(row_blocks, static_cast<unsigned>(plan.down_splits)), kGemmThreads, 0, stream>>>(
+              static_cast<const TP*>(g.pooled), wd, g.d * g.r, g.r, 1, g.ids, g.ids64, g.A, hpart, g.B, g.d, g.r,
+              plan.down_k_per_split);
+    up_kernel<TP, TW, TA>
+        <<<dim3(static_cast<unsigned>(ceil_div(g.N, kColThreads)), row_blocks), kColThreads, 0, stream>>>(
+            hpart, static_cast<int>(plan.down_splits), static_cast<const TW*>(g.b_down), static_cast<const TW*>(g.w_up),
+            static_cast<const TW*>(g.b_up), prm, g.act, g.ids, g.ids64, g.A, static_cast<TP*>(out), g.B, g.r, g.N);
     return cudaGetLastError();
   });
 }
 
-cudaError_t generate_backward(const GenerateArgs& g, const GeneratePlan& plan, const GenerateGrads& gr,
-                              void* scratch, cudaStream_t stream) {
+cudaError_t generate_backward(const GenerateArgs& g, const GeneratePlan& plan, const GenerateGrads& gr, void* scratch,
+                              cudaStream_t stream) {
   return dispatch_pair(g.pooled_kind, g.bank_kind, [&](auto tp, auto tw) -> cudaError_t {
     using TP = typename decltype(tp)::type;
     using TW = typename decltype(tw)::type;
@@ -568,12 +576,14 @@ cudaError_t generate_backward(const GenerateArgs& g, const GeneratePlan& plan, c
     const auto* prm = static_cast<const TW*>(g.act_params);
     const auto row_blocks = static_cast<unsigned>(ceil_div(g.B, kRows));
     if (g.B > 0 && g.r > 0) {
-      gather_gemm_kernel<TP, TW, TA><<<dim3(row_blocks, static_cast<unsigned>(plan.down_splits)), kGemmThreads, 0,
-                                       stream>>>(static_cast<const TP*>(g.pooled), wd, g.d * g.r, g.r, 1, g.ids,
-                                                 g.ids64, g.A, hpart, g.B, g.d, g.r, plan.down_k_per_split);
-      gather_gemm_kernel<TP, TW, TA><<<dim3(row_blocks, static_cast<unsigned>(plan.dz_splits)), kGemmThreads, 0,
-                                       stream>>>(static_cast<const TP*>(gr.grad), wu, g.r * g.N, 1, g.N, g.ids,
-                                                 g.ids64, g.A, dzpart, g.B, g.N, g.r, plan.dz_k_per_split);
+      gather_gemm_kernel<TP, TW, TA>
+          <<<dim3(row_blocks, static_cast<unsigned>(plan.down_splits)), kGemmThreads, 0, stream>>>(
+              static_cast<const TP*>(g.pooled), wd, g.d * g.r, g.r, 1, g.ids, g.ids64, g.A, hpart, g.B, g.d, g.r,
+              plan.down_k_per_split);
+      gather_gemm_kernel<TP, TW, TA>
+          <<<dim3(row_blocks, static_cast<unsigned>(plan.dz_splits)), kGemmThreads, 0, stream>>>(
+              static_cast<const TP*>(gr.grad), wu, g.r * g.N, 1, g.N, g.ids, g.ids64, g.A, dzpart, g.B, g.N, g.r,
+              plan.dz_k_per_split);
     }
     if (g.B > 0 && (g.r > 0 || rational))
       mid_kernel<TW, TA><<<static_cast<unsigned>(ceil_div(g.B, 128)), 128, 0, stream>>>(
@@ -585,11 +595,11 @@ cudaError_t generate_backward(const GenerateArgs& g, const GeneratePlan& plan, c
                                                             static_cast<TW*>(gr.g_w_up), static_cast<TW*>(gr.g_b_up),
                                                             g.B, g.r, g.N);
     const std::int64_t d_tiles = g.d > 0 ? ceil_div(g.d, kColThreads) : 1;  // one tile even for d == 0: g_b_down
-    bwd_down_kernel<TP, TW, TA><<<dim3(static_cast<unsigned>(d_tiles), static_cast<unsigned>(g.A + 1)), kColThreads,
-                                  0, stream>>>(static_cast<const TP*>(g.pooled), wd, dh, dprm, g.ids, g.ids64, g.A,
-                                               static_cast<TP*>(gr.g_pooled), static_cast<TW*>(gr.g_w_down),
-                                               static_cast<TW*>(gr.g_b_down),
-                                               rational ? static_cast<TW*>(gr.g_act_params) : nullptr, g.B, g.d, g.r);
+    bwd_down_kernel<TP, TW, TA>
+        <<<dim3(static_cast<unsigned>(d_tiles), static_cast<unsigned>(g.A + 1)), kColThreads, 0, stream>>>(
+            static_cast<const TP*>(g.pooled), wd, dh, dprm, g.ids, g.ids64, g.A, static_cast<TP*>(gr.g_pooled),
+            static_cast<TW*>(gr.g_w_down), static_cast<TW*>(gr.g_b_down),
+            rational ? static_cast<TW*>(gr.g_act_params) : nullptr, g.B, g.d, g.r);
     return cudaGetLastError();
   });
 }

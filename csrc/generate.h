@@ -16,9 +16,9 @@
 // allocated by the caller. Deterministic: no atomics, every sum in a fixed order.
 #pragma once
 
+#include <cuda_runtime_api.h>
 #include <cstddef>
 #include <cstdint>
-#include <cuda_runtime_api.h>
 
 #include "dtypes.cuh"
 
@@ -42,18 +42,18 @@ struct GenerateArgs {
   const void* b_up;
   const void* act_params;  // nullptr unless act == rational
   const void* ids;
-  bool ids64;              // adapter_ids is int64 (else int32)
+  bool ids64;  // adapter_ids is int64 (else int32)
   std::int64_t B, d, r, N, A;
 };
 
 struct GenerateGrads {
-  const void* grad;        // [B, N]
+  const void* grad;  // [B, N]
   void* g_pooled;
   void* g_w_down;
   void* g_b_down;
   void* g_w_up;
   void* g_b_up;
-  void* g_act_params;      // nullptr unless act == rational
+  void* g_act_params;  // nullptr unless act == rational
 };
 
 // How the down projections are split, and where each scratch buffer lies (byte offsets).
@@ -61,7 +61,7 @@ struct GeneratePlan {
   std::int64_t down_splits = 1, down_k_per_split = 0;  // h partials [down_splits, B, r]
   std::int64_t dz_splits = 1, dz_k_per_split = 0;      // backward: dz partials [dz_splits, B, r]
   std::size_t off_hpart = 0, off_dzpart = 0, off_z = 0, off_dh = 0, off_dprm = 0;
-  std::size_t scratch_bytes = 0;                       // 0: nothing to allocate
+  std::size_t scratch_bytes = 0;  // 0: nothing to allocate
 };
 
 // num_sms: the device's multiprocessor count (the d split fills it when row blocks are few).
@@ -71,7 +71,7 @@ GeneratePlan generate_plan(const GenerateArgs& a, int num_sms, bool backward);
 cudaError_t generate_forward(const GenerateArgs& a, const GeneratePlan& plan, void* out, void* scratch,
                              cudaStream_t stream);
 
-cudaError_t generate_backward(const GenerateArgs& a, const GeneratePlan& plan, const GenerateGrads& g,
-                              void* scratch, cudaStream_t stream);
+cudaError_t generate_backward(const GenerateArgs& a, const GeneratePlan& plan, const GenerateGrads& g, void* scratch,
+                              cudaStream_t stream);
 
 }  // namespace para

@@ -6,8 +6,8 @@
 // on index values held on the device), so every launch can be captured in a CUDA graph.
 #pragma once
 
-#include <cstdint>
 #include <cuda_runtime_api.h>
+#include <cstdint>
 
 namespace para {
 

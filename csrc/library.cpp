@@ -15,17 +15,20 @@
 #include <Python.h>
 #include <cuda_runtime_api.h>  // CUDART_VERSION: the CUDA this file was compiled against
 #include <torch/library.h>
-#include <torch/version.h>     // TORCH_VERSION: the torch headers used
+#include <torch/version.h>  // TORCH_VERSION: the torch headers used
 
 TORCH_LIBRARY(para_cuda, m) {
   m.def("pool(Tensor hidden, Tensor prompt_start, Tensor prompt_end, str mode, Tensor? w_sa=None) -> Tensor");
-  m.def("pool_backward(Tensor grad, Tensor hidden, Tensor prompt_start, Tensor prompt_end, str mode, "
-        "Tensor? w_sa) -> (Tensor, Tensor)");
-  m.def("generate(Tensor pooled, Tensor w_down, Tensor b_down, Tensor w_up, Tensor b_up, "
-        "Tensor adapter_ids, str activation, Tensor? act_params=None) -> Tensor");
-  m.def("generate_backward(Tensor grad, Tensor pooled, Tensor w_down, Tensor b_down, Tensor w_up, "
-        "Tensor b_up, Tensor adapter_ids, str activation, Tensor? act_params) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "pool_backward(Tensor grad, Tensor hidden, Tensor prompt_start, Tensor prompt_end, str mode, "
+      "Tensor? w_sa) -> (Tensor, Tensor)");
+  m.def(
+      "generate(Tensor pooled, Tensor w_down, Tensor b_down, Tensor w_up, Tensor b_up, "
+      "Tensor adapter_ids, str activation, Tensor? act_params=None) -> Tensor");
+  m.def(
+      "generate_backward(Tensor grad, Tensor pooled, Tensor w_down, Tensor b_down, Tensor w_up, "
+      "Tensor b_up, Tensor adapter_ids, str activation, Tensor? act_params) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("scale(Tensor x, Tensor v, Tensor? token_rows=None) -> Tensor");
   m.def("scale_backward(Tensor grad, Tensor x, Tensor v, Tensor? token_rows) -> (Tensor, Tensor)");
 }
@@ -33,8 +36,7 @@ TORCH_LIBRARY(para_cuda, m) {
 // What the binary itself was compiled against, independent of _build_info.json (which the
 // Python side checks before loading this module): shown by `python -m para_kernels.info`.
 static PyObject* build_info(PyObject*, PyObject*) {
-  return Py_BuildValue("{s:s,s:i,s:s}", "torch", TORCH_VERSION, "cudart_version", CUDART_VERSION,
-                       "cxx", __VERSION__);
+  return Py_BuildValue("{s:s,s:i,s:s}", "torch", TORCH_VERSION, "cudart_version", CUDART_VERSION, "cxx", __VERSION__);
 }
 
 static PyMethodDef methods[] = {

@@ -35,26 +35,25 @@ PoolMode parse_mode(c10::string_view mode) {
 
 // Checks everything but values, and fills the launcher's arguments. start_c / end_c keep
 // contiguous ranges alive, prompt_end in prompt_start's dtype (the kernels read one type).
-PoolArgs pool_args(const at::Tensor& hidden, const at::Tensor& start, const at::Tensor& end,
-                   c10::string_view mode_name, const std::optional<at::Tensor>& w_sa, at::Tensor& start_c,
-                   at::Tensor& end_c) {
+PoolArgs pool_args(const at::Tensor& hidden, const at::Tensor& start, const at::Tensor& end, c10::string_view mode_name,
+                   const std::optional<at::Tensor>& w_sa, at::Tensor& start_c, at::Tensor& end_c) {
   check_cuda(hidden, "hidden");
   PoolArgs a{};
   a.kind = scalar_kind(hidden, "hidden");
-  TORCH_CHECK(hidden.dim() == 2 || hidden.dim() == 3,
-              "hidden must be [B, T, d] (padded) or [total, d] (packed), got ", hidden.sizes());
+  TORCH_CHECK(hidden.dim() == 2 || hidden.dim() == 3, "hidden must be [B, T, d] (padded) or [total, d] (packed), got ",
+              hidden.sizes());
   TORCH_CHECK(start.dim() == 1, "prompt_start must be a 1-D tensor [B], got ", start.sizes());
   const int64_t B = start.size(0);
   a.packed = hidden.dim() == 2;
-  TORCH_CHECK(a.packed || hidden.size(0) == B, "prompt_start must have shape [B] = [", hidden.size(0),
-              "] for hidden ", hidden.sizes(), ", got ", start.sizes());
+  TORCH_CHECK(a.packed || hidden.size(0) == B, "prompt_start must have shape [B] = [", hidden.size(0), "] for hidden ",
+              hidden.sizes(), ", got ", start.sizes());
   check_index(start, "prompt_start", B);
   check_index(end, "prompt_end", B);
   check_like(start, "prompt_start", hidden, "hidden", false);
   check_like(end, "prompt_end", hidden, "hidden", false);
   a.mode = parse_mode(mode_name);
-  TORCH_CHECK((a.mode == PoolMode::attn) == w_sa.has_value(),
-              "w_sa must be given exactly when mode == 'attn' (mode='", std::string(mode_name), "')");
+  TORCH_CHECK((a.mode == PoolMode::attn) == w_sa.has_value(), "w_sa must be given exactly when mode == 'attn' (mode='",
+              std::string(mode_name), "')");
   a.hidden = hidden.data_ptr();
   a.B = B;
   a.d = hidden.size(-1);
@@ -108,8 +107,8 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const at::Tensor& grad, co
   at::Tensor start_c, end_c;
   const PoolArgs a = pool_args(hidden, prompt_start, prompt_end, mode, w_sa, start_c, end_c);
   check_like(grad, "grad", hidden, "hidden", true);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == a.B && grad.size(1) == a.d, "grad must have shape [B, d] = [",
-              a.B, ", ", a.d, "], got ", grad.sizes());
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == a.B && grad.size(1) == a.d, "grad must have shape [B, d] = [", a.B,
+              ", ", a.d, "], got ", grad.sizes());
   const c10::cuda::CUDAGuard guard(hidden.device());
   const auto acc_opts = hidden.options().dtype(acc_type(hidden.scalar_type()));
   at::Tensor grad_w = w_sa.has_value() ? at::empty(w_sa->sizes(), w_sa->options()) : at::empty({0}, hidden.options());

@@ -26,9 +26,10 @@
 namespace para {
 namespace {
 
-constexpr int kLanesD = 32;   // feature lanes (one pack each) per tile block
-constexpr int kLanesT = 8;    // token lanes per tile block
-constexpr int kUnroll = 4;    // tokens in flight per thread
+constexpr int kLanesD = 32;  // feature lanes (one pack each) per tile block
+constexpr int kLanesT = 8;   // token lanes per tile block
+constexpr int kTileThreads = kLanesD * kLanesT;
+constexpr int kUnroll = 4;  // tokens in flight per thread
 constexpr int kRowThreads = 256;
 constexpr int kRowWarps = kRowThreads / 32;
 
@@ -42,9 +43,17 @@ template <class T, class I> struct View {
 };
 
 template <class T, class I> View<T, I> make_view(const PoolArgs& a) {
-  return {static_cast<const T*>(a.hidden), a.T, a.d, a.s_b, a.s_t, a.s_d,
-          static_cast<const I*>(a.start), static_cast<const I*>(a.end),
-          static_cast<const T*>(a.w), a.w_sb, a.w_sd};
+  return {static_cast<const T*>(a.hidden),
+          a.T,
+          a.d,
+          a.s_b,
+          a.s_t,
+          a.s_d,
+          static_cast<const I*>(a.start),
+          static_cast<const I*>(a.end),
+          static_cast<const T*>(a.w),
+          a.w_sb,
+          a.w_sd};
 }
 
 // Row b's range, clamped into [0, T_] so a bad range never reads out of bounds.
@@ -74,8 +83,8 @@ template <class T> PARA_DEV int valid_in_pack(std::int64_t f0, std::int64_t d) {
 
 // ------------------------------------------------------------------ forward
 template <class T, class I, int MODE>
-__global__ void __launch_bounds__(kLanesD * kLanesT, 3)  // >= 3 blocks per SM: loads in flight
-pool_tile_fwd(View<T, I> v, T* __restrict__ out) {
+__global__ void __launch_bounds__(kTileThreads, 3)  // >= 3 blocks per SM: loads in flight
+    pool_tile_fwd(View<T, I> v, T* __restrict__ out) {
   using A = AccT<T>;
   constexpr int P = kPack<T>;
   __shared__ AccPack<T> part[kLanesT][kLanesD];
@@ -125,8 +134,8 @@ pool_tile_fwd(View<T, I> v, T* __restrict__ out) {
   for (int k = 1; k < kLanesT; ++k) {
 #pragma unroll
     for (int i = 0; i < P; ++i)
-      acc.v[i] = MODE == static_cast<int>(PoolMode::mean) ? acc.v[i] + part[k][tx].v[i]
-                                                          : nan_max(acc.v[i], part[k][tx].v[i]);
+      acc.v[i] =
+          MODE == static_cast<int>(PoolMode::mean) ? acc.v[i] + part[k][tx].v[i] : nan_max(acc.v[i], part[k][tx].v[i]);
   }
   if (MODE == static_cast<int>(PoolMode::mean)) {
 #pragma unroll  // a division, as the reference does
@@ -140,8 +149,8 @@ pool_tile_fwd(View<T, I> v, T* __restrict__ out) {
 
 // Dot products of token t's hidden state with up to two [d] vectors, by one warp.
 template <class T, bool TWO>
-PARA_DEV void warp_dots(const T* x_row, std::int64_t s_d, std::int64_t d, const T* a, std::int64_t sa,
-                        const T* c, std::int64_t sc, AccT<T>& da, AccT<T>& dc) {
+PARA_DEV void warp_dots(const T* x_row, std::int64_t s_d, std::int64_t d, const T* a, std::int64_t sa, const T* c,
+                        std::int64_t sc, AccT<T>& da, AccT<T>& dc) {
   using A = AccT<T>;
   constexpr int P = kPack<T>;
   const int lane = threadIdx.x & 31;
@@ -164,7 +173,7 @@ PARA_DEV void warp_dots(const T* x_row, std::int64_t s_d, std::int64_t d, const 
 
 template <class T, class I>
 __global__ void __launch_bounds__(kRowThreads)
-attn_fwd(View<T, I> v, T* __restrict__ out, AccT<T>* __restrict__ scratch) {
+    attn_fwd(View<T, I> v, T* __restrict__ out, AccT<T>* __restrict__ scratch) {
   using A = AccT<T>;
   constexpr int P = kPack<T>;
   __shared__ A scores[kRowWarps];
@@ -187,12 +196,18 @@ attn_fwd(View<T, I> v, T* __restrict__ out, AccT<T>* __restrict__ scratch) {
     A p[kRowWarps];
     A m_new = m;
 #pragma unroll
-    for (int k = 0; k < kRowWarps; ++k) { p[k] = scores[k]; m_new = p[k] > m_new ? p[k] : m_new; }
-    __syncthreads();  // scores is rewritten by the next tile
+    for (int k = 0; k < kRowWarps; ++k) {
+      p[k] = scores[k];
+      m_new = p[k] > m_new ? p[k] : m_new;
+    }
+    __syncthreads();                                        // scores is rewritten by the next tile
     const A rescale = t0 == s ? A(0) : exp_acc(m - m_new);  // 0 * garbage on the first tile
     A tile_sum = 0;
 #pragma unroll
-    for (int k = 0; k < kRowWarps; ++k) { p[k] = exp_acc(p[k] - m_new); tile_sum += p[k]; }
+    for (int k = 0; k < kRowWarps; ++k) {
+      p[k] = exp_acc(p[k] - m_new);
+      tile_sum += p[k];
+    }
     l = l * rescale + tile_sum;
     m = m_new;
     const int nt = e - t0 < kRowWarps ? static_cast<int>(e - t0) : kRowWarps;
@@ -228,9 +243,9 @@ PARA_DEV void atomic_add_acc(double* p, double x) { atomicAdd(p, x); }
 // last / mean / max. PACKED: gh is a zeroed [total, d] accumulator buffer (atomics);
 // padded: gh is [B, T, d] in T's dtype, every element of row b written here.
 template <class T, class I, int MODE, bool PACKED>
-__global__ void __launch_bounds__(kLanesD * kLanesT)
-pool_tile_bwd(View<T, I> v, const T* __restrict__ grad, std::int64_t g_sb, std::int64_t g_sd,
-              void* __restrict__ gh) {
+__global__ void __launch_bounds__(kTileThreads)
+    pool_tile_bwd(View<T, I> v, const T* __restrict__ grad, std::int64_t g_sb, std::int64_t g_sd,
+                  void* __restrict__ gh) {
   using A = AccT<T>;
   constexpr int P = kPack<T>;
   __shared__ AccPack<T> best_sm[kLanesT][kLanesD];
@@ -252,14 +267,20 @@ pool_tile_bwd(View<T, I> v, const T* __restrict__ grad, std::int64_t g_sb, std::
     const T* row = v.h + b * v.s_b + f0 * v.s_d;
     AccPack<T> best;
 #pragma unroll
-    for (int i = 0; i < P; ++i) { best.v[i] = neg_inf<A>(); arg[i] = kNone; }
+    for (int i = 0; i < P; ++i) {
+      best.v[i] = neg_inf<A>();
+      arg[i] = kNone;
+    }
     if (nf > 0) {  // tokens in increasing order per thread: strict > keeps the first
       for (std::int64_t t = s + ty; t < e; t += kLanesT) {
         const AccPack<T> x = widen(load_group(row + t * v.s_t, v.s_d, nf));
 #pragma unroll
         for (int i = 0; i < P; ++i) {
           const bool better = x.v[i] > best.v[i] || (x.v[i] != x.v[i] && best.v[i] == best.v[i]);
-          if (better) { best.v[i] = x.v[i]; arg[i] = t; }
+          if (better) {
+            best.v[i] = x.v[i];
+            arg[i] = t;
+          }
         }
       }
     }
@@ -274,13 +295,17 @@ pool_tile_bwd(View<T, I> v, const T* __restrict__ grad, std::int64_t g_sb, std::
         const A x = best_sm[k][tx].v[i], cur = best.v[i];
         const std::int64_t tk = arg_sm[k][tx][i];
         const bool x_nan = x != x, c_nan = cur != cur;
-        const bool better = (x_nan && !c_nan) || (!x_nan && !c_nan && x > cur) ||
-                            ((x == cur || (x_nan && c_nan)) && tk < arg[i]);
-        if (better) { best.v[i] = x; arg[i] = tk; }
+        const bool better =
+            (x_nan && !c_nan) || (!x_nan && !c_nan && x > cur) || ((x == cur || (x_nan && c_nan)) && tk < arg[i]);
+        if (better) {
+          best.v[i] = x;
+          arg[i] = tk;
+        }
       }
     }
 #pragma unroll
-    for (int i = 0; i < P; ++i) if (arg[i] == kNone) arg[i] = s;  // all -inf: the first token
+    for (int i = 0; i < P; ++i)
+      if (arg[i] == kNone) arg[i] = s;  // all -inf: the first token
   }
   if (nf == 0) return;
 
@@ -302,9 +327,12 @@ pool_tile_bwd(View<T, I> v, const T* __restrict__ grad, std::int64_t g_sb, std::
 #pragma unroll
       for (int i = 0; i < P; ++i) {
         bool hit;
-        if (MODE == static_cast<int>(PoolMode::last)) hit = t == e - 1 && e > s;
-        else if (MODE == static_cast<int>(PoolMode::mean)) hit = t >= s && t < e;
-        else hit = t == arg[i] && e > s;
+        if (MODE == static_cast<int>(PoolMode::last))
+          hit = t == e - 1 && e > s;
+        else if (MODE == static_cast<int>(PoolMode::mean))
+          hit = t >= s && t < e;
+        else
+          hit = t == arg[i] && e > s;
         val.v[i] = hit ? g.v[i] : A(0);
       }
       store_group(out + t * v.d, 1, narrow<T>(val), nf);
@@ -317,8 +345,8 @@ pool_tile_bwd(View<T, I> v, const T* __restrict__ grad, std::int64_t g_sb, std::
 // dX_t = alpha_t g + ds_t w, and this row's dw = sum_t ds_t X_t into dw_rows[b].
 template <class T, class I, bool PACKED>
 __global__ void __launch_bounds__(kRowThreads)
-attn_bwd(View<T, I> v, const T* __restrict__ grad, std::int64_t g_sb, std::int64_t g_sd,
-         void* __restrict__ gh, AccT<T>* __restrict__ dw_rows, T* __restrict__ grad_w_rows) {
+    attn_bwd(View<T, I> v, const T* __restrict__ grad, std::int64_t g_sb, std::int64_t g_sd, void* __restrict__ gh,
+             AccT<T>* __restrict__ dw_rows, T* __restrict__ grad_w_rows) {
   using A = AccT<T>;
   constexpr int P = kPack<T>;
   __shared__ A sc_sm[kRowWarps], gx_sm[kRowWarps];
@@ -337,7 +365,10 @@ attn_bwd(View<T, I> v, const T* __restrict__ grad, std::int64_t g_sb, std::int64
     const std::int64_t t = t0 + warp;
     A sc = neg_inf<A>(), gx = 0;
     if (t < e) warp_dots<T, true>(row + t * v.s_t, v.s_d, v.d, w, v.w_sd, g, g_sd, sc, gx);
-    if (lane == 0) { sc_sm[warp] = sc; gx_sm[warp] = gx; }
+    if (lane == 0) {
+      sc_sm[warp] = sc;
+      gx_sm[warp] = gx;
+    }
     __syncthreads();
     A m_new = m;
 #pragma unroll
@@ -364,7 +395,10 @@ attn_bwd(View<T, I> v, const T* __restrict__ grad, std::int64_t g_sb, std::int64
     const std::int64_t t = t0 + warp;
     A sc = neg_inf<A>(), gx = 0;
     if (t < e) warp_dots<T, true>(row + t * v.s_t, v.s_d, v.d, w, v.w_sd, g, g_sd, sc, gx);
-    if (lane == 0) { sc_sm[warp] = sc; gx_sm[warp] = gx; }
+    if (lane == 0) {
+      sc_sm[warp] = sc;
+      gx_sm[warp] = gx;
+    }
     __syncthreads();
     A alpha[kRowWarps], ds[kRowWarps];
 #pragma unroll
@@ -414,15 +448,13 @@ attn_bwd(View<T, I> v, const T* __restrict__ grad, std::int64_t g_sb, std::int64
   }
   if (grad_w_rows != nullptr) {  // w is [B, d]: this row's dw, cast (same thread owns it)
     for (std::int64_t f0 = static_cast<std::int64_t>(threadIdx.x) * P; f0 < v.d; f0 += step)
-      for (int i = 0; i < valid_in_pack<T>(f0, v.d); ++i)
-        grad_w_rows[b * v.d + f0 + i] = from_acc<T>(dw[f0 + i]);
+      for (int i = 0; i < valid_in_pack<T>(f0, v.d); ++i) grad_w_rows[b * v.d + f0 + i] = from_acc<T>(dw[f0 + i]);
   }
 }
 
 // out[n] = sum_r x[r * N + n] over r < R in increasing r (deterministic), cast to T.
 template <class T>
-__global__ void sum_rows_cast(const AccT<T>* __restrict__ x, T* __restrict__ out, std::int64_t R,
-                              std::int64_t N) {
+__global__ void sum_rows_cast(const AccT<T>* __restrict__ x, T* __restrict__ out, std::int64_t R, std::int64_t N) {
   for (std::int64_t n = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; n < N;
        n += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
     AccT<T> acc = 0;
@@ -464,15 +496,21 @@ cudaError_t backward_tiles(const PoolArgs& a, const View<T, I>& v, const PoolGra
   const T* gr = static_cast<const T*>(g.grad);
   const dim3 tile(kLanesD, kLanesT), grid = tile_grid<T>(a);
   switch (a.mode) {
-    case PoolMode::last: pool_tile_bwd<T, I, 0, PACKED><<<grid, tile, 0, st>>>(v, gr, g.g_sb, g.g_sd, g.grad_hidden); break;
-    case PoolMode::mean: pool_tile_bwd<T, I, 1, PACKED><<<grid, tile, 0, st>>>(v, gr, g.g_sb, g.g_sd, g.grad_hidden); break;
-    case PoolMode::max: pool_tile_bwd<T, I, 2, PACKED><<<grid, tile, 0, st>>>(v, gr, g.g_sb, g.g_sd, g.grad_hidden); break;
+    case PoolMode::last:
+      pool_tile_bwd<T, I, 0, PACKED><<<grid, tile, 0, st>>>(v, gr, g.g_sb, g.g_sd, g.grad_hidden);
+      break;
+    case PoolMode::mean:
+      pool_tile_bwd<T, I, 1, PACKED><<<grid, tile, 0, st>>>(v, gr, g.g_sb, g.g_sd, g.grad_hidden);
+      break;
+    case PoolMode::max:
+      pool_tile_bwd<T, I, 2, PACKED><<<grid, tile, 0, st>>>(v, gr, g.g_sb, g.g_sd, g.grad_hidden);
+      break;
     case PoolMode::attn: {
       if (a.w == nullptr || g.dw_rows == nullptr || g.grad_w == nullptr) return cudaErrorInvalidValue;
       auto* dw = static_cast<AccT<T>*>(g.dw_rows);
       T* gw_rows = a.w_per_row ? static_cast<T*>(g.grad_w) : nullptr;
-      attn_bwd<T, I, PACKED><<<static_cast<unsigned>(a.B), kRowThreads, 0, st>>>(v, gr, g.g_sb, g.g_sd,
-                                                                              g.grad_hidden, dw, gw_rows);
+      attn_bwd<T, I, PACKED>
+          <<<static_cast<unsigned>(a.B), kRowThreads, 0, st>>>(v, gr, g.g_sb, g.g_sd, g.grad_hidden, dw, gw_rows);
       if (!a.w_per_row)  // shared w [d]: sum the rows' dw in a fixed order
         sum_rows_cast<T><<<grid_for(a.d, 256, 4096), 256, 0, st>>>(dw, static_cast<T*>(g.grad_w), a.B, a.d);
       break;
@@ -490,7 +528,7 @@ template <class T, class I> cudaError_t backward_t(const PoolArgs& a, const Pool
   if (a.packed && g.grad_hidden_cast != nullptr) {  // accumulation buffer -> hidden's dtype
     const std::int64_t n = a.T * a.d;
     sum_rows_cast<T><<<grid_for(n, 256), 256, 0, st>>>(static_cast<const AccT<T>*>(g.grad_hidden),
-                                                        static_cast<T*>(g.grad_hidden_cast), 1, n);
+                                                       static_cast<T*>(g.grad_hidden_cast), 1, n);
   }
   return cudaGetLastError();
 }
@@ -500,15 +538,16 @@ template <class T, class I> cudaError_t backward_t(const PoolArgs& a, const Pool
 cudaError_t pool_forward(const PoolArgs& a, void* out, void* scratch, cudaStream_t stream) {
   if (a.B == 0 || a.d == 0) return cudaSuccess;
   PARA_DISPATCH_FLOATING(a.kind, T,
-    return a.idx64 ? forward_t<T, std::int64_t>(a, out, scratch, stream)
-                   : forward_t<T, std::int32_t>(a, out, scratch, stream);)
+                         return a.idx64 ? forward_t<T, std::int64_t>(a, out, scratch, stream)
+                                        : forward_t<T, std::int32_t>(a, out, scratch, stream);)
   return cudaErrorInvalidValue;
 }
 
 cudaError_t pool_backward(const PoolArgs& a, const PoolGrads& g, cudaStream_t stream) {
   if (a.B == 0 || a.d == 0) return cudaSuccess;
-  PARA_DISPATCH_FLOATING(a.kind, T,
-    return a.idx64 ? backward_t<T, std::int64_t>(a, g, stream) : backward_t<T, std::int32_t>(a, g, stream);)
+  PARA_DISPATCH_FLOATING(
+      a.kind, T,
+      return a.idx64 ? backward_t<T, std::int64_t>(a, g, stream) : backward_t<T, std::int32_t>(a, g, stream);)
   return cudaErrorInvalidValue;
 }
 

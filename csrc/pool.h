@@ -9,8 +9,8 @@
 // Accumulation is in fp32 (fp64 for fp64). Every grid depends on B and d only.
 #pragma once
 
-#include <cstdint>
 #include <cuda_runtime_api.h>
+#include <cstdint>
 
 #include "dtypes.cuh"
 
@@ -22,30 +22,30 @@ struct PoolArgs {
   ScalarKind kind;
   PoolMode mode;
   const void* hidden;
-  std::int64_t B, T, d;          // T: tokens per row (padded) or total (packed)
-  std::int64_t s_b, s_t, s_d;    // hidden strides; s_b = 0 when packed
+  std::int64_t B, T, d;        // T: tokens per row (padded) or total (packed)
+  std::int64_t s_b, s_t, s_d;  // hidden strides; s_b = 0 when packed
   bool packed;
   const void* start;
   const void* end;
-  bool idx64;                    // start / end are int64 (else int32)
-  const void* w = nullptr;       // attn only
+  bool idx64;               // start / end are int64 (else int32)
+  const void* w = nullptr;  // attn only
   std::int64_t w_sb = 0, w_sd = 1;
-  bool w_per_row = false;        // w is [B, d]: its gradient is [B, d], whatever w_sb is
+  bool w_per_row = false;  // w is [B, d]: its gradient is [B, d], whatever w_sb is
 };
 
 // out [B, d] contiguous. scratch: attn only, [B, d] contiguous in the accumulation dtype.
 cudaError_t pool_forward(const PoolArgs& a, void* out, void* scratch, cudaStream_t stream);
 
 struct PoolGrads {
-  const void* grad;              // [B, d], hidden's dtype, strides g_sb, g_sd
+  const void* grad;  // [B, d], hidden's dtype, strides g_sb, g_sd
   std::int64_t g_sb, g_sd;
   // padded: [B, T, d] contiguous in hidden's dtype, every element written.
   // packed: [total, d] contiguous in the accumulation dtype, zeroed by the caller
   //         (receives atomic adds: ranges may overlap).
   void* grad_hidden;
   void* grad_hidden_cast = nullptr;  // packed 16-bit: [total, d] hidden dtype, cast of the above
-  void* dw_rows = nullptr;       // attn: [B, d] accumulation-dtype scratch
-  void* grad_w = nullptr;        // attn: w's shape ([d] or [B, d]) contiguous, w's dtype
+  void* dw_rows = nullptr;           // attn: [B, d] accumulation-dtype scratch
+  void* grad_w = nullptr;            // attn: w's shape ([d] or [B, d]) contiguous, w's dtype
 };
 
 cudaError_t pool_backward(const PoolArgs& a, const PoolGrads& g, cudaStream_t stream);

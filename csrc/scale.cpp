@@ -35,8 +35,10 @@ View3 view3(const at::Tensor& t, bool packed) {
   int64_t s_t = n, inner = -1;  // inner: index of the last merged middle dim of size > 1
   for (int64_t k = D - 2; k >= 1; --k) {
     if (t.size(k) == 1) continue;
-    if (inner < 0) s_t = t.stride(k);
-    else if (t.stride(k) != t.stride(inner) * t.size(inner)) return {false, 0, 0, 0};
+    if (inner < 0)
+      s_t = t.stride(k);
+    else if (t.stride(k) != t.stride(inner) * t.size(inner))
+      return {false, 0, 0, 0};
     inner = k;
   }
   return {true, t.stride(0), s_t, t.stride(D - 1)};
@@ -50,8 +52,8 @@ ScaleArgs scale_args(const at::Tensor& x, const at::Tensor& v, const std::option
   a.kind = scalar_kind(x, "x");
   check_like(v, "v", x, "x", true);
   TORCH_CHECK(v.dim() == 2, "v must be [B, n], got ", v.sizes());
-  TORCH_CHECK(x.dim() >= 2 && x.size(-1) == v.size(1), "x must end in n = ", v.size(1),
-              " features to match v ", v.sizes(), ", got ", x.sizes());
+  TORCH_CHECK(x.dim() >= 2 && x.size(-1) == v.size(1), "x must end in n = ", v.size(1), " features to match v ",
+              v.sizes(), ", got ", x.sizes());
   const bool packed = token_rows.has_value();
   if (packed) {
     TORCH_CHECK(x.dim() == 2, "x must be packed [total, n] when token_rows is given, got ", x.sizes());
@@ -61,8 +63,8 @@ ScaleArgs scale_args(const at::Tensor& x, const at::Tensor& v, const std::option
     a.rows = rows_c.data_ptr();
     a.rows64 = rows_c.scalar_type() == at::kLong;
   } else {
-    TORCH_CHECK(x.size(0) == v.size(0), "x must be [B, ..., n] with B = ", v.size(0),
-                " rows to match v, got ", x.sizes());
+    TORCH_CHECK(x.size(0) == v.size(0), "x must be [B, ..., n] with B = ", v.size(0), " rows to match v, got ",
+                x.sizes());
   }
   a.n = x.size(-1);
   a.R = packed ? 1 : x.size(0);
@@ -112,8 +114,7 @@ int num_sms(const at::Tensor& t) {
   return sms;
 }
 
-std::tuple<at::Tensor, at::Tensor> scale_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
-                                                       const at::Tensor& v,
+std::tuple<at::Tensor, at::Tensor> scale_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& v,
                                                        const std::optional<at::Tensor>& token_rows) {
   at::Tensor rows_c;
   ScaleArgs a = scale_args(x, v, token_rows, rows_c);

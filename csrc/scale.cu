@@ -22,9 +22,9 @@ namespace para {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kUnroll = 4;        // tokens in flight per thread
-constexpr int kRun = 16;          // consecutive tokens per thread in the packed backward
-constexpr int kMaxChunks = 64;    // chunks per row in the padded backward
+constexpr int kUnroll = 4;      // tokens in flight per thread
+constexpr int kRun = 16;        // consecutive tokens per thread in the packed backward
+constexpr int kMaxChunks = 64;  // chunks per row in the padded backward
 constexpr std::int64_t kMinChunk = 64;
 
 template <class T> PARA_DEV int n_valid(std::int64_t f0, std::int64_t n) {
@@ -52,8 +52,18 @@ template <class T, class I> struct View {
 };
 
 template <class T, class I> View<T, I> make_view(const ScaleArgs& a) {
-  return {static_cast<const T*>(a.x), a.R, a.L, a.n, a.sx_r, a.sx_t, a.sx_f,
-          static_cast<const T*>(a.v), a.B, a.sv_b, a.sv_f, static_cast<const I*>(a.rows)};
+  return {static_cast<const T*>(a.x),
+          a.R,
+          a.L,
+          a.n,
+          a.sx_r,
+          a.sx_t,
+          a.sx_f,
+          static_cast<const T*>(a.v),
+          a.B,
+          a.sv_b,
+          a.sv_f,
+          static_cast<const I*>(a.rows)};
 }
 
 template <class T, class I>
@@ -65,8 +75,7 @@ PARA_DEV AccPack<T> v_pack(const View<T, I>& a, std::int64_t row, std::int64_t f
 // ------------------------------------------------------------------ forward
 template <class T, class I, bool PACKED, int U>
 __global__ void __launch_bounds__(kThreads)
-scale_fwd(View<T, I> a, T* __restrict__ out, std::int64_t so_r, std::int64_t so_t, std::int64_t so_f,
-          bool small) {
+    scale_fwd(View<T, I> a, T* __restrict__ out, std::int64_t so_r, std::int64_t so_t, std::int64_t so_f, bool small) {
   constexpr int P = kPack<T>;
   const std::int64_t f0 = (static_cast<std::int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * P;
   const int nf = n_valid<T>(f0, a.n);
@@ -80,8 +89,12 @@ scale_fwd(View<T, I> a, T* __restrict__ out, std::int64_t so_r, std::int64_t so_
     const std::int64_t t = t0 + static_cast<std::int64_t>(u) * blockDim.y;
     if (t >= tokens) break;
     std::int64_t r = 0, j = t;
-    if (PACKED) row[u] = static_cast<std::int64_t>(a.rows[t]);
-    else { split_token(t, a.L, small, r, j); row[u] = r; }
+    if (PACKED)
+      row[u] = static_cast<std::int64_t>(a.rows[t]);
+    else {
+      split_token(t, a.L, small, r, j);
+      row[u] = r;
+    }
     x[u] = load_group(a.x + r * a.sx_r + j * a.sx_t + f0 * a.sx_f, a.sx_f, nf);
     o_off[u] = r * so_r + j * so_t + f0 * so_f;
   }
@@ -113,8 +126,8 @@ template <class T> GView<T> make_gview(const ScaleGrads& g) {
 // and their sum of grad * x into grad_v (chunks == 1) or part[r, c] (accumulation dtype).
 template <class T>
 __global__ void __launch_bounds__(kThreads)  // no min-blocks hint: ptxas spills with one
-scale_bwd_padded(View<T, std::int32_t> a, GView<T> g, T* __restrict__ grad_v, AccT<T>* __restrict__ part,
-                 std::int64_t chunks, std::int64_t chunk_len) {
+    scale_bwd_padded(View<T, std::int32_t> a, GView<T> g, T* __restrict__ grad_v, AccT<T>* __restrict__ part,
+                     std::int64_t chunks, std::int64_t chunk_len) {
   using A = AccT<T>;
   constexpr int P = kPack<T>;
   __shared__ AccPack<T> red[kThreads];
@@ -186,7 +199,7 @@ PARA_DEV void atomic_add_acc(double* p, double x) { atomicAdd(p, x); }
 
 template <class T, class I>
 __global__ void __launch_bounds__(kThreads)  // no min-blocks hint: ptxas spills with one
-scale_bwd_packed(View<T, I> a, GView<T> g, AccT<T>* __restrict__ gv) {
+    scale_bwd_packed(View<T, I> a, GView<T> g, AccT<T>* __restrict__ gv) {
   constexpr int P = kPack<T>;
   const std::int64_t f0 = (static_cast<std::int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * P;
   const int nf = n_valid<T>(f0, a.n);
@@ -233,8 +246,7 @@ scale_bwd_packed(View<T, I> a, GView<T> g, AccT<T>* __restrict__ gv) {
   flush();
 }
 
-template <class T>
-__global__ void cast_acc(const AccT<T>* __restrict__ x, T* __restrict__ out, std::int64_t n) {
+template <class T> __global__ void cast_acc(const AccT<T>* __restrict__ x, T* __restrict__ out, std::int64_t n) {
   for (std::int64_t k = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; k < n;
        k += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
     out[k] = from_acc<T>(x[k]);
@@ -272,8 +284,9 @@ template <class T> Plan plan_padded(const ScaleArgs& a, int num_sms) {
   return {tl, ceil_div(a.L, len), len};
 }
 
-template <class T, class I> cudaError_t forward_t(const ScaleArgs& a, void* out, std::int64_t so_r,
-                                                  std::int64_t so_t, std::int64_t so_f, cudaStream_t st) {
+template <class T, class I>
+cudaError_t forward_t(const ScaleArgs& a, void* out, std::int64_t so_r, std::int64_t so_t, std::int64_t so_f,
+                      cudaStream_t st) {
   const Tile tl = tile_for<T>(a.n);
   const std::int64_t tokens = a.R * a.L;
   const bool packed = a.rows != nullptr;
@@ -287,25 +300,28 @@ template <class T, class I> cudaError_t forward_t(const ScaleArgs& a, void* out,
   const View<T, I> v = make_view<T, I>(a);
   T* o = static_cast<T*>(out);
   if (packed) {
-    if (big) scale_fwd<T, I, true, kUnroll><<<grid, block, 0, st>>>(v, o, so_r, so_t, so_f, small);
-    else scale_fwd<T, I, true, 1><<<grid, block, 0, st>>>(v, o, so_r, so_t, so_f, small);
+    if (big)
+      scale_fwd<T, I, true, kUnroll><<<grid, block, 0, st>>>(v, o, so_r, so_t, so_f, small);
+    else
+      scale_fwd<T, I, true, 1><<<grid, block, 0, st>>>(v, o, so_r, so_t, so_f, small);
   } else {
-    if (big) scale_fwd<T, I, false, kUnroll><<<grid, block, 0, st>>>(v, o, so_r, so_t, so_f, small);
-    else scale_fwd<T, I, false, 1><<<grid, block, 0, st>>>(v, o, so_r, so_t, so_f, small);
+    if (big)
+      scale_fwd<T, I, false, kUnroll><<<grid, block, 0, st>>>(v, o, so_r, so_t, so_f, small);
+    else
+      scale_fwd<T, I, false, 1><<<grid, block, 0, st>>>(v, o, so_r, so_t, so_f, small);
   }
   return cudaGetLastError();
 }
 
-template <class T> cudaError_t backward_padded(const ScaleArgs& a, const ScaleGrads& g, int num_sms,
-                                               cudaStream_t st) {
+template <class T> cudaError_t backward_padded(const ScaleArgs& a, const ScaleGrads& g, int num_sms, cudaStream_t st) {
   const Plan p = plan_padded<T>(a, num_sms);
   if (a.R * p.chunks > kMaxGridX || p.tile.fblocks > kMaxGridYZ) return cudaErrorInvalidConfiguration;
   if (p.chunks > 1 && g.work == nullptr) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(a.R * p.chunks), static_cast<unsigned>(p.tile.fblocks));
   auto* part = static_cast<AccT<T>*>(g.work);
   auto* gv = static_cast<T*>(g.grad_v);
-  scale_bwd_padded<T><<<grid, dim3(p.tile.fx, p.tile.ty), 0, st>>>(make_view<T, std::int32_t>(a), make_gview<T>(g),
-                                                                   gv, part, p.chunks, p.chunk_len);
+  scale_bwd_padded<T><<<grid, dim3(p.tile.fx, p.tile.ty), 0, st>>>(make_view<T, std::int32_t>(a), make_gview<T>(g), gv,
+                                                                   part, p.chunks, p.chunk_len);
   if (p.chunks > 1) sum_chunks<T><<<grid_for(a.R * a.n, 256), 256, 0, st>>>(part, gv, a.R, p.chunks, a.n);
   return cudaGetLastError();
 }
@@ -316,8 +332,9 @@ template <class T, class I> cudaError_t backward_packed(const ScaleArgs& a, cons
   const std::int64_t gx = ceil_div(a.L, static_cast<std::int64_t>(tl.ty) * kRun);
   if (gx > kMaxGridX || tl.fblocks > kMaxGridYZ) return cudaErrorInvalidConfiguration;
   auto* acc = static_cast<AccT<T>*>(g.work);
-  scale_bwd_packed<T, I><<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(tl.fblocks)), dim3(tl.fx, tl.ty), 0,
-                           st>>>(make_view<T, I>(a), make_gview<T>(g), acc);
+  scale_bwd_packed<T, I>
+      <<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(tl.fblocks)), dim3(tl.fx, tl.ty), 0, st>>>(
+          make_view<T, I>(a), make_gview<T>(g), acc);
   if (g.work != g.grad_v)
     cast_acc<T><<<grid_for(a.B * a.n, 256), 256, 0, st>>>(acc, static_cast<T*>(g.grad_v), a.B * a.n);
   return cudaGetLastError();
@@ -329,27 +346,25 @@ cudaError_t scale_forward(const ScaleArgs& a, void* out, std::int64_t so_r, std:
                           cudaStream_t stream) {
   if (a.R * a.L == 0 || a.n == 0) return cudaSuccess;
   PARA_DISPATCH_FLOATING(a.kind, T,
-    return a.rows64 ? forward_t<T, std::int64_t>(a, out, so_r, so_t, so_f, stream)
-                    : forward_t<T, std::int32_t>(a, out, so_r, so_t, so_f, stream);)
+                         return a.rows64 ? forward_t<T, std::int64_t>(a, out, so_r, so_t, so_f, stream)
+                                         : forward_t<T, std::int32_t>(a, out, so_r, so_t, so_f, stream);)
   return cudaErrorInvalidValue;
 }
 
 std::int64_t scale_backward_work(const ScaleArgs& a, int num_sms) {
   if (a.rows != nullptr) return a.B * a.n;
   if (a.R * a.L == 0 || a.n == 0) return 0;
-  PARA_DISPATCH_FLOATING(a.kind, T,
-    const Plan p = plan_padded<T>(a, num_sms);
-    return p.chunks > 1 ? a.R * p.chunks * a.n : 0;)
+  PARA_DISPATCH_FLOATING(a.kind, T, const Plan p = plan_padded<T>(a, num_sms);
+                         return p.chunks > 1 ? a.R * p.chunks * a.n : 0;)
   return 0;
 }
 
 cudaError_t scale_backward(const ScaleArgs& a, const ScaleGrads& g, int num_sms, cudaStream_t stream) {
   if (a.B * a.n == 0) return cudaSuccess;  // nothing to write (an empty x leaves grad_v to the caller)
   if (a.R * a.L == 0) return cudaSuccess;
-  PARA_DISPATCH_FLOATING(a.kind, T,
-    if (a.rows == nullptr) return backward_padded<T>(a, g, num_sms, stream);
-    return a.rows64 ? backward_packed<T, std::int64_t>(a, g, stream)
-                    : backward_packed<T, std::int32_t>(a, g, stream);)
+  PARA_DISPATCH_FLOATING(a.kind, T, if (a.rows == nullptr) return backward_padded<T>(a, g, num_sms, stream);
+                         return a.rows64 ? backward_packed<T, std::int64_t>(a, g, stream)
+                                         : backward_packed<T, std::int32_t>(a, g, stream);)
   return cudaErrorInvalidValue;
 }
 

@@ -9,8 +9,8 @@
 // Math in fp32 (fp64 for fp64), one rounding per output. Grids depend on shapes only.
 #pragma once
 
-#include <cstdint>
 #include <cuda_runtime_api.h>
+#include <cstdint>
 
 #include "dtypes.cuh"
 
@@ -28,8 +28,8 @@ struct ScaleArgs {
 };
 
 // out[r, t, f] = x[r, t, f] * v[row, f]; out strides so_*.
-cudaError_t scale_forward(const ScaleArgs& a, void* out, std::int64_t so_r, std::int64_t so_t,
-                          std::int64_t so_f, cudaStream_t stream);
+cudaError_t scale_forward(const ScaleArgs& a, void* out, std::int64_t so_r, std::int64_t so_t, std::int64_t so_f,
+                          cudaStream_t stream);
 
 struct ScaleGrads {
   const void* grad;

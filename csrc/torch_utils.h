@@ -31,16 +31,16 @@ inline void check_cuda(const at::Tensor& t, const char* name) {
 
 inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name,
                        bool same_dtype) {
-  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ",
-              ref.device(), "; they must be on the same device");
-  TORCH_CHECK(!same_dtype || t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(),
-              " but ", ref_name, " has ", ref.scalar_type(), "; they must match");
+  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device(),
+              "; they must be on the same device");
+  TORCH_CHECK(!same_dtype || t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(), " but ",
+              ref_name, " has ", ref.scalar_type(), "; they must match");
 }
 
 // A 1-D int32 / int64 index tensor of n elements.
 inline void check_index(const at::Tensor& t, const char* name, int64_t n) {
-  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, name,
-              " must be int32 or int64, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, name, " must be int32 or int64, got ",
+              t.scalar_type());
   TORCH_CHECK(t.dim() == 1 && t.size(0) == n, name, " must have shape [", n, "], got ", t.sizes());
 }
 
