@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.para-installed
 PYTEST_ARGS ?=
 
-.PHONY: install wheel test bench demo info clean
+.PHONY: install wheel lint lint-only test test-fast bench demo info clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,24 @@ $(WHEEL_STAMP): $(STAMP) setup.py pyproject.toml MANIFEST.in LICENSE scripts/bui
 
 wheel: $(WHEEL_STAMP)
 
-test: install wheel
+# ruff (pyproject.toml's [tool.ruff]) and clang-format (.clang-format) report; they change
+# nothing. `pre-commit install` runs them, fixing, on every commit.
+CSRC := $(wildcard csrc/*.cu csrc/*.cuh csrc/*.cpp csrc/*.h)
+LINT_BIN ?= $(BIN)/
+lint-only:
+	$(LINT_BIN)ruff check para_kernels tests bench scripts setup.py
+	$(LINT_BIN)clang-format --dry-run --Werror $(CSRC)
+
+lint: install
+	$(MAKE) lint-only
+
+# The one full command (CI): lint, the wheel, every test.
+test: install wheel lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# While working: no wheel build, no SmolLM2 (a few minutes on 2 cores).
+test-fast: install
+	$(BIN)/python -m pytest -m "not wheel and not real_model" $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
