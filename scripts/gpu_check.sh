@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The one prepared device run (H200): everything needed to fix what fails, in one run of at
-# most 6 minutes (GPU_CHECK_BUDGET_S, default 360 s: with the machine's start, about 9 of the
-# session's 15 device minutes, leaving room to rerun what failed). Correctness only: the benchmarks belong to the performance issue.
+# The GPU correctness run (written for an H200): everything needed to fix what fails, in one
+# run of at most 6 minutes (GPU_CHECK_BUDGET_S, default 360 s), short enough to rerun what
+# failed on a machine lent for a short time. Correctness only: speed is `python -m bench`.
 #
 #   OUT=/tmp/gpu_check bash scripts/gpu_check.sh     # on the device
 #   GPU_CHECK_QUICK=1 bash scripts/gpu_check.sh      # dry run here, on the CPU (Triton interpreter)
