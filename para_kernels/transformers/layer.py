@@ -13,7 +13,7 @@ Holds:
 
 Invariants: a layer computes vectors only while its request is being prefilled (``state.ready``
 false) and writes them into the request's state (state.py), never onto a module; at a decode
-step its pre-hook is a context-variable read and two attribute reads. The adapter registry
+step its pre-hook is a context-variable read and at most two attribute reads. The adapter registry
 (which adapter maps which modules of this layer: ``plans[name].maps[index]``; the index ``k`` of
 each scaled module) is the PARAModel's: a PARALayer reads it, and adds only its own modules'
 indices.
