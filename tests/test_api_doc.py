@@ -12,12 +12,11 @@ import pathlib
 import re
 
 import pytest
+from para_helpers import tiny_llama
 
 import para_kernels
 import para_kernels.transformers
 from para_kernels import PARAConfig, get_para_model
-
-from para_helpers import tiny_llama
 
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "api.md"
 ROOTS = (para_kernels, para_kernels.transformers, builtins)

@@ -145,7 +145,7 @@ class PARALayer:
                                   bank["b_down"], bank["w_up"], bank["b_up"], group.ids, config.activation,
                                   bank.get("act_params")).to(hidden.dtype)
             sizes = [lmap.sizes[t] for t in config.targets]
-            pieces = dict(zip(config.targets, v.split(sizes, dim=1), strict=True))
+            pieces = dict(zip(config.targets, v.split(sizes, dim=1)))
             for m in lmap.modules:
                 s = module_scale(m, pieces, v.shape[0], v)
                 if s is not None:

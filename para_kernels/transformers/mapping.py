@@ -175,5 +175,4 @@ def module_scale(module: ScaledModule, pieces: dict, batch: int, like: torch.Ten
         return None
     if len(parts) == 1:
         return parts[0]
-    return torch.cat([like.new_ones(batch, s.size) if p is None else p
-                      for p, s in zip(parts, module.segments, strict=True)], 1)
+    return torch.cat([like.new_ones(batch, s.size) if p is None else p for p, s in zip(parts, module.segments)], 1)

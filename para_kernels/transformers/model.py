@@ -212,7 +212,7 @@ class PARAModel(nn.Module):
         plan = self._plan(config)
         base_dtype = next(self.base_model.parameters()).dtype
         dtype = torch.float64 if base_dtype == torch.float64 else torch.float32
-        for i, (layer, lmap) in enumerate(zip(self._layers, plan.maps, strict=True)):
+        for i, (layer, lmap) in enumerate(zip(self._layers, plan.maps)):
             if lmap is None:
                 continue
             para = self._para_layers.get(i)
@@ -450,12 +450,12 @@ class PARAModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
         configs = [self.peft_config[a] for a in adapters]
-        with_copies = [a for a, c in zip(adapters, configs, strict=True) if c.modules_to_save]
+        with_copies = [a for a, c in zip(adapters, configs) if c.modules_to_save]
         if with_copies:
             raise ValueError(f"add_weighted_adapter cannot combine {with_copies}: they keep modules_to_save copies, "
                              "and a weighted sum of modules' weights is not the weighted sum of their outputs' effect")
         first = configs[0]
-        for name, config in zip(adapters[1:], configs[1:], strict=True):
+        for name, config in zip(adapters[1:], configs[1:]):
             if io.with_fields(config, r=first.r) != first:
                 raise ValueError(
                     f"add_weighted_adapter is exact only for adapters that differ in r alone: {adapters[0]!r} has "
@@ -472,8 +472,8 @@ class PARAModel(nn.Module):
                 sources = [parts[a][i] for a in adapters]
                 target.w_down.copy_(torch.cat([s.w_down for s in sources], dim=1))
                 target.b_down.copy_(torch.cat([s.b_down for s in sources]))
-                target.w_up.copy_(torch.cat([w * s.w_up for w, s in zip(weights, sources, strict=True)], dim=0))
-                target.b_up.copy_(sum(w * s.b_up for w, s in zip(weights, sources, strict=True)))
+                target.w_up.copy_(torch.cat([w * s.w_up for w, s in zip(weights, sources)], dim=0))
+                target.b_up.copy_(sum(w * s.b_up for w, s in zip(weights, sources)))
                 for shared in ("w_sa", "act_params"):
                     if hasattr(target, shared):
                         getattr(target, shared).copy_(getattr(sources[0], shared))

@@ -30,8 +30,19 @@ import torch
 from .. import ops
 from . import consumers
 from .prompts import is_packed, packed_prompts, prompt_ranges
-from .state import (ACTIVE, CALL, DISABLED, SESSION, TOKENS, AdapterGroup, CacheStates, CallOptions,
-                    GenerateSession, RequestState, RequestStateError)
+from .state import (
+    ACTIVE,
+    CALL,
+    DISABLED,
+    SESSION,
+    TOKENS,
+    AdapterGroup,
+    CacheStates,
+    CallOptions,
+    GenerateSession,
+    RequestState,
+    RequestStateError,
+)
 
 BASE_ROW = "__base__"  # PEFT's adapter_names entry for a row without adapter (as None)
 
