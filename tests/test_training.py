@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-import para_kernels.transformers.model as para_model
+import para_kernels.transformers.requests as para_model
 from para_kernels import PARAConfig, PARAModel, get_para_model
 
 from para_helpers import adapter_params, randomize_adapter, tiny_llama, single_thread  # noqa: F401 (autouse)

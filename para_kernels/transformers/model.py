@@ -1,26 +1,29 @@
-"""PARAModel: PARA on any Hugging Face decoder, with the API PEFT users know.
+"""PARAModel: PARA on any Hugging Face decoder, with the API PEFT users know (the model-level tuner).
 
-How a batch flows: a pre-hook on the wrapped model works out each row's prompt range and
-adapter; a pre-hook on every decoder layer pools that layer's input and generates the
-vectors (one ``pool_generate`` per adapter group); the q / v / up projections then rescale
-their outputs (``scale`` in a forward hook, or a fused consumer — see consumers.py). A forward
-that continues a request (a KV cache PARA prefilled, or a later step of one generate call)
-reuses that request's vectors unchanged (PARA_SPEC §2). The vectors belong to the request, not
-to the model: state.py says where they live; docs/requests.md gives the rules.
+Holds the wrapper and its adapter registry: ``peft_config`` (adapter -> PARAConfig), the plan of
+each adapter (which layers / modules it maps, d, N, its modules_to_save paths), which adapters
+train, the active adapter, the decoder layers (``_layers``) and each scaled module's index
+(``_module_index``), and every hook handle it installed (``unload()`` removes them all and
+returns the backbone as it was). The rest lives beside it:
 
-The PEFT surface (``PeftModel``'s names and arguments) is kept where PARA can honour it:
-save/load in PEFT's folder layout and from Hub ids (io.py), ``get_base_model``,
-``active_adapters``, ``add_weighted_adapter`` (exact: concatenated generators),
-``get_layer_status`` / ``get_model_status``, ``push_to_hub`` (the adapter folder only),
-``modules_to_save`` (each adapter's own copy of a module outside the decoder layers, registered
-on the PARAModel, not in the backbone; a row goes through the copy of its request's adapter,
-else the active adapter's; rows without adapter and disable_adapter() through the original). What
-PARA cannot do (``merge_and_unload``: the vectors depend on the prompt, so no weight holds them)
-raises an error that says why. After ``unload()`` the wrapper refuses every call.
+- layer.py: what PARA does at one decoder layer (the ``para_generator`` module with each
+  adapter's weights, the hook that pools and generates the vectors at prefill);
+- consumers.py: how a q / v / up module applies its scale;
+- requests.py: the hooks on the wrapped model that find each forward's request (prefill or
+  continuation), and a call's routing (adapter_names, prompt_lengths);
+- state.py: the request's state (its vectors), which no module holds;
+- saved.py: modules_to_save copies and the forward that routes rows to them;
+- io.py: adapter files (PEFT's folder layout, Hub ids).
+
+Invariants: adapters are added, deleted and activated only here; the backbone's parameters stay
+frozen (their requires_grad is restored by unload()); nothing per request is kept on the
+wrapper. PEFT's ``PeftModel`` names and arguments are kept where PARA can honour them;
+``merge_and_unload`` / ``merge_adapter`` raise (the vectors depend on the prompt, so no weight
+holds them). After ``unload()`` every call raises UnloadedError. docs/api.md lists the public
+API; docs/requests.md gives the request rules.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import os
 import tempfile
@@ -30,18 +33,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .. import ops
 from ..config import PARAConfig
-from . import consumers, io
-from .generator import AdapterWeights, PARAGenerator, weight_shapes
-from .mapping import LayerMap, MappingError, find_layers, map_layer, module_scale
-from .prompts import is_packed, packed_prompts, prompt_ranges
-from .state import (ACTIVE, CALL, DISABLED, SESSION, TOKENS, AdapterGroup, CacheStates, CallOptions,
-                    GenerateSession, RequestState, RequestStateError, checkpoint_context_fn)
+from . import consumers, io, saved
+from .layer import GENERATOR_ATTR, PARALayer, weight_shapes
+from .mapping import MappingError, find_layers, map_layer
+from .requests import BASE_ROW, RequestHooks, cache_of, empty_cache
+from .state import DISABLED, RequestState, checkpoint_context_fn
 
-GENERATOR_ATTR = "para_generator"
-SAVED_PREFIX = "modules_to_save"  # tensor names of an adapter's module copies: modules_to_save.<path>.<param>
-BASE_ROW = "__base__"  # PEFT's adapter_names entry for a row without adapter (as None)
 MERGE_ERROR = (
     "PARA adapters cannot be merged into the model's weights: PARA's vectors are computed from each "
     "prompt (pool -> generate at every layer), so the scale of q / v / up differs from one request to the "
@@ -110,6 +108,7 @@ class PARAModel(nn.Module):
         self._plans: dict[str, _Plan] = {}
         self._trainable: dict[str, bool] = {}
         self._layers = None  # plain list: not registered twice as submodules
+        self._para_layers: dict[int, PARALayer] = {}  # layer index -> PARA's side of it (layer.py)
         # modules_to_save: {adapter: {escaped module path: the adapter's copy}}; registered here,
         # not in the backbone, so the backbone's own state dict stays the backbone's
         self.saved_modules = nn.ModuleDict()
@@ -119,16 +118,11 @@ class PARAModel(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         # Nothing per request lives here (state.py): the model knows which scaled module has
-        # which index in a RequestState's scales, and which state each KV cache was prefilled with.
+        # which index in a RequestState's scales; its request hooks, which state each KV cache
+        # was prefilled with.
         self._module_index: dict[tuple, int] = {}  # (layer, module path) -> k
-        self._cache_states = CacheStates()
-        self._handles.append(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
-        self._handles.append(model.register_forward_hook(self._after_model, always_call=True))
-        if hasattr(model, "generate"):
-            self._handles.append(consumers.MethodOverride(model, "generate", self._generate_session))
-        for method in ("generate_batch", "init_continuous_batching"):
-            if hasattr(model, method):
-                self._handles.append(consumers.MethodOverride(model, method, _no_continuous_batching))
+        self._requests = RequestHooks(self)
+        self._handles += self._requests.install(model)
         if hasattr(model, "save_pretrained"):  # the backbone's own files stay the backbone's
             self._handles.append(consumers.MethodOverride(model, "save_pretrained",
                                                            functools.partial(_without_generators, model)))
@@ -190,34 +184,17 @@ class PARAModel(nn.Module):
         d = getattr(hf_config, "hidden_size", None)
         if d is None:
             raise MappingError("the model's config has no hidden_size, so the generator's input size is unknown")
-        saved = self._modules_to_save(config, layers)
+        to_save = saved.find(self.base_model, config, layers)
         if self._layers is None:
             self._layers = list(layers)
-        return _Plan(maps, d, sum(sizes[t] for t in config.targets), saved)
-
-    def _modules_to_save(self, config: PARAConfig, layers) -> list[str]:
-        """The backbone module paths config.modules_to_save names (PEFT's suffix match)."""
-        inside = {id(m) for layer in layers for m in layer.modules()}
-        found = []
-        for key in config.modules_to_save or ():
-            paths = [n for n, m in self.base_model.named_modules() if n and (n == key or n.endswith("." + key))]
-            if not paths:
-                raise MappingError(f"modules_to_save names {key!r}, but the model has no module of that name "
-                                   "(e.g. 'lm_head')")
-            in_layers = [n for n in paths if id(self.base_model.get_submodule(n)) in inside]
-            if in_layers:
-                raise MappingError(f"modules_to_save {key!r} matches {in_layers}, inside the decoder layers, whose "
-                                   "projections PARA rescales; name modules outside them (a head, the embeddings, "
-                                   "the final norm)")
-            found += paths
-        return sorted(set(found))
+        return _Plan(maps, d, sum(sizes[t] for t in config.targets), to_save)
 
     def _expected_tensors(self, config: PARAConfig, plan: _Plan) -> dict[str, tuple]:
         shapes = {f"layers.{i}.{k}": s for i, m in enumerate(plan.maps) if m is not None
                   for k, s in weight_shapes(config, plan.d, plan.n).items()}
         for path in plan.saved:
             for k, p in self.base_model.get_submodule(path).named_parameters():
-                shapes[f"{SAVED_PREFIX}.{path}.{k}"] = tuple(p.shape)
+                shapes[f"{saved.SAVED_PREFIX}.{path}.{k}"] = tuple(p.shape)
         return shapes
 
     def add_adapter(self, adapter_name: str, config: PARAConfig) -> None:
@@ -238,12 +215,10 @@ class PARAModel(nn.Module):
         for i, (layer, lmap) in enumerate(zip(self._layers, plan.maps)):
             if lmap is None:
                 continue
-            if not hasattr(layer, GENERATOR_ATTR):
-                setattr(layer, GENERATOR_ATTR, PARAGenerator())
-            device = next(layer.parameters()).device
-            weights = AdapterWeights(config, plan.d, plan.n, dtype, device).requires_grad_(False)
-            getattr(layer, GENERATOR_ATTR).adapters[adapter_name] = weights
-            self._install_hooks(i, layer, lmap, config)
+            para = self._para_layers.get(i)
+            if para is None:
+                para = self._para_layers[i] = PARALayer(i, layer, self._plans, self._module_index)
+            para.add_adapter(adapter_name, config, lmap, plan.d, plan.n, dtype, self._once)
         if plan.saved:
             self._add_module_copies(adapter_name, plan.saved)
         self.peft_config[adapter_name] = config
@@ -256,79 +231,16 @@ class PARAModel(nn.Module):
         copies = nn.ModuleDict()
         for path in paths:
             module = self.base_model.get_submodule(path)
-            duplicate = copy.deepcopy(module).requires_grad_(False)
-            if getattr(duplicate.__dict__.get("forward"), "para_routing", False):
-                del duplicate.forward  # the copy runs itself, not the router copied with it
-            copies[_escape(path)] = duplicate
-            if ("<saved>", path) not in self._hooked:
-                self._hooked.add(("<saved>", path))
-                self._handles.append(consumers.ForwardOverride(module, self._routed_forward(path)))
+            copies[saved.escape(path)] = saved.frozen_copy(module)
+            self._once(("<saved>", path), functools.partial(consumers.ForwardOverride, module,
+                                                            saved.routed_forward(self, path)))
         self.saved_modules[adapter_name] = copies
 
-    def _saved_module_rows(self, batch: int) -> list | None:
-        """The adapter of each row for modules_to_save (None: all rows use the original): the
-        running request's routing, else the active adapter."""
-        state = ACTIVE.get()
-        if DISABLED.get() or (state is not None and state.disabled):
-            return None
-        requested = None if state is None else state.requested
-        if requested is None or batch % len(requested):
-            return [self.active_adapter] * batch
-        return _per_row(requested, batch)
-
-    def _routed_forward(self, path: str):
-        key = _escape(path)
-
-        def make(original):
-            def forward(*args, **kwargs):
-                x = args[0] if args else next(iter(kwargs.values()))
-                rows = self._saved_module_rows(x.shape[0])
-                copies = {} if rows is None else {
-                    n: self.saved_modules[n][key] for n in set(rows)
-                    if n is not None and n in self.saved_modules and key in self.saved_modules[n]}
-                if not copies:
-                    return original(*args, **kwargs)
-                if len(set(rows)) == 1:
-                    return copies[rows[0]](*args, **kwargs)
-                if not args:
-                    raise TypeError(f"modules_to_save: {path} was called without a positional input, so its rows "
-                                    "cannot be split among adapters")
-                pieces, order = [], []
-                for name in dict.fromkeys(rows):  # a mixed batch: each row through its adapter's copy
-                    idx = [i for i, r in enumerate(rows) if r == name]
-                    sub = x.index_select(0, torch.tensor(idx, device=x.device))
-                    pieces.append(copies.get(name, original)(sub, *args[1:], **kwargs))
-                    order += idx
-                inverse = torch.argsort(torch.tensor(order, device=pieces[0].device))
-                return torch.cat(pieces).index_select(0, inverse)
-            forward.para_routing = True
-            return forward
-        return make
-
-    def _install_hooks(self, i: int, layer: nn.Module, lmap: LayerMap, config: PARAConfig) -> None:
-        def once(key, register):
-            if key not in self._hooked:
-                self._hooked.add(key)
-                self._handles.append(register())
-
-        once((i, "<layer>"), functools.partial(layer.register_forward_pre_hook, self._layer_hook(i),
-                                                with_kwargs=True))
-        if config.pool_input == "normed":
-            norm = layer.get_submodule(lmap.norm)
-            once((i, "<norm>"), functools.partial(norm.register_forward_hook, self._norm_hook(i)))
-        for m in lmap.modules:
-            module = layer.get_submodule(m.path)
-            k = self._module_index.setdefault((i, m.path), len(self._module_index))
-            glu = consumers.glu_parts(layer, m.path) if m.segments[-1].target == "up" else None
-            if glu is not None:
-                mlp, act = glu
-                once((i, m.path), functools.partial(consumers.ForwardOverride, mlp,
-                                                    consumers.scaled_glu_forward(mlp, act, k)))
-            elif consumers.is_fusable_linear(module, m):
-                once((i, m.path), functools.partial(consumers.ForwardOverride, module,
-                                                    consumers.scaled_linear_forward(module, k)))
-            else:
-                once((i, m.path), functools.partial(module.register_forward_hook, consumers.scale_hook(k)))
+    def _once(self, key, register) -> None:
+        """Install a hook or override (``register()`` returns its handle) unless ``key`` was."""
+        if key not in self._hooked:
+            self._hooked.add(key)
+            self._handles.append(register())
 
     def _adapter_weights(self, adapter_name: str):
         """(layer index, AdapterWeights) for every layer the adapter lives in."""
@@ -405,6 +317,7 @@ class PARAModel(nn.Module):
         self._handles.clear()
         self._hooked.clear()
         self._module_index.clear()
+        self._para_layers.clear()
         for layer in self._layers or []:
             if hasattr(layer, GENERATOR_ATTR):
                 delattr(layer, GENERATOR_ATTR)
@@ -419,27 +332,6 @@ class PARAModel(nn.Module):
         return model
 
     # ------------------------------------------------------------------ running
-    @contextmanager
-    def _calling(self, adapter_names, prompt_lengths, batch_size: int | None):
-        """This call's routing, checked (adapter_names: one adapter name or None per row), as the
-        CALL context variable for the hooks of the forwards it makes."""
-        if adapter_names is not None:
-            if isinstance(adapter_names, str) or not hasattr(adapter_names, "__len__"):
-                raise ValueError(f"adapter_names must be a list with one adapter name (or None) per row, "
-                                 f"got {adapter_names!r}")
-            adapter_names = [None if name == BASE_ROW else name for name in adapter_names]
-            if batch_size is not None and len(adapter_names) != batch_size:
-                raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has "
-                                 f"{batch_size} rows; give one adapter name (or None) per row")
-            for name in adapter_names:
-                if name is not None:
-                    self._check_known(name)
-        token = CALL.set(CallOptions(adapter_names, prompt_lengths))
-        try:
-            yield
-        finally:
-            CALL.reset(token)
-
     def forward(self, input_ids=None, attention_mask=None, labels=None, prompt_lengths=None,
                 adapter_names=None, reprefill: bool = False, **kwargs):
         """The wrapped model's forward. prompt_lengths [B]: prompt tokens per row (counted from
@@ -451,8 +343,8 @@ class PARAModel(nn.Module):
         self._check_usable()
         batch = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if reprefill:
-            _empty_cache(_cache_of(kwargs))
-        with self._calling(adapter_names, prompt_lengths, None if batch is None else batch.shape[0]):
+            empty_cache(cache_of(kwargs))
+        with self._requests.calling(adapter_names, prompt_lengths, None if batch is None else batch.shape[0]):
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 
     def generate(self, *args, adapter_names=None, reprefill: bool = False, **kwargs):
@@ -464,183 +356,13 @@ class PARAModel(nn.Module):
         self._check_usable()
         batch = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if reprefill:
-            _empty_cache(_cache_of(kwargs))
-        with self._calling(adapter_names, None, None if batch is None else batch.shape[0]):
+            empty_cache(cache_of(kwargs))
+        with self._requests.calling(adapter_names, None, None if batch is None else batch.shape[0]):
             return self.base_model.generate(*args, **kwargs)
-
-    def _generate_session(self, original):
-        """The wrapped model's generate, with a session that holds the first forward's vectors
-        for the later steps (installed on the model, so a direct base_model.generate gets it too)."""
-        def generate(*args, **kwargs):
-            token = SESSION.set(GenerateSession(self))
-            try:
-                return original(*args, **kwargs)
-            finally:
-                SESSION.reset(token)
-        return generate
 
     def request_state(self, past_key_values) -> RequestState | None:
         """The state (vectors) a KV cache was prefilled with through this model; None if none."""
-        return self._cache_states.get(past_key_values)
-
-    def _route(self, call: CallOptions, batch: int) -> list:
-        """The adapter (or None) of each of this forward's rows."""
-        if DISABLED.get():
-            return [None] * batch
-        rows = call.adapter_names
-        if rows is None:
-            return [self.active_adapter] * batch
-        if batch % len(rows):
-            raise ValueError(f"adapter_names has {len(rows)} entries but the batch has {batch} rows")
-        return _per_row(rows, batch)
-
-    def _make_groups(self, rows: list, device) -> list[AdapterGroup]:
-        by_signature: dict[tuple, list] = {}
-        for name in dict.fromkeys(r for r in rows if r is not None):
-            by_signature.setdefault(self.peft_config[name].generator_signature(), []).append(name)
-        groups = []
-        for names in by_signature.values():
-            index = {n: k for k, n in enumerate(names)}
-            ids = torch.tensor([index.get(r, -1) for r in rows], dtype=torch.long, device=device)
-            groups.append(AdapterGroup(self.peft_config[names[0]], names, ids))
-        return groups
-
-    def _new_state(self, kwargs: dict, call: CallOptions, batch: int, length: int, device) -> RequestState:
-        """A prefill's state: each row's (or packed example's) prompt range and adapter."""
-        mask, labels, positions = kwargs.get("attention_mask"), kwargs.get("labels"), kwargs.get("position_ids")
-        rows = self._route(call, batch)
-        token_rows = None
-        if is_packed(positions, mask, batch, length):
-            start, end, token_rows, example_row = packed_prompts(positions, batch, length, device, mask, labels,
-                                                                 call.prompt_lengths)
-            rows = [rows[b] for b in example_row.tolist()]
-        else:
-            start, end = prompt_ranges(batch, length, device, mask, labels, call.prompt_lengths)
-        n = len(self._module_index)
-        requested = None if call.adapter_names is None else tuple(call.adapter_names)
-        return RequestState(batch, requested, self._make_groups(rows, device), start, end, token_rows,
-                            [None] * n, [None] * n, disabled=DISABLED.get())
-
-    def _refuse_continuation(self, state: RequestState, batch: int, call: CallOptions) -> None:
-        """Raise the error that says why this forward cannot continue ``state``'s request."""
-        if batch != state.batch:
-            raise RequestStateError(f"this forward continues a request prefilled with {state.batch} rows, but "
-                                    f"has {batch} rows")
-        if state.token_rows is not None:
-            raise RequestStateError("this forward continues packed rows (several sequences in one row): packed "
-                                    "rows can be trained and scored, not continued; generate from unpacked rows")
-        if DISABLED.get() != state.disabled:
-            raise RequestStateError(
-                f"disable_adapter() is {'on' if DISABLED.get() else 'off'} for a forward that continues a request "
-                f"prefilled with it {'on' if state.disabled else 'off'}: a request keeps its prefill's vectors, so "
-                "disable the adapters for the whole request (prefill included) or for none of it")
-        raise RequestStateError(
-            f"adapter_names {call.adapter_names} differ from those this request was prefilled with "
-            f"({None if state.requested is None else list(state.requested)}): a request keeps its prefill's "
-            "vectors; start a new request (a fresh cache) to change adapters")
-
-    def _before_model(self, module, args, kwargs):
-        # Runs at every forward, decode steps included: the path that continues a request is
-        # written out here, without helper calls, because its Python cost is what PARA adds to
-        # every generated token.
-        try:
-            cache = kwargs.get("past_key_values")  # _cache_of, written out (per-token path)
-            if cache is None:
-                cache = kwargs.get("cache")
-            cached = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
-            x = kwargs.get("input_ids")
-            if x is None:
-                x = args[0] if args else kwargs.get("inputs_embeds")
-            call = CALL.get()
-            session = SESSION.get()
-            if session is not None and session.owner is not self:
-                session = None  # another model's generate (e.g. an assistant's)
-            state = None
-            if cached > 0:  # continues the request this cache was prefilled with
-                entry = self._cache_states.by_id.get(id(cache))
-                state = entry[1] if entry is not None and entry[0]() is cache else None
-                if state is None:
-                    _refuse_paged(cache)
-                    raise RequestStateError(
-                        f"this forward continues a KV cache ({cached} tokens) that PARA has no vectors for: the "
-                        "vectors come from the prompt, so the cache must be prefilled through this PARAModel "
-                        "(or pass reprefill=True with the whole conversation to start the request again)")
-            elif session is not None:  # a later step of this generate call, uncached
-                state = session.state
-            if state is not None:
-                if (x.shape[0] != state.batch or state.token_rows is not None or DISABLED.get() != state.disabled
-                        or (call.adapter_names is not None and tuple(call.adapter_names) != state.requested)):
-                    self._refuse_continuation(state, x.shape[0], call)
-                if len(state.scales) < len(self._module_index):  # an adapter was added since the prefill
-                    state.fit(len(self._module_index))
-            else:  # a prefill: a new request
-                _refuse_paged(cache)
-                state = self._new_state(kwargs, call, x.shape[0], x.shape[1], x.device)
-                if cache is not None:
-                    self._cache_states.put(cache, state)
-            if session is not None and session.state is None:
-                session.state = state
-            state.plain = (state.token_rows is None and not torch.is_grad_enabled()
-                           and not torch.compiler.is_compiling()
-                           and ops.backend_for("scale", x.device) == "reference")
-        except Exception:
-            TOKENS.set(TOKENS.get() + (ACTIVE.set(None),))  # the post-hook (always called) pops it
-            raise
-        TOKENS.set(TOKENS.get() + (ACTIVE.set(state),))
-
-    def _after_model(self, module, args, output):
-        tokens = TOKENS.get()
-        if not tokens:
-            return
-        state = ACTIVE.get()
-        ACTIVE.reset(tokens[-1])
-        TOKENS.set(tokens[:-1])
-        if state is None or state.ready:
-            return
-        state.ready = True  # the prefill ended: every layer's vectors are in
-        cache = None if output is None else getattr(output, "past_key_values", None)
-        if cache is not None and not isinstance(cache, (tuple, list)) and state.token_rows is None:
-            self._cache_states.put(cache, state)  # a cache the model made itself (use_cache, none given)
-
-    def _layer_hook(self, i: int):
-        def hook(layer, args, kwargs):
-            state = ACTIVE.get()
-            if state is None:
-                raise RequestStateError(
-                    "a PARA-transformed decoder layer ran outside a forward of its PARAModel, so PARA does not "
-                    "know its prompt: call the wrapped model as a whole (PARAModel or its base_model); for "
-                    "activation checkpointing use PARAModel.gradient_checkpointing_enable")
-            if not state.ready and state.groups:
-                self._compute(state, i, args[0] if args else kwargs["hidden_states"], "residual")
-        return hook
-
-    def _norm_hook(self, i: int):
-        def hook(norm, args, output):
-            state = ACTIVE.get()
-            if state is not None and not state.ready and state.groups:
-                self._compute(state, i, output, "normed")
-        return hook
-
-    def _compute(self, state: RequestState, i: int, hidden: torch.Tensor, source: str) -> None:
-        """pool -> generate for every adapter group of the request at layer i; the per-module
-        scales are multiplied together (rows outside a group get ones from it)."""
-        generator = getattr(self._layers[i], GENERATOR_ATTR)
-        if state.token_rows is not None:  # packed: ranges index the flattened tokens
-            hidden = hidden.reshape(-1, hidden.shape[-1])
-        for group in state.groups:
-            config, lmap = group.config, self._plans[group.names[0]].maps[i]
-            if config.pool_input != source or lmap is None:
-                continue
-            bank = generator.bank(group.names)
-            w_sa = bank["w_sa"][group.ids.clamp(min=0)].to(hidden.dtype) if "w_sa" in bank else None
-            v = ops.pool_generate(hidden, state.start, state.end, config.pooler, w_sa, bank["w_down"],
-                                  bank["b_down"], bank["w_up"], bank["b_up"], group.ids, config.activation,
-                                  bank.get("act_params")).to(hidden.dtype)
-            pieces = dict(zip(config.targets, v.split([lmap.sizes[t] for t in config.targets], dim=1)))
-            for m in lmap.modules:
-                s = module_scale(m, pieces, v.shape[0], v)
-                if s is not None:
-                    state.put(self._module_index[(i, m.path)], s)
+        return self._requests.cache_states.get(past_key_values)
 
     # ------------------------------------------------------------------ training helpers
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
@@ -772,8 +494,8 @@ class PARAModel(nn.Module):
         tensors = {f"layers.{i}.{k}": p for i, w in self._adapter_weights(adapter_name)
                    for k, p in w.named_parameters()}
         for path in self._plans[adapter_name].saved:
-            for k, p in self.saved_modules[adapter_name][_escape(path)].named_parameters():
-                tensors[f"{SAVED_PREFIX}.{path}.{k}"] = p
+            for k, p in self.saved_modules[adapter_name][saved.escape(path)].named_parameters():
+                tensors[f"{saved.SAVED_PREFIX}.{path}.{k}"] = p
         return tensors
 
     def _base_model_name(self, config: PARAConfig) -> tuple[str | None, str | None]:
@@ -806,12 +528,12 @@ class PARAModel(nn.Module):
         for name in names:
             config, plan = self.peft_config[name], self._plans[name]
             base_name, revision = self._base_model_name(config)
-            saved = io.with_fields(config, base_model_name_or_path=base_name, revision=revision,
-                                   inference_mode=True)
+            written = io.with_fields(config, base_model_name_or_path=base_name, revision=revision,
+                                     inference_mode=True)
             info = {"model_type": getattr(hf_config, "model_type", None), "hidden_size": plan.d,
                     "num_layers": len(plan.maps), "generator_outputs": plan.n}
             folder = os.path.join(save_directory, io.adapter_subfolder(name))
-            io.save_adapter(folder, saved, self._adapter_tensors(name), info)
+            io.save_adapter(folder, written, self._adapter_tensors(name), info)
 
     def push_to_hub(self, repo_id: str, selected_adapters=None, private: bool | None = None, token=None,
                     revision: str | None = None, commit_message: str = "Upload PARA adapter",
@@ -881,37 +603,6 @@ class PARAModel(nn.Module):
         return para
 
 
-def _per_row(names, batch: int) -> list:
-    """One name per row: generate() repeats each row of the call for beams / return sequences."""
-    return [name for name in names for _ in range(batch // len(names))]
-
-
-def _cache_of(kwargs: dict):
-    """The KV cache a call was given: ``past_key_values``, else ``cache`` (its name from
-    transformers 5.2x)."""
-    cache = kwargs.get("past_key_values")
-    return kwargs.get("cache") if cache is None else cache
-
-
-def _escape(path: str) -> str:
-    """A module path as a ModuleDict key (no dots)."""
-    return path.replace(".", "__")
-
-
-def _refuse_paged(cache) -> None:
-    if type(cache).__name__ == "PagedAttentionCache":
-        _no_continuous_batching(None)()
-
-
-def _empty_cache(cache) -> None:
-    """reprefill: the cache starts again, empty (the same object), so the whole input is prefilled
-    as the prompt."""
-    if cache is None or not hasattr(cache, "get_seq_length"):
-        return
-    if cache.get_seq_length() > 0:
-        cache.reset()
-
-
 def _without_generators(model: nn.Module, original):
     """The backbone's save_pretrained, minus the PARA generator tensors that live inside its
     layers while it is wrapped (they would reload as unexpected keys): the adapters are saved by
@@ -923,18 +614,6 @@ def _without_generators(model: nn.Module, original):
         kept = {k: v for k, v in state_dict.items() if marker not in f".{k}"}
         return original(*args, state_dict=kept, **kwargs)
     return save_pretrained
-
-
-def _no_continuous_batching(original):
-    def refuse(*args, **kwargs):
-        raise NotImplementedError(
-            "PARA does not run under transformers' continuous batching (generate_batch / "
-            "init_continuous_batching) yet: that engine packs every request's tokens into one row "
-            "with a paged KV cache and does not tell the model which request each token belongs to, "
-            "so PARA cannot give each request its own vectors. Use generate() with adapter_names "
-            "(one per row) for mixed-adapter batches; docs/requests.md says what the engine would "
-            "need to pass.")
-    return refuse
 
 
 def get_para_model(model: nn.Module, config: PARAConfig, adapter_name: str = "default",

@@ -128,14 +128,16 @@ def checkpoint_context_fn(user_context_fn=None):
     return context_fn
 
 
-@dataclass
+@dataclass(frozen=True)
 class CallOptions:
-    """What one call of PARAModel.forward / generate asked for."""
+    """What one call of PARAModel.forward / generate asked for (never changed once made: the
+    default below is shared by every context)."""
     adapter_names: list | None = None  # one per row (None entries: the bare backbone)
     prompt_lengths: object = None
 
 
-CALL: ContextVar[CallOptions] = ContextVar("para_call", default=CallOptions())
+NO_CALL = CallOptions()  # outside any PARAModel.forward / generate call: the default routing
+CALL: ContextVar[CallOptions] = ContextVar("para_call", default=NO_CALL)
 DISABLED: ContextVar[bool] = ContextVar("para_disabled", default=False)
 
 
