@@ -94,3 +94,53 @@ def grads(fn, inputs):
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(out)
     (out * g).sum().backward()
     return [t.grad for t in inputs if t is not None and t.is_floating_point()]
+
+
+def randn(*shape, seed=0, dtype=torch.float32, device=DEVICE):
+    """A seeded standard-normal tensor, drawn on the CPU, then moved to ``device`` in ``dtype``."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+
+
+def misaligned(t):
+    """t's values in a view that starts one element into its storage (rows misaligned too)."""
+    base = torch.empty(*t.shape[:-1], t.shape[-1] + 1, dtype=t.dtype, device=t.device)
+    view = base[..., 1:]
+    view.copy_(t)
+    return view
+
+
+def poison_cuda_allocator(nbytes=256 << 20):
+    """Leave NaN in the CUDA caching allocator's free blocks, so that outputs and scratch the
+    kernels fail to write (or read before writing) show up as NaN."""
+    torch.cuda.synchronize()
+    block = torch.full((nbytes // 4,), float("nan"), device="cuda")
+    del block
+    for size in (1 << 10, 1 << 14, 1 << 18, 1 << 20):  # small-pool blocks too
+        junk = [torch.full((size // 4,), float("nan"), device="cuda") for _ in range(8)]
+        del junk
+
+
+# ------------------------------------------------------------------ which backends run here
+def triton_runs(device=DEVICE) -> bool:
+    """The Triton backend runs on ``device`` here (on a GPU, or on the CPU in Triton's interpreter)."""
+    from para_kernels.ops import dispatch
+
+    return "triton" in dispatch.available_backends(device)
+
+
+def cuda_kernels_built(*ops) -> bool:
+    """A GPU is present and the compiled extension registered CUDA kernels for every para_cuda op in ``ops``."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import importlib
+
+        importlib.import_module("para_kernels.ops.cuda_backend")  # loads _C when it matches this torch
+        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"para_cuda::{op}", "CUDA") for op in ops)
+    except Exception:
+        return False
+
+
+def names_argument(arg):
+    """A TORCH_CHECK message that names the argument: '<arg> must ...', '<arg> has ...', '<arg> is ...'."""
+    return rf"\b{arg} (must|has|is)\b"

@@ -8,7 +8,12 @@ intermediate 64, HF's default init, EOS off). Adapters start as the identity (W_
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
 
 VOCAB = 128
 PAD = 0
