@@ -144,3 +144,8 @@ def cuda_kernels_built(*ops) -> bool:
 def names_argument(arg):
     """A TORCH_CHECK message that names the argument: '<arg> must ...', '<arg> has ...', '<arg> is ...'."""
     return rf"\b{arg} (must|has|is)\b"
+
+
+def bank_weights(bank):
+    """(w_down, b_down, w_up, b_up, act_params) of an adapter_bank, in the ops' argument order."""
+    return tuple(bank[k] for k in (*BANK, "act_params"))
