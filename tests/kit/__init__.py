@@ -149,3 +149,27 @@ def names_argument(arg):
 def bank_weights(bank):
     """(w_down, b_down, w_up, b_up, act_params) of an adapter_bank, in the ops' argument order."""
     return tuple(bank[k] for k in (*BANK, "act_params"))
+
+
+def randn64(gen, *shape, scale=1.0):
+    """fp64 standard-normal values from ``gen``, times ``scale``, on the CPU."""
+    return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+
+
+class PoisonedTorch:
+    """torch, except that empty / empty_like return NaN-filled tensors (outputs and workspaces):
+    monkeypatch a kernel module's ``torch`` with it. ``calls`` counts the poisoned allocations."""
+    calls = 0
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def _poison(self, t):
+        type(self).calls += 1
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def empty(self, *a, **kw):
+        return self._poison(torch.empty(*a, **kw))
+
+    def empty_like(self, *a, **kw):
+        return self._poison(torch.empty_like(*a, **kw))

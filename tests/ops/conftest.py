@@ -40,3 +40,17 @@ def triton_backend():
         yield
     finally:
         para_kernels.set_backend(None)
+
+
+# the devices the Triton backend runs on here (a GPU, or the CPU in Triton's interpreter)
+TRITON_DEVICES = [d for d in ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+                  if "triton" in dispatch.available_backends(d)]
+
+
+@pytest.fixture(params=TRITON_DEVICES or [pytest.param(None, marks=pytest.mark.skip(
+    reason="Triton needs CUDA or TRITON_INTERPRET=1"))])
+def triton_device(request):
+    """Each device the Triton backend runs on here, with the Triton backend forced."""
+    para_kernels.set_backend("triton")
+    yield request.param
+    para_kernels.set_backend(None)
