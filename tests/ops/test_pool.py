@@ -273,7 +273,8 @@ def test_triton_property_matches_reference(case):
         shift = torch.arange(B, dtype=case["index"], device=DEVICE) * T
         hidden, start, end = hidden.reshape(B * T, d), start + shift, end + shift
     w = attn_w(B, d, case["per_row"], dtype, seed=case["seed"] + 1) if case["mode"] == "attn" else None
-    triton_check(hidden, start, end, case["mode"], w, tol_scale=4.0 if dtype in (torch.float16, torch.bfloat16) else 2.0)
+    triton_check(hidden, start, end, case["mode"], w,
+                 tol_scale=4.0 if dtype in (torch.float16, torch.bfloat16) else 2.0)
 
 
 class _PoisonTorch:
