@@ -88,7 +88,8 @@ def test_triton_linear_non_contiguous(triton_device, dtype, layout):
     else:
         x = to(randn64(gen, B, T, k))
     scale = 1 / math.sqrt(k)
-    weight = to(randn64(gen, k, n, scale=scale)).T if layout == "transposed_weight" else to(randn64(gen, n, k, scale=scale))
+    weight = to(randn64(gen, k, n, scale=scale)).T if layout == "transposed_weight" \
+        else to(randn64(gen, n, k, scale=scale))
     bias = to(randn64(gen, 2 * n))[::2]
     v = to(1 + 0.2 * randn64(gen, B, 2 * n))[:, n:]
     grad = to(randn64(gen, *x.shape[:-1], 2 * n))[..., 1::2]

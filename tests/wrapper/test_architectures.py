@@ -16,8 +16,7 @@ from torch import nn
 
 from para_kernels import MappingError, PARAConfig, get_para_model
 from kit import rel_err
-from kit.models import batch_inputs
-from kit.models import ARCHITECTURES, PAD, VOCAB, tiny_model
+from kit.models import ARCHITECTURES, PAD, batch_inputs, tiny_model
 
 GENERATOR_PARAM = re.compile(r"\.(\d+)\.para_generator\.adapters\.([^.]+)\.(\w+)$")
 
