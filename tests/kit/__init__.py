@@ -14,10 +14,17 @@ here: test modules use them by name, without importing them.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 
 import torch
+
+# para_kernels internals
+from para_kernels.ops import dispatch
+from para_kernels.ops.activations import RATIONAL_GELU_INIT
+
+CUDA_BACKEND = "para_kernels.ops.cuda_backend"  # imported by cuda_kernels_built (it loads _C when it matches)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the kernel tests run their kernels
@@ -68,8 +75,6 @@ def adapter_bank(gen, A, d, r, N, device, dtype, activation=None, *, batch=None,
     [A, 10] (None unless activation is 'rational'; the GELU start, nudged), all in ``dtype``.
     With ``batch``, also ``pooled`` [batch, d] in ``pooled_dtype`` (default ``dtype``).
     Draws from ``gen`` in the order act_params, pooled, w_down, b_down, w_up, b_up."""
-    from para_kernels.ops.activations import RATIONAL_GELU_INIT
-
     t = lambda *s, scale=1.0, dt=dtype: (torch.randn(*s, generator=gen) * scale).to(device, dt)  # noqa: E731
     bank = {}
     params = None
@@ -123,8 +128,6 @@ def poison_cuda_allocator(nbytes=256 << 20):
 # ------------------------------------------------------------------ which backends run here
 def triton_runs(device=DEVICE) -> bool:
     """The Triton backend runs on ``device`` here (on a GPU, or on the CPU in Triton's interpreter)."""
-    from para_kernels.ops import dispatch
-
     return "triton" in dispatch.available_backends(device)
 
 
@@ -133,9 +136,7 @@ def cuda_kernels_built(*ops) -> bool:
     if not torch.cuda.is_available():
         return False
     try:
-        import importlib
-
-        importlib.import_module("para_kernels.ops.cuda_backend")  # loads _C when it matches this torch
+        importlib.import_module(CUDA_BACKEND)  # loads _C when it matches this torch
         return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"para_cuda::{op}", "CUDA") for op in ops)
     except Exception:
         return False
