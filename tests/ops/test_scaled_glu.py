@@ -101,7 +101,8 @@ def test_triton_glu_decode_and_odd_sizes(triton_device, shape):
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, in the interpreter
 def test_triton_glu_extreme_inputs(triton_device):
     """Large |gate|: exp overflows to inf inside sigmoid; results must stay finite and exact."""
-    gate = torch.tensor([[-200.0, -30.0, -1e-6, 0.0, 1e-6, 30.0, 200.0, 1e4]], dtype=torch.float32, device=triton_device)
+    gate = torch.tensor([[-200.0, -30.0, -1e-6, 0.0, 1e-6, 30.0, 200.0, 1e4]], dtype=torch.float32,
+                        device=triton_device)
     up = torch.ones_like(gate)
     v = torch.ones_like(gate)
     for act in GLU:

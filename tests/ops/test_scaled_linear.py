@@ -109,7 +109,8 @@ LINEAR_SHAPES = [  # B, T, k, n, bias
 ]
 
 
-@pytest.mark.parametrize("B,T,k,n,with_bias", LINEAR_SHAPES, ids=[f"{s[0]}x{s[1]}x{s[2]}->{s[3]}" for s in LINEAR_SHAPES])
+@pytest.mark.parametrize("B,T,k,n,with_bias", LINEAR_SHAPES,
+                         ids=[f"{s[0]}x{s[1]}x{s[2]}->{s[3]}" for s in LINEAR_SHAPES])
 def test_triton_linear_decode_and_odd_sizes(triton_device, B, T, k, n, with_bias):
     gen = torch.Generator().manual_seed(B + T + k + n)
     if (B, T, k, n) == (1, 1, 4097, 3):
@@ -163,7 +164,8 @@ def test_triton_reduction_paths_are_exercised(triton_device, monkeypatch):
         monkeypatch.setattr(tf, name, Spy(name, getattr(tf, name)))
     gen = torch.Generator().manual_seed(2)
     v = randn64(gen, 3, 3).to(triton_device, torch.float32)
-    x, w = randn64(gen, 1, 1, 4097).to(triton_device, torch.float32), randn64(gen, 3, 4097).to(triton_device, torch.float32)
+    x = randn64(gen, 1, 1, 4097).to(triton_device, torch.float32)
+    w = randn64(gen, 3, 4097).to(triton_device, torch.float32)
     P.scaled_linear(x, w, None, v[:1])
     assert launched[-1] == "_split_epilogue_kernel"
 
@@ -171,7 +173,8 @@ def test_triton_reduction_paths_are_exercised(triton_device, monkeypatch):
 def test_triton_backward_is_deterministic(triton_device):
     gen = torch.Generator().manual_seed(5)
     x, g = randn64(gen, 2, 100, 5).to(triton_device), randn64(gen, 2, 100, 6).to(triton_device)
-    w, b, v = randn64(gen, 6, 5).to(triton_device), randn64(gen, 6).to(triton_device), randn64(gen, 2, 6).to(triton_device)
+    w, b = randn64(gen, 6, 5).to(triton_device), randn64(gen, 6).to(triton_device)
+    v = randn64(gen, 2, 6).to(triton_device)
     x, g, w, b, v = (t.float() for t in (x, g, w, b, v))
     first = P.scaled_linear_backward(g, x, w, b, v)
     assert all(torch.equal(a, c) for a, c in zip(first, P.scaled_linear_backward(g, x, w, b, v)))
