@@ -12,8 +12,11 @@ from transformers import DynamicCache
 from para_kernels import PARAConfig, get_para_model
 from para_kernels.transformers.state import ACTIVE, RequestStateError, checkpoint_context_fn
 
-from para_helpers import batch_inputs, randomize_adapter, rel_err, single_thread, tiny_llama  # noqa: F401 (autouse)
-from tiny_models import ARCHITECTURES, PAD, tiny_model
+from kit import rel_err
+from kit.models import ARCHITECTURES, PAD, batch_inputs, randomize_adapter, tiny_llama, tiny_model
+
+# the single_thread fixture: tests/wrapper/conftest.py
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _two_adapters(model):

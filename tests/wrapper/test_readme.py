@@ -9,11 +9,16 @@ from __future__ import annotations
 import os
 import re
 
+import pytest
 import torch
 
-from para_helpers import single_thread, tiny_llama  # noqa: F401 (autouse)
+from kit import ROOT
+from kit.models import tiny_llama
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+# the single_thread fixture: tests/wrapper/conftest.py
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+README = os.path.join(ROOT, "README.md")
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 

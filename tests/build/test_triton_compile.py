@@ -16,7 +16,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from kit import ROOT  # noqa: E402 (the repository)
 ARCHS = (80, 90)
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU compiles (and runs) the kernels itself")
 

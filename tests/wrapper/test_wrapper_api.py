@@ -12,8 +12,10 @@ import para_kernels
 from para_kernels import MappingError, PARAConfig, get_para_model
 from para_kernels.ops.activations import RATIONAL_NUM_PARAMS
 
-from para_helpers import (HIDDEN, adapter_params, n_outputs, randomize_adapter, single_thread,  # noqa: F401
-                          tiny_llama)
+from kit.models import HIDDEN, adapter_params, n_outputs, randomize_adapter, tiny_llama
+
+# the single_thread fixture: tests/wrapper/conftest.py
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 POOLERS = ("last", "mean", "max", "attn")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "identity", "rational")

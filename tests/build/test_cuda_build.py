@@ -16,7 +16,7 @@ import torch
 import para_kernels
 from para_kernels.ops import cuda_backend, dispatch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from kit import ROOT  # noqa: E402 (the repository)
 
 
 def _load_setup():

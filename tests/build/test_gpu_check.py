@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from kit import ROOT  # noqa: E402 (the repository)
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the device runs the script itself")
 
 

@@ -1,8 +1,10 @@
-"""Triton ``pool_generate``: one kernel launch for the whole op (pool -> down -> activation ->
-up), against the fp64 oracle on every pooler, padded and packed, mixed adapters with -1 rows,
-prompt length 1 and full; small forced tiles drive several row blocks, d-slices and consumer
-programs through the producer / consumer wait under the interpreter; the sync counters are
-left at zero; every output element is written; (GPU only) CUDA-graph capture and replay."""
+"""The pool_generate op (pool -> generate in one op; PARA_SPEC §1): the fp64-oracle grid on every
+backend, backward, gradcheck / opcheck, then the Triton kernel (one launch for the whole op: pool ->
+down -> activation -> up) against the fp64 oracle on every pooler, padded and packed, mixed adapters
+with -1 rows, prompt length 1 and full; small forced tiles drive several row blocks, d-slices and
+consumer programs through the producer / consumer wait under the interpreter; the sync counters are
+left at zero; every output element is written; (GPU only) CUDA-graph capture and replay.
+(No CUDA C++ kernel implements it: the CUDA backend runs pool then generate.)"""
 import importlib
 import math
 import signal
@@ -12,55 +14,95 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import oracles
+from kit import DEVICE, DTYPES, TOL, adapter_bank, adapter_ids, bank_weights, f64, grads, oracles, ranges, rel_err, \
+    triton_runs
+from kit.checks import check_pool_generate
+
+# para_kernels internals
 from para_kernels import ops
-from para_kernels.ops import dispatch
-from para_kernels.ops.activations import ACTIVATIONS, RATIONAL_GELU_INIT
-from test_ops import ranges
+from para_kernels.ops.activations import ACTIVATIONS
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-tri = importlib.import_module("para_kernels.ops.triton_ops.pool_generate") \
-    if "triton" in dispatch.available_backends(DEVICE) else None
-pytestmark = pytest.mark.skipif(tri is None, reason="the Triton backend cannot run here")
+tri = importlib.import_module("para_kernels.ops.triton_ops.pool_generate") if triton_runs() else None  # the kernel
 
-TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+needs_triton = pytest.mark.skipif(tri is None, reason="the Triton backend cannot run here")
+
+
+# ------------------------------------------------------------------ every backend: the fp64 oracle
+@pytest.mark.parametrize("mode", ops.POOL_MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,d,r,N,A", [(1, 1, 1, 1, 1, 1), (5, 6, 37, 4, 19, 3), (3, 4, 576, 12, 2304, 2)])
+def test_pool_generate_matches_oracle(device_backend, mode, dtype, B, T, d, r, N, A):
+    device, _ = device_backend
+    gen = torch.Generator().manual_seed(B + T + d + N)
+    hidden = torch.randn(B, T, d, generator=gen).to(device, dtype)
+    start, end = ranges(gen, B, T, device)
+    w = (torch.randn(B, d, generator=gen) / math.sqrt(d)).to(device, dtype) if mode == "attn" else None
+    wd, bd, wu, bu, _ = bank_weights(adapter_bank(gen, A, d, r, N, device, torch.float32, "gelu"))
+    ids = adapter_ids(gen, B, A, device)
+    out = ops.pool_generate(hidden, start, end, mode, w, wd, bd, wu, bu, ids, "gelu")
+    ref = oracles.pool_generate(*(t.cpu() if t is not None else None
+                                  for t in (hidden, start, end)), mode, None if w is None else w.cpu(),
+                                *(t.cpu() for t in (wd, bd, wu, bu, ids)), "gelu")
+    assert out.shape == (B, N) and out.dtype == torch.float32
+    assert rel_err(out.cpu(), ref) <= TOL[dtype]
+
+
+# ------------------------------------------------------------------ backward
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pool_generate_backward_matches_oracle(device_backend, dtype):
+    device, _ = device_backend
+    gen = torch.Generator().manual_seed(13)
+    B, T, d, r, N, A = 4, 5, 19, 3, 11, 2
+    hidden = torch.randn(B, T, d, generator=gen).to(device, dtype)
+    start, end = ranges(gen, B, T, device)
+    w = torch.randn(B, d, generator=gen).to(device, dtype)
+    wd, bd, wu, bu, _ = bank_weights(adapter_bank(gen, A, d, r, N, device, torch.float32, "silu"))
+    ids = adapter_ids(gen, B, A, device)
+    ours = grads(lambda h, w, *bank: ops.pool_generate(h, start, end, "attn", w, *bank, ids, "silu"),
+                 [hidden, w, wd, bd, wu, bu])
+    ref = grads(lambda h, w, *bank: oracles.pool_generate(h, start.cpu(), end.cpu(), "attn", w, *bank, ids.cpu(),
+                                                          "silu"),
+                [t.cpu().double() for t in (hidden, w, wd, bd, wu, bu)])
+    for a, b in zip(ours, ref):
+        assert rel_err(a.cpu(), b) <= TOL[dtype] * 2
+
+
+# ------------------------------------------------------------------ gradcheck / opcheck (reference, fp64)
+@pytest.mark.parametrize("mode", ops.POOL_MODES)
+def test_pool_generate_gradcheck_and_opcheck(mode):
+    hidden = f64(3, 5, 4, seed=1).requires_grad_()
+    start, end = torch.tensor([0, 1, 2]), torch.tensor([5, 3, 3])
+    w = f64(3, 4, seed=2).requires_grad_() if mode == "attn" else None
+    bank_ = [f64(2, 4, 3, seed=3), f64(2, 3, seed=4), f64(2, 3, 6, seed=5), f64(2, 6, seed=6)]
+    bank_ = [t.requires_grad_() for t in bank_]
+    ids = torch.tensor([1, -1, 0])
+    fn = lambda h, w, *b: ops.pool_generate(h, start, end, mode, w, *b, ids, "tanh")
+    assert torch.autograd.gradcheck(fn, (hidden, w, *bank_))
+    torch.library.opcheck(torch.ops.para.pool_generate.default, (hidden, start, end, mode, w, *bank_, ids, "tanh", None))
+
+
+# ------------------------------------------------------------------ Triton kernel
 # 3 d-slices of 16 features, 2 consumers of 16-wide tiles, 2-token tiles: every loop and tail
 SMALL = dict(block_b=16, splits=3, consumers=2, block_n=16, block_d=16, block_t=2)
 
 
-def rel_err(out, expected):
-    assert not torch.isnan(out).any(), "NaN in output"
-    out, expected = out.double().cpu(), expected.double().cpu()
-    return ((out - expected).norm() / expected.norm().clamp_min(1e-3)).item()
-
-
 def case(B, T, d, r, N, A, mode, dtype, activation="gelu", packed=False, seed=0, bank_dtype=torch.float32):
+    """The op's arguments: hidden in dtype, the bank in bank_dtype, ids with row 0 at -1 (B > 1)."""
     gen = torch.Generator().manual_seed(seed)
-    t = lambda *s, scale=1.0, dt=bank_dtype: (torch.randn(*s, generator=gen) * scale).to(DEVICE, dt)
     start, end = ranges(gen, B, T, DEVICE)
-    hidden = t(B, T, d, dt=dtype)
+    hidden = torch.randn(B, T, d, generator=gen).to(DEVICE, dtype)
     if packed:  # rows back to back in one token axis: ranges index it
         hidden = hidden.reshape(B * T, d)
         start, end = start + torch.arange(B, device=DEVICE) * T, end + torch.arange(B, device=DEVICE) * T
-    w_sa = t(B, d, scale=1 / math.sqrt(d), dt=dtype) if mode == "attn" else None
-    params = None
-    if activation == "rational":
-        params = (torch.tensor([RATIONAL_GELU_INIT] * A) + 0.05 * torch.randn(A, 10, generator=gen)).to(DEVICE, bank_dtype)
+    w_sa = (torch.randn(B, d, generator=gen) * (1 / math.sqrt(d))).to(DEVICE, dtype) if mode == "attn" else None
     ids = torch.randint(-1, A, (B,), generator=gen)
     ids[0] = -1 if B > 1 else ids[0]
-    bank = (t(A, d, r, scale=1 / math.sqrt(d)), t(A, r), t(A, r, N, scale=1 / math.sqrt(r)), t(A, N))
-    return (hidden, start, end, mode, w_sa, *bank, ids.to(DEVICE), activation, params)
+    *weights, params = bank_weights(adapter_bank(gen, A, d, r, N, DEVICE, bank_dtype, activation))
+    return (hidden, start, end, mode, w_sa, *weights, ids.to(DEVICE), activation, params)
 
 
-def check(args, tol):
-    out = tri.pool_generate(*args)
-    cpu = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
-    expected = oracles.pool_generate(*cpu)
-    bank_dtype, ids = args[5].dtype, args[9]
-    assert out.shape == (ids.shape[0], args[7].shape[2]) and out.dtype == bank_dtype
-    assert rel_err(out, expected) <= tol
-    assert torch.all(out[ids < 0] == 1), "rows with adapter -1 must be exactly one"
-    return out
+def triton_check(args, tol):
+    return check_pool_generate(tri.pool_generate, args, tol)
 
 
 @pytest.fixture(params=[None, SMALL], ids=["default_tiles", "small_tiles"])
@@ -69,30 +111,35 @@ def tiles(request, monkeypatch):
     return request.param
 
 
+@needs_triton
 @pytest.mark.parametrize("mode", ops.POOL_MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_matches_oracle(tiles, mode, dtype, packed):
-    check(case(19, 5, 37, 5, 41, 3, mode, dtype, packed=packed, seed=len(mode)), TOL[dtype])
+def test_triton_matches_oracle(tiles, mode, dtype, packed):
+    triton_check(case(19, 5, 37, 5, 41, 3, mode, dtype, packed=packed, seed=len(mode)), TOL[dtype])
 
 
+@needs_triton
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_activations(tiles, activation):
-    check(case(6, 4, 24, 12, 33, 2, "mean", torch.float32, activation, seed=3), TOL[torch.float32])
+def test_triton_activations(tiles, activation):
+    triton_check(case(6, 4, 24, 12, 33, 2, "mean", torch.float32, activation, seed=3), TOL[torch.float32])
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
-def test_other_dtypes(dtype):
-    check(case(5, 3, 20, 4, 18, 2, "attn", dtype, seed=4, bank_dtype=dtype if dtype == torch.float64
+def test_triton_other_dtypes(dtype):
+    triton_check(case(5, 3, 20, 4, 18, 2, "attn", dtype, seed=4, bank_dtype=dtype if dtype == torch.float64
                else torch.float32), TOL[dtype])
 
 
-def test_real_model_sizes():
+@needs_triton
+def test_triton_real_model_sizes():
     """SmolLM2's layer: d = 576, N = q 576 + v 192 + up 1536; r = 12."""
-    check(case(4, 3, 576, 12, 2304, 2, "last", torch.bfloat16, seed=5), TOL[torch.bfloat16])
+    triton_check(case(4, 3, 576, 12, 2304, 2, "last", torch.bfloat16, seed=5), TOL[torch.bfloat16])
 
 
-def test_one_launch_and_one_ticket_per_program(monkeypatch):
+@needs_triton
+def test_triton_one_launch_and_one_ticket_per_program(monkeypatch):
     """The op is one kernel: neither the pool nor the generate kernels run; every program takes
     exactly one ticket and every row block's producers all report ready, in a counter buffer
     of the launch's own (zeroed per launch, so nothing carries over to the next one)."""
@@ -111,7 +158,7 @@ def test_one_launch_and_one_ticket_per_program(monkeypatch):
                             raising=False)
     monkeypatch.setattr(tri, "CONFIG_OVERRIDE", SMALL)
     for seed in range(2):
-        check(case(35, 4, 40, 3, 50, 3, "max", torch.float32, seed=seed), TOL[torch.float32])
+        triton_check(case(35, 4, 40, 3, 50, 3, "max", torch.float32, seed=seed), TOL[torch.float32])
     assert len(launches) == 2 and len(counters) == 2 and counters[0] is not counters[1]
     n_blocks = math.ceil(35 / SMALL["block_b"])
     producers = SMALL["block_b"] * math.ceil(40 / SMALL["block_d"])
@@ -140,17 +187,19 @@ def reversed_dispatch(monkeypatch):
     signal.signal(signal.SIGALRM, previous)
 
 
+@needs_triton
 @pytest.mark.skipif(DEVICE != "cpu", reason="reorders the interpreter's dispatch")
 @pytest.mark.parametrize("mode", ["mean", "attn"])
-def test_programs_started_out_of_order(reversed_dispatch, monkeypatch, mode):
+def test_triton_programs_started_out_of_order(reversed_dispatch, monkeypatch, mode):
     """Roles come from tickets taken at start, not from program ids: with the grid started
     last program first, the consumers still wait only on producers that are running."""
     monkeypatch.setattr(tri, "CONFIG_OVERRIDE", SMALL)
-    check(case(35, 4, 40, 3, 50, 3, mode, torch.float32, seed=11), TOL[torch.float32])
+    triton_check(case(35, 4, 40, 3, 50, 3, mode, torch.float32, seed=11), TOL[torch.float32])
 
 
+@needs_triton
 @pytest.mark.parametrize("layout", ["strided", "offset"])
-def test_strided_prompt_ranges(monkeypatch, layout):
+def test_triton_strided_prompt_ranges(monkeypatch, layout):
     """prompt_start / prompt_end as non-contiguous views (columns of a [B, 2] table) or views at
     an offset: the kernels read them as ptr + b, so the launcher must pass contiguous copies."""
     monkeypatch.setattr(tri, "CONFIG_OVERRIDE", SMALL)
@@ -162,19 +211,21 @@ def test_strided_prompt_ranges(monkeypatch, layout):
     else:
         args[1], args[2] = torch.cat([end[:3], start])[3:], torch.cat([start[:5], end])[5:]
     assert not args[1].is_contiguous() or args[1].storage_offset() > 0
-    check(args, TOL[torch.float32])
+    triton_check(args, TOL[torch.float32])
 
 
-def test_every_output_element_is_written(monkeypatch):
+@needs_triton
+def test_triton_every_output_element_is_written(monkeypatch):
     monkeypatch.setattr(tri, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"),
                                                                                dtype=dtype, device=device))
     for override in (None, SMALL):
         monkeypatch.setattr(tri, "CONFIG_OVERRIDE", override)
         for mode in ("attn", "mean"):
-            check(case(21, 4, 33, 6, 35, 4, mode, torch.float32, seed=6), TOL[torch.float32])
+            triton_check(case(21, 4, 33, 6, 35, 4, mode, torch.float32, seed=6), TOL[torch.float32])
 
 
-def test_through_the_op_and_autograd():
+@needs_triton
+def test_triton_through_the_op_and_autograd():
     """The registered op runs this kernel under set_backend('triton'); its backward (pool and
     generate backward kernels) matches the oracle's autograd."""
     ops.set_backend("triton")
@@ -190,9 +241,9 @@ def test_through_the_op_and_autograd():
         ref = oracles.pool_generate(leaves64[0], start.cpu(), end.cpu(), mode, leaves64[1], *leaves64[2:],
                                     ids.cpu(), act)
         (ref * g.double().cpu()).sum().backward()
-        assert rel_err(out, ref.detach()) <= 1e-5
+        assert rel_err(out, ref.detach(), floor=1e-3) <= 1e-5
         for t, t64 in zip(leaves, leaves64):
-            assert rel_err(t.grad, t64.grad) <= 2e-5
+            assert rel_err(t.grad, t64.grad, floor=1e-3) <= 2e-5
     finally:
         ops.set_backend(None)
 
@@ -206,20 +257,22 @@ def cases(draw):
                 tiles=draw(st.sampled_from([None, SMALL, dict(SMALL, splits=1, consumers=3, block_b=32)])))
 
 
+@needs_triton
 @settings(max_examples=20, deadline=None)
 @given(cases())
-def test_property_matches_oracle(c):
+def test_triton_property_matches_oracle(c):
     tri.CONFIG_OVERRIDE = c.pop("tiles")  # not a fixture: hypothesis re-runs the body per example
     try:
-        check(case(c["B"], c["T"], c["d"], c["r"], c["N"], c["A"], c["mode"], torch.float32, packed=c["packed"],
+        triton_check(case(c["B"], c["T"], c["d"], c["r"], c["N"], c["A"], c["mode"], torch.float32, packed=c["packed"],
                    seed=c["seed"]), TOL[torch.float32])
     finally:
         tri.CONFIG_OVERRIDE = None
 
 
+@needs_triton
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("B,mode", [(1, "last"), (32, "mean"), (200, "attn")])
-def test_cuda_graph_replay(B, mode):
+def test_triton_cuda_graph_replay(B, mode):
     """LLaMA-2-7B sizes (d 4096, N = 4096 + 4096 + 11008): warm up on the capture stream, then
     capture and replay with new tenants; the launch needs no host sync."""
     args = list(case(B, 64, 4096, 12, 19200, 8, mode, torch.bfloat16, seed=9))
@@ -241,12 +294,13 @@ def test_cuda_graph_replay(B, mode):
         graph.replay()  # the graph zeroes its own counters at each replay
     torch.cuda.synchronize()
     expected = oracles.pool_generate(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
-    assert rel_err(out, expected) <= TOL[torch.bfloat16]
+    assert rel_err(out, expected, floor=1e-3) <= TOL[torch.bfloat16]
     assert torch.all(out[ids < 0] == 1)
 
 
+@needs_triton
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_two_graphs_replayed_at_once():
+def test_triton_two_graphs_replayed_at_once():
     """Two captures of the op own their counters: replayed concurrently on two streams, with the
     second captured cold (no eager warm-up of its shape), both give their own answers."""
     args = [list(case(B, 16, 4096, 12, 19200, 8, "mean", torch.bfloat16, seed=20 + B)) for B in (24, 40)]
@@ -265,4 +319,4 @@ def test_two_graphs_replayed_at_once():
     torch.cuda.synchronize()
     for a, out in zip(args, outs):
         expected = oracles.pool_generate(*[x.cpu() if isinstance(x, torch.Tensor) else x for x in a])
-        assert rel_err(out, expected) <= TOL[torch.bfloat16]
+        assert rel_err(out, expected, floor=1e-3) <= TOL[torch.bfloat16]

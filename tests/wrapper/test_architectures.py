@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from para_kernels import MappingError, PARAConfig, get_para_model
-from para_helpers import batch_inputs, rel_err
-from tiny_models import ARCHITECTURES, PAD, VOCAB, tiny_model
+from kit import rel_err
+from kit.models import ARCHITECTURES, PAD, batch_inputs, tiny_model
 
 GENERATOR_PARAM = re.compile(r"\.(\d+)\.para_generator\.adapters\.([^.]+)\.(\w+)$")
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.wheel
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from kit import ROOT  # noqa: E402 (the repository)
 SOURCES = ["setup.py", "pyproject.toml", "MANIFEST.in", "LICENSE", "para_kernels/py.typed",
            "csrc/*", "para_kernels/**/*.py"]
 OTHER_TORCH = "2.0.0+cu118"

@@ -13,7 +13,10 @@ from safetensors.torch import load_file, save_file
 from para_kernels import AdapterFileError, PARAConfig, PARAModel, get_para_model
 from para_kernels.transformers import io as para_io
 
-from para_helpers import adapter_params, randomize_adapter, tiny_llama, single_thread  # noqa: F401 (autouse)
+from kit.models import adapter_params, randomize_adapter, tiny_llama
+
+# the single_thread fixture: tests/wrapper/conftest.py
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"

@@ -15,7 +15,10 @@ import para_kernels as pk
 from para_kernels import AdapterFileError, PARAConfig, PARAModel, UnloadedError, get_para_model
 from para_kernels.transformers import io as para_io
 
-from para_helpers import adapter_params, randomize_adapter, single_thread, tiny_llama  # noqa: F401 (autouse)
+from kit.models import adapter_params, randomize_adapter, tiny_llama
+
+# the single_thread fixture: tests/wrapper/conftest.py
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"

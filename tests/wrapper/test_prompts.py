@@ -9,7 +9,10 @@ import para_kernels
 from para_kernels import PARAConfig, get_para_model
 from para_kernels.transformers.prompts import prompt_ranges
 
-from para_helpers import randomize_adapter, tiny_llama, single_thread  # noqa: F401 (autouse)
+from kit.models import randomize_adapter, tiny_llama
+
+# the single_thread fixture: tests/wrapper/conftest.py
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 I = -100  # ignored label
 

@@ -12,7 +12,10 @@ from transformers import Trainer, TrainingArguments
 import para_kernels.transformers.requests as para_model
 from para_kernels import PARAConfig, PARAModel, get_para_model
 
-from para_helpers import adapter_params, randomize_adapter, tiny_llama, single_thread  # noqa: F401 (autouse)
+from kit.models import adapter_params, randomize_adapter, tiny_llama
+
+# the single_thread fixture: tests/wrapper/conftest.py
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 K = 8  # number of keys / answers in the toy task
 

@@ -6,8 +6,10 @@ import torch
 import para_kernels
 from para_kernels import PARAConfig, get_para_model
 from para_kernels.transformers import consumers
-from para_helpers import randomize_adapter, single_thread, tiny_llama  # noqa: F401
-from tiny_models import tiny_model
+from kit.models import randomize_adapter, tiny_llama, tiny_model
+
+# the single_thread fixture: tests/wrapper/conftest.py
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _spy(monkeypatch, names):
