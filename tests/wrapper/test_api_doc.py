@@ -12,13 +12,14 @@ import pathlib
 import re
 
 import pytest
-from para_helpers import tiny_llama
+from kit import ROOT
+from kit.models import tiny_llama
 
 import para_kernels
 import para_kernels.transformers
 from para_kernels import PARAConfig, get_para_model
 
-DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "api.md"
+DOC = pathlib.Path(ROOT) / "docs" / "api.md"
 ROOTS = (para_kernels, para_kernels.transformers, builtins)
 ENTRY = re.compile(r"^- ((?:`[^`]+`(?: / )?)+)(?: \(`(\w+)`\))? — ")  # an error: its base class in parentheses
 
