@@ -123,10 +123,11 @@ PYTEST=("$PY" -m pytest -p no:cacheprovider -v -rs)
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 60 --timeout-method=thread)
 "$PY" -c "import xdist" 2>/dev/null && [ -z "$QUICK" ] && PYTEST+=(-n 4)
 if [ -n "$QUICK" ]; then
-  triton_tests=(tests/test_triton_launch.py tests/test_triton_pool_generate.py -k "out_of_order or launch")
+  triton_tests=(tests/build/test_triton_launch.py tests/ops/test_pool_generate.py -k "out_of_order or launch")
 else
-  triton_tests=(tests/test_triton_pool_generate.py tests/test_triton_pool.py tests/test_triton_scale.py
-                tests/test_triton_generate.py tests/test_triton_fused.py)
+  triton_tests=(tests/ops/test_pool_generate.py tests/ops/test_pool.py tests/ops/test_scale.py
+                tests/ops/test_generate.py tests/ops/test_scaled_glu.py tests/ops/test_scaled_linear.py
+                -k test_triton_)
 fi
 run pytest-triton "$(left)" "${PYTEST[@]}" --junitxml "$OUT/checks/junit-triton.xml" "${triton_tests[@]}" &
 PYTEST_PID=$!
@@ -177,7 +178,7 @@ fi
 
 if [ -n "$BUILD_PID" ] && (( $(left) > 20 )); then
   run pytest-cuda "$(left)" "${PYTEST[@]}" --junitxml "$OUT/checks/junit-cuda.xml" \
-    tests/test_cuda_kernels_pool_scale.py tests/test_cuda_kernels_generate.py
+    tests/ops/test_pool.py tests/ops/test_scale.py tests/ops/test_generate.py -k test_cuda_
 fi
 wait "$PYTEST_PID"
 [ -n "${SAN_PID:-}" ] && wait "$SAN_PID"
