@@ -127,7 +127,7 @@ if [ -n "$QUICK" ]; then
 else
   triton_tests=(tests/ops/test_pool_generate.py tests/ops/test_pool.py tests/ops/test_scale.py
                 tests/ops/test_generate.py tests/ops/test_scaled_glu.py tests/ops/test_scaled_linear.py
-                -k test_triton_)
+                -k "test_triton_ or cuda-triton")
 fi
 run pytest-triton "$(left)" "${PYTEST[@]}" --junitxml "$OUT/checks/junit-triton.xml" "${triton_tests[@]}" &
 PYTEST_PID=$!
@@ -178,7 +178,7 @@ fi
 
 if [ -n "$BUILD_PID" ] && (( $(left) > 20 )); then
   run pytest-cuda "$(left)" "${PYTEST[@]}" --junitxml "$OUT/checks/junit-cuda.xml" \
-    tests/ops/test_pool.py tests/ops/test_scale.py tests/ops/test_generate.py -k test_cuda_
+    tests/ops/test_pool.py tests/ops/test_scale.py tests/ops/test_generate.py -k "test_cuda_ or cuda-cuda"
 fi
 wait "$PYTEST_PID"
 [ -n "${SAN_PID:-}" ] && wait "$SAN_PID"
