@@ -21,8 +21,9 @@ from contextlib import ExitStack
 import torch
 from torch import nn
 
-from .common import summary, sync, time_fn
-from .lora import decoder_layers
+from ..harness.stats import summary
+from ..harness.timers import sync, time_fn
+from .lora_baselines import decoder_layers
 
 MODULES = ("self_attn.q_proj", "self_attn.v_proj", "mlp")
 
