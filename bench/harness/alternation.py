@@ -11,8 +11,13 @@ lockstep runs (per-step and per-run ratios to the bare model).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .contention import Quiet
 from .stats import summary
+
+if TYPE_CHECKING:  # the harness never imports a scenario at run time
+    from ..scenarios.serving_setup import Setup
 
 
 def sequence(methods, rounds: int) -> list[str]:

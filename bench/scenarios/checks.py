@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import copy
 import gc
+from typing import TYPE_CHECKING
 
 import torch
 
 from .methods import para_backend
+
+if TYPE_CHECKING:
+    from .serving_setup import Setup
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

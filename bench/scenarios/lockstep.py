@@ -9,11 +9,16 @@ Contract: ``lockstep(s, methods, steps, row_names, start) -> {"times": {model: [
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..harness.contention import CpuShare
 from ..harness.timers import sync
+
+if TYPE_CHECKING:
+    from ..harness.contention import Quiet
+    from .serving_setup import Setup
 
 
 def lockstep(s: Setup, methods, steps: int, row_names=None, start: int = 0) -> dict:

@@ -11,8 +11,15 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
+
+from para_kernels import ops as para_ops
+
+if TYPE_CHECKING:
+    from .serving_setup import ServingConfig
+
 METHOD_LABELS = {
     "bare": "bare backbone",
     "para": "PARA (q, v, up; r=12)",

@@ -32,7 +32,6 @@ from ..harness.stats import summary
 from ..harness.timers import L2Flusher, sync, time_fn
 from .ops_cases import MODELS, Case, cases, count_cases, fused_cases  # noqa: F401 - MODELS: the op shapes
 
-
 COMPILED = "reference+compile"  # the backend name of the torch.compile'd reference rows
 
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from para_kernels import ops as para_ops
 from para_kernels.ops import torch_ops
+
+if TYPE_CHECKING:
+    from .ops import OpsConfig
 
 FUSED_OPS = ("pool_generate", "scaled_glu", "scaled_linear")
 

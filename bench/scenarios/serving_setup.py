@@ -14,12 +14,19 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+
+from para_kernels import PARAConfig, get_para_model
 from para_kernels import ops as para_ops
 
 from . import models
 from .lora_baselines import IA3, BGMVLoRA
-from .methods import forced_backend, is_para, lora_method, para_backend, popularity_methods
-
+from .methods import (
+    forced_backend,
+    is_para,
+    lora_method,
+    para_backend,
+    popularity_methods,
+)
 
 PROMPT_TEXT = (
     "The history of computing is a story of abstraction. Early machines were programmed by "
