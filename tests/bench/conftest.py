@@ -1,0 +1,22 @@
+"""Tests of the benchmark suite (bench/): its code paths, its correctness checker and its
+pytest-benchmark cases. They run in ``make test`` in a small mode: the pytest-benchmark cases
+get a short timing budget (each case still runs, so a case that raises fails). With
+``PARA_BENCH_LARGE=1`` they run at the benchmark sizes with pytest-benchmark's own budget."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+LARGE = os.environ.get("PARA_BENCH_LARGE") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Small mode: at most ~50 ms of timing per pytest-benchmark case, one round minimum."""
+    if LARGE:
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    for item in items:
+        if "benchmark" in getattr(item, "fixturenames", ()) and str(item.fspath).startswith(here):
+            item.add_marker(pytest.mark.benchmark(max_time=0.05, min_rounds=1, warmup=False))
+
