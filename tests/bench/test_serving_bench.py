@@ -492,6 +492,7 @@ def test_ops_run_case_by_case_with_a_fallback_backend(monkeypatch):
     """ops.run times every case on every backend, case by case; a backend that cannot run an
     op here (dispatch falls back: Triton on the CPU outside its interpreter) gets no duplicate
     rows, and the fallback is recorded instead."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # tests/conftest.py sets it on a CPU-only machine
     monkeypatch.setattr(para_ops, "available_backends", lambda device="cpu": ["reference", "triton"])
     cfg = ops.OpsConfig(models=("SmolLM2-135M",), batches=(1,), samples=3, max_case_s=0.01, compile=False,
                         copy_mib=8, matmul_n=64)
