@@ -102,7 +102,7 @@ def popularity_markdown(serving, files: dict, suffix: str = "") -> list[str]:
     repeated = sum(r.get("repeated", False) for lay in layouts.values() for r in lay["runs"])
     if shares:
         lines += [f"Other processes used at most {max(shares):.1%} of the CPUs during a lockstep run; {repeated} "
-                  f"run(s) repeated because they used more than {cfg['max_other_cpu']:.0%}, "
+                  f"run(s) repeated because they used more than {num(cfg['max_other_cpu']):.0%}, "
                   f"{pop.get('waited_s', 0):.0f} s spent waiting for a quiet machine.", ""]
     if files.get("popularity_png" + suffix):
         lines += [f"![ratio to bare per popularity layout]({os.path.basename(files['popularity_png' + suffix])})", ""]

@@ -198,7 +198,7 @@ def contention_line(part: dict, what: str, limit: float) -> str | None:
         return None
     return (f"{what}: other processes used a median {oc['median']:.1%} (max {oc['max']:.1%}) of the CPUs "
             f"during the timed runs; {part.get('retried_runs', 0)} run(s) repeated because others used more "
-            f"than {limit:.0%}, {part.get('contended_runs_kept', 0)} kept over the limit after the retry budget, "
+            f"than {num(limit):.0%}, {part.get('contended_runs_kept', 0)} kept over the limit after the retry budget, "
             f"{part.get('waited_s', 0):.0f} s spent waiting for a quiet machine.")
 
 
