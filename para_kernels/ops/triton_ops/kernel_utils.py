@@ -48,7 +48,7 @@ def sign(x):
 
 
 @triton.jit
-def activation(x, ACT: tl.constexpr):
+def apply_activation(x, ACT: tl.constexpr):
     """act(x) for every activation id but RATIONAL."""
     if ACT == RELU:
         y = tl.where(x < 0.0, 0.0, x)
