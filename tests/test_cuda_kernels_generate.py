@@ -11,14 +11,14 @@ import torch
 
 from para_kernels.ops.activations import ACTIVATIONS, RATIONAL_GELU_INIT
 
-ref = importlib.import_module("para_kernels.ops.torch_ops.generate")
+ref = importlib.import_module("para_kernels.ops.reference_ops.generate")
 
 
 def _kernels_built() -> bool:
     if not torch.cuda.is_available():
         return False
     try:
-        importlib.import_module("para_kernels.ops.cuda_backend")  # loads _C when it matches this torch
+        importlib.import_module("para_kernels.ops.cuda_ops")  # loads _C when it matches this torch
         return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"para_cuda::{op}", "CUDA")
                    for op in ("generate", "generate_backward"))
     except Exception:

@@ -16,8 +16,8 @@ try:  # importing the package loads the compiled extension, when there is one
 except Exception:  # pragma: no cover - the skip below reports it
     pass
 
-ref_pool = importlib.import_module("para_kernels.ops.torch_ops.pool")
-ref_scale = importlib.import_module("para_kernels.ops.torch_ops.scale")
+ref_pool = importlib.import_module("para_kernels.ops.reference_ops.pool")
+ref_scale = importlib.import_module("para_kernels.ops.reference_ops.scale")
 
 
 def _has_cuda_kernel(op: str) -> bool:

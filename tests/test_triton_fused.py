@@ -1,4 +1,4 @@
-"""Triton kernels of scaled_glu / scaled_linear (triton_ops/fused.py) beyond test_ops_fused.py:
+"""Triton kernels of scaled_glu / scaled_linear (triton_ops/scaled_glu.py, scaled_linear.py) beyond test_ops_fused.py:
 non-contiguous inputs, decode shapes, odd sizes, the split-K and chunked paths, every output
 element written (poisoned allocations), determinism, and a property test, all forward and
 backward against the reference run in fp64. On the CPU they run under Triton's interpreter."""
@@ -11,14 +11,16 @@ from hypothesis import strategies as st
 
 import para_kernels
 from para_kernels.ops import dispatch
-from para_kernels.ops.torch_ops import fused as ref
+from para_kernels.ops import reference_ops as ref
+from para_kernels.ops.reference_ops.scaled_glu import glu_activation
 from test_ops import TOL, rel_err
 
 DEVICES = [d for d in ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
            if "triton" in dispatch.available_backends(d)]
 pytestmark = pytest.mark.skipif(not DEVICES, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 if DEVICES:
-    from para_kernels.ops.triton_ops import fused as tf
+    from para_kernels.ops.triton_ops import scaled_glu as glu_kernels
+    from para_kernels.ops.triton_ops import scaled_linear as linear_kernels
 
 P = torch.ops.para
 GLU = ("silu", "gelu", "gelu_tanh")
@@ -53,7 +55,7 @@ def _check_glu(gate, up, v, act, grad, dtype):
     _close(P.scaled_glu(gate, up, v, act), ref.scaled_glu(d(gate), d(up), d(v), act), dtype, what="out")
     ours = P.scaled_glu_backward(grad, gate, up, v, act)
     theirs = ref.scaled_glu_backward(d(grad), d(gate), d(up), d(v), act)
-    mag_v = (d(grad).abs() * ref._glu_act(d(gate), act).abs() * d(up).abs()).reshape(v.shape[0], -1, v.shape[1]).sum(1)
+    mag_v = (d(grad).abs() * glu_activation(d(gate), act).abs() * d(up).abs()).reshape(v.shape[0], -1, v.shape[1]).sum(1)
     for name, a, b, mag in zip(("gate", "up", "v"), ours, theirs, (None, None, mag_v)):
         _close(a, b, dtype, 2, what=f"grad_{name}", mag=mag)
 
@@ -156,7 +158,7 @@ LINEAR_SHAPES = [  # B, T, k, n, bias
 def test_linear_decode_and_odd_sizes(device, B, T, k, n, with_bias):
     gen = torch.Generator().manual_seed(B + T + k + n)
     if (B, T, k, n) == (1, 1, 4097, 3):
-        assert tf._k_splits(B * T, n, k, torch.device(device))[0] > 1, "split-K path not exercised"
+        assert linear_kernels._k_splits(B * T, n, k, torch.device(device))[0] > 1, "split-K path not exercised"
     for dtype in (torch.float32, torch.bfloat16):
         x = _randn(gen, B, T, k).to(device, dtype)
         weight = _randn(gen, n, k, scale=1 / math.sqrt(k)).to(device, dtype)
@@ -194,7 +196,8 @@ class _PoisonedTorch:
 
 
 def test_every_output_element_written(device, monkeypatch):
-    monkeypatch.setattr(tf, "torch", _PoisonedTorch())
+    monkeypatch.setattr(glu_kernels, "torch", _PoisonedTorch())
+    monkeypatch.setattr(linear_kernels, "torch", _PoisonedTorch())
     gen = torch.Generator().manual_seed(11)
     dt = torch.float32
     for shape in ((3, 100, 3), (3, 2, 4097)):  # chunked grad_v (rows > 64 tokens); two feature blocks
@@ -223,12 +226,12 @@ def test_reduction_paths_are_exercised(device, monkeypatch):
             launched.append(self.name)
             return self.kernel[grid]
 
-    for name in ("_sum_chunks_kernel", "_split_epilogue_kernel"):
-        monkeypatch.setattr(tf, name, Spy(name, getattr(tf, name)))
+    for module, name in ((glu_kernels, "sum_chunks_kernel"), (linear_kernels, "_split_epilogue_kernel")):
+        monkeypatch.setattr(module, name, Spy(name, getattr(module, name)))
     gen = torch.Generator().manual_seed(2)
     g, v = _randn(gen, 3, 100, 3).to(device, torch.float32), _randn(gen, 3, 3).to(device, torch.float32)
     P.scaled_glu_backward(g, g, g, v, "silu")
-    assert launched == ["_sum_chunks_kernel"]
+    assert launched == ["sum_chunks_kernel"]
     x, w = _randn(gen, 1, 1, 4097).to(device, torch.float32), _randn(gen, 3, 4097).to(device, torch.float32)
     P.scaled_linear(x, w, None, v[:1])
     assert launched[-1] == "_split_epilogue_kernel"

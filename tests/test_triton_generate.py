@@ -15,7 +15,7 @@ from para_kernels import ops
 from para_kernels.ops import dispatch
 from para_kernels.ops.activations import ACTIVATIONS, RATIONAL_GELU_INIT
 
-ref = importlib.import_module("para_kernels.ops.torch_ops.generate")
+ref = importlib.import_module("para_kernels.ops.reference_ops.generate")
 tri = importlib.import_module("para_kernels.ops.triton_ops.generate") \
     if "triton" in dispatch.available_backends("cuda" if torch.cuda.is_available() else "cpu") else None
 
@@ -155,7 +155,7 @@ def test_every_output_element_is_written(monkeypatch):
     def poisoned(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(tri, "_empty", poisoned)
+    monkeypatch.setattr(tri, "empty_buffer", poisoned)
     ids = torch.tensor([3, -1, 0, 0, -1, 3, 1] * 3, device=DEVICE)  # adapters 2, 4 unused
     for override in (None, SMALL_TILES):
         monkeypatch.setattr(tri, "CONFIG_OVERRIDE", override)

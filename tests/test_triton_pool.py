@@ -14,7 +14,7 @@ import para_kernels
 from para_kernels import ops
 from para_kernels.ops import dispatch
 
-ref_pool = importlib.import_module("para_kernels.ops.torch_ops.pool")  # the package re-exports a function `pool`
+ref_pool = importlib.import_module("para_kernels.ops.reference_ops.pool")  # the package re-exports a function `pool`
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif("triton" not in dispatch.available_backends(DEVICE),

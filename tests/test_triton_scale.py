@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import para_kernels
-from para_kernels.ops import dispatch, torch_ops
+from para_kernels.ops import dispatch, reference_ops
 
 pytest.importorskip("triton")
 from para_kernels.ops.triton_ops import scale as K  # noqa: E402
@@ -34,11 +34,11 @@ def check(x, v, rows=None, grad=None, dtype=None):
     rows_ref = None if rows is None else rows.cpu()
     out = K.scale(x, v, rows)
     assert out.shape == x.shape and out.dtype == x.dtype
-    assert rel_err(out.cpu(), torch_ops.scale(xd.cpu(), vd.cpu(), rows_ref)) <= TOL[dtype]
+    assert rel_err(out.cpu(), reference_ops.scale(xd.cpu(), vd.cpu(), rows_ref)) <= TOL[dtype]
     if grad is None:
         grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.device, x.dtype)
     gx, gv = K.scale_backward(grad, x, v, rows)
-    rx, rv = torch_ops.scale_backward(grad.double().cpu(), xd.cpu(), vd.cpu(), rows_ref)
+    rx, rv = reference_ops.scale_backward(grad.double().cpu(), xd.cpu(), vd.cpu(), rows_ref)
     assert gx.shape == x.shape and gx.dtype == x.dtype and gv.shape == v.shape and gv.dtype == v.dtype
     assert rel_err(gx.cpu(), rx) <= tol
     assert rel_err(gv.cpu(), rv) <= tol
@@ -127,14 +127,14 @@ def test_every_element_written(poisoned, case):
 def test_chunked_backward_is_used_and_deterministic(monkeypatch):
     """Long rows split into chunks (partials + ordered sum): right, and bitwise repeatable."""
     launches = []
-    kernel = K._sum_chunks_kernel
+    kernel = K.sum_chunks_kernel
 
     class Spy:
         def __getitem__(self, grid):
             launches.append(grid)
             return kernel[grid]
 
-    monkeypatch.setattr(K, "_sum_chunks_kernel", Spy())
+    monkeypatch.setattr(K, "sum_chunks_kernel", Spy())
     x, v = rand(2, 300, 33, dtype=torch.bfloat16, seed=1), rand(2, 33, dtype=torch.bfloat16, seed=2)
     check(x, v)
     assert launches, "expected the chunked path for long rows"
@@ -160,7 +160,7 @@ def test_through_dispatch_autograd_and_opcheck():
         x = rand(3, 4, 6, seed=1).requires_grad_()
         v = rand(3, 6, seed=2).requires_grad_()
         (para_kernels.ops.scale(x, v) * rand(3, 4, 6, seed=3)).sum().backward()
-        rx, rv = torch_ops.scale_backward(rand(3, 4, 6, seed=3).double(), x.detach().double(),
+        rx, rv = reference_ops.scale_backward(rand(3, 4, 6, seed=3).double(), x.detach().double(),
                                           v.detach().double(), None)
         assert rel_err(x.grad.cpu(), rx.cpu()) <= 1e-5 and rel_err(v.grad.cpu(), rv.cpu()) <= 1e-5
         rows = torch.tensor([0, 2, 2, 1, 0], device=DEVICE, dtype=torch.int32)
@@ -196,7 +196,7 @@ def test_cuda_graph_decode():
     x.copy_(rand(B, 1, n, dtype=torch.bfloat16, seed=3))
     graph.replay()
     torch.cuda.synchronize()
-    assert rel_err(out.cpu(), torch_ops.scale(x.double().cpu(), v.double().cpu())) <= TOL[torch.bfloat16]
+    assert rel_err(out.cpu(), reference_ops.scale(x.double().cpu(), v.double().cpu())) <= TOL[torch.bfloat16]
 
 
 @st.composite
