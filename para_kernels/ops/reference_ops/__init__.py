@@ -4,11 +4,13 @@ fallback on every device and the tests' oracle. Each function accumulates in fp3
 inputs) and returns the input dtype; backward formulas are written out so that kernels have one
 closed form to match."""
 from .. import dispatch
-from .generate import generate, generate_backward
-from .pool import pool, pool_backward
-from .pool_generate import pool_generate, pool_generate_backward
-from .scale import scale, scale_backward
-from .scaled_glu import scaled_glu, scaled_glu_backward
-from .scaled_linear import scaled_linear, scaled_linear_backward
+
+# Re-exported for callers that run the reference directly (ops.scale's fast path, tests, bench).
+from .generate import generate, generate_backward  # noqa: F401
+from .pool import pool, pool_backward  # noqa: F401
+from .pool_generate import pool_generate, pool_generate_backward  # noqa: F401
+from .scale import scale, scale_backward  # noqa: F401
+from .scaled_glu import scaled_glu, scaled_glu_backward  # noqa: F401
+from .scaled_linear import scaled_linear, scaled_linear_backward  # noqa: F401
 
 dispatch.register_backend("reference", dispatch.load_implementations(__name__), is_available=lambda device: True)

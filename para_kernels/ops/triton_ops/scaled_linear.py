@@ -79,7 +79,7 @@ def _mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, v_ptr, dy_ptr, dv_partials_ptr, db
 
     mask = m_ok[:, None] & n_ok[None, :]
     rm64 = rm.to(tl.int64)
-    if EPILOGUE == 2:
+    if EPILOGUE == 2:  # EPILOGUE_PARTIAL
         ws = c_ptr + (tl.program_id(1) * M + rm64)[:, None] * N + rn[None, :]
         tl.store(ws, acc, mask=mask)
     else:
@@ -88,9 +88,9 @@ def _mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, v_ptr, dy_ptr, dv_partials_ptr, db
             y += tl.load(bias_ptr + rn * bias_stride, mask=n_ok, other=0.0).to(ACC)[None, :]
         row = (rm // L).to(tl.int64)
         vv = tl.load(v_ptr + row[:, None] * v_stride_row + rn[None, :] * v_stride_n, mask=mask, other=0.0).to(ACC)
-        if EPILOGUE == 1:
+        if EPILOGUE == 1:  # EPILOGUE_SCALE
             out = y * vv
-        else:
+        else:  # EPILOGUE_BACKWARD
             dy = tl.load(dy_ptr + rm64[:, None] * dy_stride_m + rn[None, :] * dy_stride_n, mask=mask, other=0.0).to(ACC)
             out = dy * vv  # dY', the gradient of the unscaled output (0 where masked)
             tl.store(db_partials_ptr + pid_m.to(tl.int64) * N + rn, tl.sum(out, axis=0), mask=n_ok)
