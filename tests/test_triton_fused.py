@@ -1,4 +1,4 @@
-"""Triton kernels of scaled_glu / scaled_linear (triton_ops/scaled_glu.py, scaled_linear.py) beyond test_ops_fused.py:
+"""Triton kernels of scaled_glu / scaled_linear (triton_ops/scaled_*.py) beyond test_ops_fused.py:
 non-contiguous inputs, decode shapes, odd sizes, the split-K and chunked paths, every output
 element written (poisoned allocations), determinism, and a property test, all forward and
 backward against the reference run in fp64. On the CPU they run under Triton's interpreter."""
