@@ -80,15 +80,17 @@ def _glu_fwd_kernel(g_ptr, u_ptr, v_ptr, o_ptr, R, L, n,
     r3 = r64[:, None, None]
     t3 = t.to(tl.int64)[None, :, None]
     f3 = f[None, None, :]
-    gate_off = r3 * gate_stride_row + t3 * gate_stride_token + f3 * gate_stride_feat
-    up_off = r3 * up_stride_row + t3 * up_stride_token + f3 * up_stride_feat
-    out_off = r3 * out_stride_row + t3 * out_stride_token + f3 * out_stride_feat
-    gate = tl.load(g_ptr + gate_off, mask=mask, eviction_policy="evict_first").to(ACC)
-    up = tl.load(u_ptr + up_off, mask=mask, eviction_policy="evict_first").to(ACC)
+    # Each address is formed where it is used: an offset tile computed ahead stays live in
+    # registers (the fp64 variants spill twice as much).
+    gate = tl.load(g_ptr + r3 * gate_stride_row + t3 * gate_stride_token + f3 * gate_stride_feat, mask=mask,
+                   eviction_policy="evict_first").to(ACC)
+    up = tl.load(u_ptr + r3 * up_stride_row + t3 * up_stride_token + f3 * up_stride_feat, mask=mask,
+                 eviction_policy="evict_first").to(ACC)
     vv = tl.load(v_ptr + r64[:, None] * v_stride_row + f[None, :] * v_stride_feat, mask=rf_ok,
                  eviction_policy="evict_last")
     out = apply_activation(gate, ACT) * up * vv.to(ACC)[:, None, :]  # one v row per tile row, broadcast over tokens
-    tl.store(o_ptr + out_off, out.to(o_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")
+    tl.store(o_ptr + r3 * out_stride_row + t3 * out_stride_token + f3 * out_stride_feat,
+             out.to(o_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")
 
 
 @triton.jit
@@ -122,12 +124,12 @@ def _glu_bwd_kernel(dy_ptr, g_ptr, u_ptr, v_ptr, gg_ptr, gu_ptr, gv_ptr, part_pt
         t = t0 + tl.arange(0, BLOCK_T)
         mask = rf_ok[:, None, :] & (t < t_end)[None, :, None]
         t3 = t.to(tl.int64)[None, :, None]
-        grad_off = r3 * grad_stride_row + t3 * grad_stride_token + f3 * grad_stride_feat
-        gate_off = r3 * gate_stride_row + t3 * gate_stride_token + f3 * gate_stride_feat
-        up_off = r3 * up_stride_row + t3 * up_stride_token + f3 * up_stride_feat
-        dy = tl.load(dy_ptr + grad_off, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
-        gate = tl.load(g_ptr + gate_off, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
-        up = tl.load(u_ptr + up_off, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
+        dy = tl.load(dy_ptr + r3 * grad_stride_row + t3 * grad_stride_token + f3 * grad_stride_feat, mask=mask,
+                     other=0.0, eviction_policy="evict_first").to(ACC)
+        gate = tl.load(g_ptr + r3 * gate_stride_row + t3 * gate_stride_token + f3 * gate_stride_feat, mask=mask,
+                       other=0.0, eviction_policy="evict_first").to(ACC)
+        up = tl.load(u_ptr + r3 * up_stride_row + t3 * up_stride_token + f3 * up_stride_feat, mask=mask,
+                     other=0.0, eviction_policy="evict_first").to(ACC)
         a = apply_activation(gate, ACT)
         dyv = dy * vv
         tl.store(gg_ptr + r3 * gg_stride_row + t3 * gg_stride_token + f3 * gg_stride_feat,
