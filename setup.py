@@ -19,7 +19,7 @@ only beside that torch and CUDA. The pure wheel (no _C: Triton and PyTorch kerne
 0.1.0, py3-none-any, and runs beside any torch.
 
 The build writes para_kernels/_build_info.json (versions it was built for), which
-para_kernels/ops/cuda_backend.py checks against the running torch before loading _C.
+para_kernels/ops/cuda_ops/__init__.py checks against the running torch before loading _C.
 """
 from __future__ import annotations
 

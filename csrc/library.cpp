@@ -5,7 +5,7 @@
 // the one dispatch point (para_kernels/ops/dispatch.py: set_backend / PARA_KERNELS_BACKEND,
 // CUDA C++ vs Triton vs reference, warn-once fallback) which backend runs. A kernel at
 // para::'s CUDA key would run instead of that implementation, skipping the checks and the
-// choice. So the C++ kernels live under para_cuda::, and para_kernels/ops/cuda_backend.py
+// choice. So the C++ kernels live under para_cuda::, and para_kernels/ops/cuda_ops/
 // hands torch.ops.para_cuda.* to the dispatcher as the "cuda" backend.
 //
 // The schemas are the para:: ones verbatim (tests/test_cuda_build.py compares them), so

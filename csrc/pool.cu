@@ -1,4 +1,4 @@
-// pool.cu: CUDA kernels of para::pool and para::pool_backward (spec: torch_ops/pool.py).
+// pool.cu: CUDA kernels of para::pool and para::pool_backward (spec: para_kernels/ops/reference_ops/pool.py).
 //
 //   hidden [B, T, d] (padded) or [total, d] (packed), any strides; start / end [B] int32/int64
 //   w [d] or [B, d] (attn); grad [B, d]; out [B, d]; shapes of the buffers: see pool.h.

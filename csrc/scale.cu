@@ -1,4 +1,4 @@
-// scale.cu: CUDA kernels of para::scale and para::scale_backward (spec: torch_ops/scale.py).
+// scale.cu: CUDA kernels of para::scale and para::scale_backward (spec: para_kernels/ops/reference_ops/scale.py).
 //
 //   x, out, grad, grad_x [R, L, n] views (any strides); v, grad_v [B, n]; token_rows [L]
 //   (packed, R = 1); work: see scale.h.

@@ -78,8 +78,8 @@ def _toolkit() -> dict:
 
 
 def _extension() -> dict:
-    from para_kernels.ops import cuda_backend
-    return cuda_backend.status()
+    from para_kernels.ops import cuda_ops
+    return cuda_ops.status()
 
 
 def _dispatch() -> dict:

@@ -159,7 +159,7 @@ if [ -n "$BUILD_PID" ]; then
   # _C must load: a missing or stale extension fails here, loudly
   run cuda-extension-loads 30 "$PY" -c "
 import torch, para_kernels
-from para_kernels.ops import cuda_backend as c
+from para_kernels.ops import cuda_ops as c
 assert c.loaded, 'para_kernels._C did not load: ' + str(c.reason)
 print('loaded:', c.build_info, 'kernels:', c.kernel_ops())
 assert c.is_available(torch.device('cuda')), 'built, but not for this GPU: ' + str(c._gpu_not_supported(torch.device('cuda')))" \

@@ -9,7 +9,7 @@ script can run each in its own process under a hard time limit:
     python scripts/gpu_validate.py determinism --backend B --out F.jsonl
     python scripts/gpu_validate.py report DIR                    DIR/*.jsonl -> DIR/validation.md + .json
 
-Every check compares with the PyTorch reference (para_kernels.ops.torch_ops) run in fp64 on
+Every check compares with the PyTorch reference (para_kernels.ops.reference_ops) run in fp64 on
 fp64 copies of the inputs, by ||out - ref|| / ||ref|| against PARA_SPEC's bars (fp32 1e-5,
 fp16 5e-3, bf16 2e-2; backward twice that: it sums rounded products), NaN never passing. The
 caching allocator's free memory is filled with NaN before each call (an element a kernel
@@ -38,7 +38,7 @@ if DEV.type == "cpu":  # dry run: the Triton backend runs in its interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import para_kernels  # noqa: E402
-from para_kernels.ops import dispatch, torch_ops  # noqa: E402
+from para_kernels.ops import dispatch, reference_ops  # noqa: E402
 
 BAR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -208,7 +208,7 @@ def force(backend: str, op: str) -> bool:
 
 def check_case(op, backend, label, dtype, args, ref_dtype=torch.float64):
     fwd, bwd = (dispatch.implementation(n, DEV) for n in op_names(op))
-    ref_f, ref_b = (getattr(torch_ops, n) for n in op_names(op))
+    ref_f, ref_b = (getattr(reference_ops, n) for n in op_names(op))
     t0 = time.perf_counter()
     poison()
     out = fwd(*args)
@@ -293,7 +293,7 @@ def part_stress(a):
             counters.clear()
             outs = [pg.pool_generate(*args) for _ in range(5)]
             sync()
-            err = rel_err(outs[0], torch_ops.pool_generate(*f64(args)))
+            err = rel_err(outs[0], reference_ops.pool_generate(*f64(args)))
             bitwise = all(torch.equal(outs[0], o) for o in outs[1:])
             tickets = [(int(c[0]), c[1:].tolist()) for c in counters]
             ready_ok = len({t for t, _ in tickets}) == 1 and all(len(set(r_)) == 1 for _, r_ in tickets)
@@ -327,7 +327,7 @@ def part_streams(a):
         x = torch.randn(B, 1, 11008, device=DEV).to(torch.bfloat16)
         y = ops.scale(x, out[:, :11008])
     torch.cuda.synchronize()
-    errs = {"pool_generate": rel_err(out, torch_ops.pool_generate(*f64((h, s, e, "mean", None, *w, ids, "gelu")))),
+    errs = {"pool_generate": rel_err(out, reference_ops.pool_generate(*f64((h, s, e, "mean", None, *w, ids, "gelu")))),
             "scale": rel_err(y, x.double() * out[:, None, :11008].double())}
     good = all(v <= BAR[torch.bfloat16] for v in errs.values())
     emit(part="streams", case="side stream, no sync", ok=good, errors=errs)
@@ -340,7 +340,7 @@ def part_streams(a):
         with torch.cuda.stream(stream):
             outs.append(ops.pool_generate(h, s, e, "attn", w_sa, *w, ids, "gelu"))
     torch.cuda.synchronize()
-    errs = {f"stream{i}": rel_err(o, torch_ops.pool_generate(*f64((h, s, e, "attn", w_sa, *w, ids, "gelu"))))
+    errs = {f"stream{i}": rel_err(o, reference_ops.pool_generate(*f64((h, s, e, "attn", w_sa, *w, ids, "gelu"))))
             for i, (o, (h, s, e)) in enumerate(zip(outs, inputs))}
     good = all(v <= BAR[torch.bfloat16] for v in errs.values())
     emit(part="streams", case="pool_generate on two streams at once", ok=good, errors=errs)
@@ -396,7 +396,7 @@ def part_graphs(a):
                 first.copy_(torch.randn_like(first, dtype=torch.float32).to(first.dtype))
                 graph.replay()
                 torch.cuda.synchronize()
-                ref = getattr(torch_ops, op)(*f64(args))
+                ref = getattr(reference_ops, op)(*f64(args))
                 err = rel_err(out, ref)
                 good = err <= BAR[torch.bfloat16]
                 emit(part="graphs", op=op, backend=a.backend, case="cold capture" if cold else "warm-up on another stream",

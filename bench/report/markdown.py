@@ -102,7 +102,7 @@ def markdown(result, files: dict) -> str:
         if ops.get("compiled"):
             lines += ["### The reference under torch.compile", "",
                       "Backend `reference+compile` above: the reference's PyTorch function "
-                      "(`para_kernels.ops.torch_ops.<op>`, what the public op runs after its argument checks and "
+                      "(`para_kernels.ops.reference_ops.<op>`, what the public op runs after its argument checks and "
                       "dispatch) under `torch.compile(dynamic=False)` (inductor), forward only, "
                       + compile_scope(ops["config"])
                       + ". Each case is compiled from a clean dynamo state and called once before timing: "

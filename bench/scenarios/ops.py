@@ -5,7 +5,7 @@ For every backend that runs on the device (``para_kernels.ops.available_backends
 (the public ``para_kernels.ops`` functions, no grad) and backward (the ``para::*_backward``
 ops, as autograd calls them), on the hidden sizes of SmolLM2-135M, LLaMA-2-7B and (``--full``
 or on a GPU) LLaMA-2-13B. Beside them, backend ``reference+compile``: the reference's PyTorch
-function (``para_kernels.ops.torch_ops.<op>``) under ``torch.compile(dynamic=False)``, forward
+function (``para_kernels.ops.reference_ops.<op>``) under ``torch.compile(dynamic=False)``, forward
 only, compiled once per case before timing (the compile time is reported, not timed), and
 the same function eager, so the compiled row has a like-for-like eager baseline.
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from para_kernels import ops as para_ops
-from para_kernels.ops import torch_ops
+from para_kernels.ops import reference_ops
 
 if TYPE_CHECKING:
     from .ops import OpsConfig
@@ -42,7 +42,7 @@ class Case:
     bytes_bwd: int
     flops_fwd: int
     flops_bwd: int
-    reference: tuple = field(default=())  # (torch_ops function, its arguments): the compiled rows
+    reference: tuple = field(default=())  # (reference_ops function, its arguments): the compiled rows
 
 
 def whole_prompt(B: int, T: int, device):
@@ -88,7 +88,7 @@ def cases(cfg: OpsConfig, device: torch.device, dtype: torch.dtype):
                        (lambda h=hidden, w=w, m=mode, s=start, e=end, gp=grad_p:
                         torch.ops.para.pool_backward(gp, h, s, e, m, w)),
                        fwd_bytes, bwd_bytes, flops, 2 * flops,
-                       (torch_ops.pool, (hidden, start, end, mode, w)))
+                       (reference_ops.pool, (hidden, start, end, mode, w)))
         # ---- generate: bank of `adapters`, rows spread over them
         A, r = cfg.adapters, cfg.r
         pooled = rnd(B, d)
@@ -106,7 +106,7 @@ def cases(cfg: OpsConfig, device: torch.device, dtype: torch.dtype):
                    (lambda a=bank: para_ops.generate(*a, cfg.activation)),
                    (lambda a=(grad_v, *bank): torch.ops.para.generate_backward(*a, cfg.activation, None)),
                    gen_bytes, gen_bwd_bytes, gen_flops, 2 * B * (3 * d * r + 2 * r * N),
-                   (torch_ops.generate, (*bank, cfg.activation)))
+                   (reference_ops.generate, (*bank, cfg.activation)))
         # ---- scale: the FFN up projection's output (the widest scaled activation),
         # at decode (1 token per row) and at prefill (T tokens per row)
         n = sz["n_u"]
@@ -120,7 +120,7 @@ def cases(cfg: OpsConfig, device: torch.device, dtype: torch.dtype):
                        (lambda x=x, v=v: para_ops.scale(x, v)),
                        (lambda x=x, gx=grad_x, v=v: torch.ops.para.scale_backward(gx, x, v, None)),
                        fwd_bytes, bwd_bytes, B * tokens * n, 2 * B * tokens * n,
-                       (torch_ops.scale, (x, v)))
+                       (reference_ops.scale, (x, v)))
 
 
 def fused_cases(cfg: OpsConfig, device: torch.device, dtype: torch.dtype):
@@ -148,7 +148,7 @@ def fused_cases(cfg: OpsConfig, device: torch.device, dtype: torch.dtype):
                    es * (B * d + weights + B * N) + 3 * B * 8,
                    es * (B * N + B * d + weights + B * T * d + A * (d * r + r + r * N + N)) + 3 * B * 8,
                    2 * B * (d * r + r * N), 2 * B * (3 * d * r + 2 * r * N),
-                   (torch_ops.pool_generate, (*args, cfg.activation)))
+                   (reference_ops.pool_generate, (*args, cfg.activation)))
         for tokens, variant in ((1, "decode T=1"), (T, f"prefill T={T}")):
             gate, up = rnd(B, tokens, nu), rnd(B, tokens, nu)
             v = 1.0 + rnd(B, nu) * 0.1
@@ -158,7 +158,7 @@ def fused_cases(cfg: OpsConfig, device: torch.device, dtype: torch.dtype):
                        (lambda a=(gate, up, v): para_ops.scaled_glu(*a, "silu")),
                        (lambda a=(grad, gate, up, v): torch.ops.para.scaled_glu_backward(*a, "silu")),
                        es * (3 * m + B * nu), es * (5 * m + 2 * B * nu), 6 * m, 12 * m,
-                       (torch_ops.scaled_glu, (gate, up, v, "silu")))
+                       (reference_ops.scaled_glu, (gate, up, v, "silu")))
         # scaled_linear as the q projection, at decode only (prefill-sized matmuls take seconds on a CPU)
         x, w = rnd(B, 1, d), rnd(nq, d) / d ** 0.5
         v = 1.0 + rnd(B, nq) * 0.1
@@ -168,7 +168,7 @@ def fused_cases(cfg: OpsConfig, device: torch.device, dtype: torch.dtype):
                    (lambda a=(grad, x, w, None, v): torch.ops.para.scaled_linear_backward(*a)),
                    es * (B * d + nq * d + B * nq + B * nq), es * (2 * B * nq + 2 * B * d + 2 * nq * d + B * nq),
                    2 * B * d * nq, 4 * B * d * nq,
-                   (torch_ops.scaled_linear, (x, w, None, v)))
+                   (reference_ops.scaled_linear, (x, w, None, v)))
 
 
 def count_cases(cfg: OpsConfig) -> int:

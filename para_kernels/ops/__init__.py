@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import checks, cuda_backend, dispatch, library, reference_backend, torch_ops, triton_ops  # noqa: F401  (registers)
+# Importing each backend package registers it with the dispatcher; library defines the custom ops.
+from . import checks, cuda_ops, dispatch, library, reference_ops, triton_ops  # noqa: F401
 from .activations import ACTIVATIONS, RATIONAL_GELU_INIT, RATIONAL_NUM_PARAMS
 from .checks import POOL_MODES
 from .dispatch import available_backends, backend_for, get_backend, set_backend
@@ -61,7 +62,7 @@ def scale(x: Tensor, v: Tensor, token_rows: Tensor | None = None) -> Tensor:
             and dispatch.backend_for("scale", x.device) == "reference":
         checks.scale_shapes(x, v, token_rows)
         checks.scale_values(v, token_rows)
-        return torch_ops.scale(x, v, token_rows)
+        return reference_ops.scale(x, v, token_rows)
     return torch.ops.para.scale(x, v, token_rows)
 
 

@@ -1,12 +1,15 @@
-"""The one dispatch point: which implementation runs each ``para::`` op.
+"""The one dispatch point: which implementation runs each ``para::`` op, and the one list of ops.
 
-Backends register implementations per op with a predicate saying on which devices they
-run. ``set_backend`` or ``PARA_KERNELS_BACKEND`` forces one; otherwise the best available
+Each backend package (``reference_ops``, ``triton_ops``, ``cuda_ops``) registers itself from its
+``__init__`` with ``register_backend``: its implementations per op, and a predicate saying on
+which devices they run. ``set_backend`` or ``PARA_KERNELS_BACKEND`` forces one; otherwise the best available
 for the tensor's device is taken (CUDA C++, then Triton, then the PyTorch reference). A
 forced backend that cannot run warns once and falls back, never silently.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
@@ -16,9 +19,11 @@ import torch
 
 BACKENDS = ("cuda", "triton", "reference")  # in order of preference
 ENV_VAR = "PARA_KERNELS_BACKEND"
+# Every para:: op (library.py defines each one's schema); a backend implements any subset.
 OPS = ("pool", "pool_backward", "generate", "generate_backward", "scale", "scale_backward",
        "pool_generate", "pool_generate_backward", "scaled_glu", "scaled_glu_backward",
        "scaled_linear", "scaled_linear_backward")
+FORWARD_OPS = tuple(op for op in OPS if not op.endswith("_backward"))
 
 
 @dataclass
@@ -43,7 +48,7 @@ def register_backend(name: str, impls: dict, is_available: Callable[[torch.devic
     ``is_available(device)`` holds; unforced, it is chosen only where ``auto(device)`` holds
     too (e.g. Triton's interpreter runs on the CPU when forced, but is never chosen there).
     An op missing from ``impls`` falls through to the next backend. Called by each backend
-    module at import."""
+    package's ``__init__``."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     unknown = set(impls) - set(OPS)
@@ -51,6 +56,19 @@ def register_backend(name: str, impls: dict, is_available: Callable[[torch.devic
         raise ValueError(f"unknown ops {sorted(unknown)} for backend {name!r}; ops are {OPS}")
     _backends[name] = _Backend(name, is_available, dict(impls), unavailable_reason, auto)
     _chosen.clear()
+
+
+def load_implementations(package: str) -> dict:
+    """{op name: function} of a backend package laid out one module per op: ``<package>.<op>``
+    defines ``<op>`` and ``<op>_backward``. A module not written yet is skipped (its ops fall
+    through to the next backend)."""
+    impls = {}
+    for op in FORWARD_OPS:
+        if importlib.util.find_spec(f"{package}.{op}") is None:
+            continue
+        module = importlib.import_module(f"{package}.{op}")
+        impls.update({name: getattr(module, name) for name in (op, f"{op}_backward") if hasattr(module, name)})
+    return impls
 
 
 def _check_name(name: str | None, source: str) -> str | None:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from para_kernels import ops as para_ops
-from para_kernels.ops import torch_ops
+from para_kernels.ops import reference_ops
 
 from bench import smollm2
 from bench.scenarios.ops_cases import MODELS
@@ -157,9 +157,9 @@ def test_reference_compiled(benchmark, shape, op):
     x = _inputs(*shape)
     xs, v = x["x_decode"], x["v"]
     if op == "scale":
-        fn, args, nbytes = torch_ops.scale, (xs, v), 4 * (2 * xs.numel() + v.numel())
+        fn, args, nbytes = reference_ops.scale, (xs, v), 4 * (2 * xs.numel() + v.numel())
     else:
-        fn, args, nbytes = torch_ops.scaled_glu, (xs, xs.clone(), v, "silu"), 4 * (3 * xs.numel() + v.numel())
+        fn, args, nbytes = reference_ops.scaled_glu, (xs, xs.clone(), v, "silu"), 4 * (3 * xs.numel() + v.numel())
     torch._dynamo.reset()
     compiled = torch.compile(fn, dynamic=False)
     try:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import para_kernels
-from para_kernels.ops import cuda_backend, dispatch
+from para_kernels.ops import cuda_ops, dispatch
 
 from kit import ROOT  # noqa: E402 (the repository)
 
@@ -43,27 +43,27 @@ needs_extension = pytest.mark.skipif(not CAN_BUILD, reason=f"the CUDA extension 
 
 @pytest.fixture
 def patched_cuda_backend(monkeypatch):
-    """monkeypatch for cuda_backend; afterwards the real backend is registered again."""
+    """monkeypatch for cuda_ops; afterwards the real backend is registered again."""
     yield monkeypatch
     monkeypatch.undo()
     para_kernels.set_backend(None)
-    cuda_backend.register()
+    cuda_ops.register()
 
 
 # ---------------------------------------------------------------- the build
 @needs_extension
 def test_extension_is_built_and_loaded():
-    assert cuda_backend.extension_built(), "setup.py could build para_kernels._C here but it is missing"
-    assert cuda_backend.loaded, cuda_backend.reason
-    info = cuda_backend.build_info
+    assert cuda_ops.extension_built(), "setup.py could build para_kernels._C here but it is missing"
+    assert cuda_ops.loaded, cuda_ops.reason
+    info = cuda_ops.build_info
     assert info["torch"] == torch.__version__ and info["torch_cuda"] == torch.version.cuda
-    compiled = sys.modules[cuda_backend.EXTENSION].build_info()
+    compiled = sys.modules[cuda_ops.EXTENSION].build_info()
     assert compiled["torch"] == torch.__version__.split("+")[0]
 
 
 @needs_extension
 def test_para_cuda_schemas_are_the_para_ones():
-    for op in cuda_backend.OPS:
+    for op in cuda_ops.OPS:
         ours = str(getattr(torch.ops.para_cuda, op).default._schema)
         theirs = str(getattr(torch.ops.para, op).default._schema)
         assert ours.replace("para_cuda::", "para::", 1) == theirs
@@ -73,10 +73,10 @@ def test_para_cuda_schemas_are_the_para_ones():
 def test_every_built_kernel_file_registers_its_ops():
     """An op has a CUDA kernel exactly when its csrc/<op>.cpp was compiled in, and the cuda
     backend offers exactly those ops (the others fall through to Triton)."""
-    for op in cuda_backend.OPS:
+    for op in cuda_ops.OPS:
         has_source = os.path.exists(os.path.join(ROOT, "csrc", op.removesuffix("_backward") + ".cpp"))
-        assert cuda_backend._has_cuda_kernel(op) == has_source, op
-    assert sorted(dispatch._backends["cuda"].impls) == sorted(cuda_backend.kernel_ops())
+        assert cuda_ops._has_cuda_kernel(op) == has_source, op
+    assert sorted(dispatch._backends["cuda"].impls) == sorted(cuda_ops.kernel_ops())
 
 
 def _fatbin_archs(data: bytes) -> set[str]:
@@ -110,7 +110,7 @@ def test_extension_holds_sm80_and_sm90_code():
         pytest.skip("built for a TORCH_CUDA_ARCH_LIST of the user's choice")
     if not any(f.endswith(".cu") for f in os.listdir(os.path.join(ROOT, "csrc"))):
         pytest.skip("no .cu source yet: no device code to check")
-    so = importlib.util.find_spec(cuda_backend.EXTENSION).origin
+    so = importlib.util.find_spec(cuda_ops.EXTENSION).origin
     cuobjdump = _cuobjdump()
     if cuobjdump:
         out = subprocess.run([cuobjdump, "--list-elf", so], capture_output=True, text=True, check=True).stdout
@@ -212,10 +212,10 @@ def test_forcing_cuda_on_cpu_warns_once_and_falls_back():
     (None, "no build metadata"),
 ])
 def test_stale_build_is_not_loaded_and_warns_once(patched_cuda_backend, recorded, expect):
-    patched_cuda_backend.setattr(cuda_backend, "extension_built", lambda: True)
-    patched_cuda_backend.setattr(cuda_backend, "read_build_info", lambda: recorded)
-    cuda_backend.register()
-    assert not cuda_backend.loaded and expect in cuda_backend.reason and "rebuild" in cuda_backend.reason
+    patched_cuda_backend.setattr(cuda_ops, "extension_built", lambda: True)
+    patched_cuda_backend.setattr(cuda_ops, "read_build_info", lambda: recorded)
+    cuda_ops.register()
+    assert not cuda_ops.loaded and expect in cuda_ops.reason and "rebuild" in cuda_ops.reason
     cuda = torch.device("cuda")  # only dispatch is asked: no GPU needed
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -235,7 +235,7 @@ def test_stale_build_is_not_loaded_and_warns_once(patched_cuda_backend, recorded
     ("9.0a", (10, 0), False), ("8.0", (9, 0), False),
 ])
 def test_arch_list_decides_which_gpus_run_the_kernels(archs, capability, runs):
-    assert cuda_backend.arch_runs_on(archs, capability) == runs
+    assert cuda_ops.arch_runs_on(archs, capability) == runs
 
 
 # ---------------------------------------------------------------- subprocesses
@@ -258,10 +258,10 @@ def test_info_prints_the_key_lines():
     labels = [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
     for label in ("para_kernels", "Python", "torch", "Triton", "GPU", "nvcc", "_C", "backend", "cpu"):
         assert label in labels, result.stdout
-    if cuda_backend.loaded:
+    if cuda_ops.loaded:
         assert "built and loaded" in result.stdout and "built for" in result.stdout
     else:
-        assert cuda_backend.reason in result.stdout
+        assert cuda_ops.reason in result.stdout
     as_json = json.loads(_run("-m", "para_kernels.info", "--json").stdout)
     assert as_json["dispatch"]["backend_for"]["cpu"]["pool"] == "reference"
-    assert as_json["extension"]["loaded"] == cuda_backend.loaded
+    assert as_json["extension"]["loaded"] == cuda_ops.loaded

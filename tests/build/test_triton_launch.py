@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(DEVICE != "cpu" or "triton" not in dispatch.avai
 
 def _modules():
     return {name: importlib.import_module(f"para_kernels.ops.triton_ops.{name}")
-            for name in ("pool", "generate", "pool_generate", "scale", "fused", "utils")}
+            for name in ("pool", "generate", "pool_generate", "scale", "scaled_glu", "scaled_linear", "utils")}
 
 
 def every_op():
@@ -48,12 +48,12 @@ def every_op():
     rows = torch.tensor([0, 0, 1, 2, 2])
     m["scale"].scale(rand(5, N), v, rows)
     m["scale"].scale_backward(rand(5, N), rand(5, N), v, rows)
-    m["fused"].scaled_glu(x, x, v, "silu")
-    m["fused"].scaled_glu_backward(x, x, x, v, "silu")
+    m["scaled_glu"].scaled_glu(x, x, v, "silu")
+    m["scaled_glu"].scaled_glu_backward(x, x, x, v, "silu")
     for L in (1, 6):
         xl, wt = rand(B, L, 600), rand(N, 600)
-        m["fused"].scaled_linear(xl, wt, rand(N), v)
-        m["fused"].scaled_linear_backward(rand(B, L, N), xl, wt, rand(N), v)
+        m["scaled_linear"].scaled_linear(xl, wt, rand(N), v)
+        m["scaled_linear"].scaled_linear_backward(rand(B, L, N), xl, wt, rand(N), v)
 
 
 def test_every_launch_is_guarded_on_its_tensors_device(monkeypatch):

@@ -161,12 +161,12 @@ MISMATCH = """
         warnings.simplefilter("always")
         import torch
         import para_kernels
-        from para_kernels.ops import cuda_backend, dispatch
+        from para_kernels.ops import cuda_ops, dispatch
     with warnings.catch_warnings(record=True) as at_use:  # what a CUDA tensor would be told
         warnings.simplefilter("always")
         chosen = {op: dispatch.backend_for(op, torch.device("cuda")) for op in dispatch.OPS}
     print(json.dumps({"import": [str(w.message) for w in at_import], "use": [str(w.message) for w in at_use],
-                      "loaded": cuda_backend.loaded, "reason": cuda_backend.reason, "chosen": chosen,
+                      "loaded": cuda_ops.loaded, "reason": cuda_ops.reason, "chosen": chosen,
                       "available": dispatch.available_backends("cuda"),
                       "_C imported": "para_kernels._C" in sys.modules}))
 """

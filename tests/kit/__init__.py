@@ -24,7 +24,7 @@ import torch
 from para_kernels.ops import dispatch
 from para_kernels.ops.activations import RATIONAL_GELU_INIT
 
-CUDA_BACKEND = "para_kernels.ops.cuda_backend"  # imported by cuda_kernels_built (it loads _C when it matches)
+CUDA_BACKEND = "para_kernels.ops.cuda_ops"  # imported by cuda_kernels_built (it loads _C when it matches)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the kernel tests run their kernels

@@ -1,5 +1,5 @@
 """One checker per op: a backend's forward and backward kernels against the PyTorch reference
-(para_kernels.ops.torch_ops) run on fp64 copies of the same inputs.
+(para_kernels.ops.reference_ops) run on fp64 copies of the same inputs.
 
 Each checker takes the kernels to test as ``fwd`` / ``bwd`` (the Triton module's functions, the
 ``torch.ops.para_cuda`` ops, or the dispatched ``torch.ops.para`` ops), so every backend's tests
@@ -14,11 +14,12 @@ import torch
 
 from . import TOL, rel_err
 
-# the PyTorch reference (imported by module path: torch_ops re-exports functions of the same names)
-ref_pool = importlib.import_module("para_kernels.ops.torch_ops.pool")
-ref_generate = importlib.import_module("para_kernels.ops.torch_ops.generate")
-ref_scale = importlib.import_module("para_kernels.ops.torch_ops.scale")
-ref_fused = importlib.import_module("para_kernels.ops.torch_ops.fused")
+# the PyTorch reference (imported by module path: reference_ops re-exports functions of the same names)
+ref_pool = importlib.import_module("para_kernels.ops.reference_ops.pool")
+ref_generate = importlib.import_module("para_kernels.ops.reference_ops.generate")
+ref_scale = importlib.import_module("para_kernels.ops.reference_ops.scale")
+ref_glu = importlib.import_module("para_kernels.ops.reference_ops.scaled_glu")
+ref_linear = importlib.import_module("para_kernels.ops.reference_ops.scaled_linear")
 
 POOL_MODES = ("last", "mean", "max", "attn")
 GENERATE_ARGS = ("pooled", "w_down", "b_down", "w_up", "b_up")
@@ -165,10 +166,10 @@ def _close(ours, theirs, dtype, factor=1.0, what="", mag=None):
 def check_scaled_glu(fwd, bwd, gate, up, v, act, grad, dtype):
     """scaled_glu and its backward against the fp64 reference (grad_v relative to its magnitude)."""
     d = lambda t: t.cpu().double()  # noqa: E731
-    _close(fwd(gate, up, v, act), ref_fused.scaled_glu(d(gate), d(up), d(v), act), dtype, what="out")
+    _close(fwd(gate, up, v, act), ref_glu.scaled_glu(d(gate), d(up), d(v), act), dtype, what="out")
     ours = bwd(grad, gate, up, v, act)
-    theirs = ref_fused.scaled_glu_backward(d(grad), d(gate), d(up), d(v), act)
-    mag_v = (d(grad).abs() * ref_fused._glu_act(d(gate), act).abs() * d(up).abs()).reshape(
+    theirs = ref_glu.scaled_glu_backward(d(grad), d(gate), d(up), d(v), act)
+    mag_v = (d(grad).abs() * ref_glu.glu_activation(d(gate), act).abs() * d(up).abs()).reshape(
         v.shape[0], -1, v.shape[1]).sum(1)
     for name, a, b, mag in zip(("gate", "up", "v"), ours, theirs, (None, None, mag_v)):
         _close(a, b, dtype, 2, what=f"grad_{name}", mag=mag)
@@ -179,11 +180,11 @@ def check_scaled_linear(fwd, bwd, x, weight, bias, v, grad, dtype):
     d = lambda t: None if t is None else t.cpu().double()  # noqa: E731
     a = lambda t: None if t is None else d(t).abs()  # noqa: E731
     ours = fwd(x, weight, bias, v)
-    _close(ours, ref_fused.scaled_linear(d(x), d(weight), d(bias), d(v)), dtype, what="out",
-           mag=ref_fused.scaled_linear(a(x), a(weight), a(bias), a(v)))
+    _close(ours, ref_linear.scaled_linear(d(x), d(weight), d(bias), d(v)), dtype, what="out",
+           mag=ref_linear.scaled_linear(a(x), a(weight), a(bias), a(v)))
     ours = bwd(grad, x, weight, bias, v)
-    theirs = ref_fused.scaled_linear_backward(d(grad), d(x), d(weight), d(bias), d(v))
-    mags = ref_fused.scaled_linear_backward(a(grad), a(x), a(weight), a(bias), a(v))
+    theirs = ref_linear.scaled_linear_backward(d(grad), d(x), d(weight), d(bias), d(v))
+    mags = ref_linear.scaled_linear_backward(a(grad), a(x), a(weight), a(bias), a(v))
     for name, o, t, m in zip(("x", "weight", "bias", "v"), ours, theirs, mags):
         if name == "bias" and bias is None:
             assert o.numel() == 0

@@ -20,7 +20,7 @@ from kit.checks import GENERATE_ARGS as NAMES, check_generate, run_generate
 from para_kernels import ops
 from para_kernels.ops.activations import ACTIVATIONS, RATIONAL_GELU_INIT, activation_backward, activation_forward
 
-ref_generate = importlib.import_module("para_kernels.ops.torch_ops.generate")
+ref_generate = importlib.import_module("para_kernels.ops.reference_ops.generate")
 tri = importlib.import_module("para_kernels.ops.triton_ops.generate") if triton_runs() else None  # Triton kernels
 
 needs_triton = pytest.mark.skipif(tri is None, reason="the Triton backend cannot run here")
@@ -214,7 +214,7 @@ def test_triton_every_output_element_is_written(monkeypatch):
     def poisoned(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(tri, "_empty", poisoned)
+    monkeypatch.setattr(tri, "empty_buffer", poisoned)
     ids = torch.tensor([3, -1, 0, 0, -1, 3, 1] * 3, device=DEVICE)  # adapters 2, 4 unused
     for override in (None, SMALL_TILES):
         monkeypatch.setattr(tri, "CONFIG_OVERRIDE", override)

@@ -19,7 +19,7 @@ from kit.checks import check_pool
 # para_kernels internals
 from para_kernels import ops
 
-ref_pool = importlib.import_module("para_kernels.ops.torch_ops.pool")  # the package re-exports a function `pool`
+ref_pool = importlib.import_module("para_kernels.ops.reference_ops.pool")  # the package re-exports a function `pool`
 
 
 def tpool():

@@ -216,7 +216,7 @@ def test_triton_strided_prompt_ranges(monkeypatch, layout):
 
 @needs_triton
 def test_triton_every_output_element_is_written(monkeypatch):
-    monkeypatch.setattr(tri, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"),
+    monkeypatch.setattr(tri, "empty_buffer", lambda shape, dtype, device: torch.full(shape, float("nan"),
                                                                                dtype=dtype, device=device))
     for override in (None, SMALL):
         monkeypatch.setattr(tri, "CONFIG_OVERRIDE", override)

@@ -19,7 +19,7 @@ import para_kernels
 from para_kernels import ops
 
 TRITON_DEVICES = [d for d in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if triton_runs(d)]
-tf = importlib.import_module("para_kernels.ops.triton_ops.fused") if TRITON_DEVICES else None  # the Triton kernels
+tf = importlib.import_module("para_kernels.ops.triton_ops.scaled_linear") if TRITON_DEVICES else None  # the Triton kernels
 
 P = torch.ops.para
 
@@ -160,7 +160,7 @@ def test_triton_reduction_paths_are_exercised(triton_device, monkeypatch):
             launched.append(self.name)
             return self.kernel[grid]
 
-    for name in ("_sum_chunks_kernel", "_split_epilogue_kernel"):
+    for name in ("sum_chunks_kernel", "_split_epilogue_kernel"):
         monkeypatch.setattr(tf, name, Spy(name, getattr(tf, name)))
     gen = torch.Generator().manual_seed(2)
     v = randn64(gen, 3, 3).to(triton_device, torch.float32)

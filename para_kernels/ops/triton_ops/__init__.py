@@ -1,26 +1,22 @@
-"""Triton kernels for the ``para::`` ops, registered as the ``triton`` backend.
+"""The ``triton`` backend: Triton kernels of the ``para::`` ops, one module per op
+(``<op>.py`` defines the launchers ``<op>`` and ``<op>_backward``), host-side helpers in
+``utils.py``, shared device functions in ``kernel_utils.py``, the ahead-of-time compile check in
+``aot.py``.
 
-They run on CUDA tensors, where they are chosen by default, and on CPU tensors under
-Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is imported), where they run
-only when forced with ``set_backend("triton")`` — that is how the CPU tests reach them.
-Every kernel loads in the input dtype, computes in fp32 and stores in the output dtype; launch
-grids depend on shapes only, never on tensor values, so decode steps can be graph-captured.
+Chosen by default on CUDA tensors; on CPU tensors the kernels run under Triton's interpreter
+(``TRITON_INTERPRET=1`` set before triton is imported) only when forced with
+``set_backend("triton")`` — that is how the CPU tests reach them. Every kernel loads in the input
+dtype, computes in fp32 (fp64 for fp64 inputs) and stores in the output dtype; launch grids
+depend on shapes only, never on tensor values, so decode steps can be graph-captured.
 """
 from __future__ import annotations
-
-import importlib
-import importlib.util
-import os
 
 import torch
 
 from .. import dispatch
 
-KERNEL_MODULES = ("pool", "generate", "scale", "fused", "pool_generate")
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+# The modules whose kernels the compile check (tests/test_triton_compile.py) looks for.
+KERNEL_MODULES = (*dispatch.FORWARD_OPS, "kernel_utils")
 
 
 def _import_error() -> str | None:
@@ -31,24 +27,18 @@ def _import_error() -> str | None:
     return None
 
 
+_ERROR = _import_error()
+if _ERROR is None:
+    from .utils import interpreting
+
+
 def is_available(device: torch.device) -> bool:
     return _ERROR is None and (device.type == "cuda" or (device.type == "cpu" and interpreting()))
 
 
-def _implementations() -> dict:
-    impls = {}
-    for name in KERNEL_MODULES:
-        if importlib.util.find_spec(f"{__name__}.{name}") is None:
-            continue
-        module = importlib.import_module(f"{__name__}.{name}")
-        impls.update({op: getattr(module, op) for op in dispatch.OPS if hasattr(module, op)})
-    return impls
-
-
-_ERROR = _import_error()
 dispatch.register_backend(
     "triton",
-    _implementations() if _ERROR is None else {},
+    dispatch.load_implementations(__name__) if _ERROR is None else {},
     is_available,
     unavailable_reason=_ERROR or "Triton runs on CUDA devices, or on the CPU under TRITON_INTERPRET=1",
     auto=lambda device: device.type == "cuda",

@@ -155,7 +155,8 @@ def compile_only(arch: int, report: Report, full: bool = False):
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
-    from . import interpreting, utils
+    from . import utils
+    from .utils import interpreting
     if interpreting():
         raise RuntimeError("compile_only needs a process without TRITON_INTERPRET=1")
     seen: dict = {}
@@ -230,8 +231,8 @@ def cases(full: bool = False):
     and the ranks whose padded width R changes the tiles; --full takes the whole product."""
     from ..activations import ACTIVATIONS
     from ..checks import GLU_ACTIVATIONS
-    from . import fused, generate, pool, pool_generate, scale
-    pool_modes = tuple(pool._MODES)
+    from . import generate, pool, pool_generate, scale, scaled_glu, scaled_linear
+    pool_modes = tuple(pool.POOL_MODE_IDS)
     models = MODELS if full else {k: MODELS[k] for k in ("odd", "LLaMA-2-7B")}
     ranks = (5, 12, 17, 33, 64, 100) if full else (12, 17, 64)
 
@@ -259,7 +260,7 @@ def cases(full: bool = False):
     def bank(A, d, r, n, dt):
         return _t(A, d, r, dtype=dt), _t(A, r, dtype=dt), _t(A, r, n, dtype=dt), _t(A, n, dtype=dt)
 
-    def prm(act, A, dt):
+    def act_params(act, A, dt):
         return _t(A, 10, dtype=dt) if act == "rational" else None
 
     for mname, m in models.items():
@@ -273,16 +274,16 @@ def cases(full: bool = False):
                         ids = _t(B, dtype=torch.int64)
                         label = f"{act} {_DTYPE_NAME[dt]} bank {_DTYPE_NAME[bdt]} B={B} {mname}"
                         yield f"generate {label}", lambda w=w, ids=ids, act=act, B=B, m=m, bdt=bdt, A=A: (
-                            generate.generate(_t(B, m.d, dtype=bdt), *w, ids, act, prm(act, A, bdt)),
+                            generate.generate(_t(B, m.d, dtype=bdt), *w, ids, act, act_params(act, A, bdt)),
                             generate.generate_backward(_t(B, m.n, dtype=bdt), _t(B, m.d, dtype=bdt), *w, ids, act,
-                                                       prm(act, A, bdt)))
+                                                       act_params(act, A, bdt)))
                         modes = pool_modes if (act == "gelu" or full) else ("last",)
                         for mode in modes:
                             h = _t(B, 5, m.d, dtype=dt)
                             w_sa = _t(B, m.d, dtype=dt) if mode == "attn" else None
                             yield f"pool_generate {mode} {label}", lambda h=h, w=w, w_sa=w_sa, ids=ids, act=act, \
                                 mode=mode, B=B, A=A, bdt=bdt: pool_generate.pool_generate(
-                                    h, *_ranges(B), mode, w_sa, *w, ids, act, prm(act, A, bdt))
+                                    h, *_ranges(B), mode, w_sa, *w, ids, act, act_params(act, A, bdt))
     for r in ranks:
         for dt in (torch.float32, torch.bfloat16):
             for B in (1, 64):
@@ -303,7 +304,7 @@ def cases(full: bool = False):
                 yield f"scale {label}", lambda x=x, v=v: (scale.scale(x, v), scale.scale_backward(x, x, v, None))
                 for act in GLU_ACTIVATIONS:
                     yield f"scaled_glu {act} {label}", lambda x=x, v=v, act=act: (
-                        fused.scaled_glu(x, x, v, act), fused.scaled_glu_backward(x, x, x, v, act))
+                        scaled_glu.scaled_glu(x, x, v, act), scaled_glu.scaled_glu_backward(x, x, x, v, act))
                 for n, bias in ((m.q, False), (m.v, True)):
                     xin, wt, vq = _t(B, L, m.d, dtype=dt), _t(n, m.d, dtype=dt), _t(B, n, dtype=dt)
                     b = _t(n, dtype=dt) if bias else None
@@ -312,9 +313,9 @@ def cases(full: bool = False):
                     xs, ws, vs = _t(B, L, 48, dtype=dt), _t(40, 48, dtype=dt), _t(B, 40, dtype=dt)
                     bs = _t(40, dtype=dt) if bias else None
                     yield f"scaled_linear n={n} bias={bias} {label}", lambda xin=xin, wt=wt, b=b, vq=vq, xs=xs, \
-                        ws=ws, vs=vs, bs=bs: (fused.scaled_linear(xin, wt, b, vq),
-                                              fused.scaled_linear_backward(_t(*xs.shape[:-1], 40, dtype=xs.dtype),
-                                                                           xs, ws, bs, vs))
+                        ws=ws, vs=vs, bs=bs: (scaled_linear.scaled_linear(xin, wt, b, vq),
+                                              scaled_linear.scaled_linear_backward(
+                                                  _t(*xs.shape[:-1], 40, dtype=xs.dtype), xs, ws, bs, vs))
             x, v = _t(300, m.up, dtype=dt), _t(6, m.up, dtype=dt)
             rows = _t(300, dtype=torch.int64)
             yield f"scale packed {_DTYPE_NAME[dt]} {mname}", lambda x=x, v=v, rows=rows: (

@@ -1,36 +1,15 @@
-"""Triton kernels for ``para::generate`` and ``para::generate_backward``.
+"""Triton kernels of ``para::generate`` and ``para::generate_backward`` (PARA_SPEC §3).
 
     generate(pooled [B,d], w_down [A,d,r], b_down [A,r], w_up [A,r,N], b_up [A,N],
              adapter_ids [B] (int32/int64, -1: v = 1), activation, act_params [A,10] | None) -> v [B,N]
 
-Forward, two launches whose grids depend on shapes only (no host sync, graph-capturable):
-
-1. ``_down_kernel``  grid (cdiv(B, BB), S): h partials [S, B, R] = P[rows, d-slice s] @ W_down[a].
-   The d reduction is split S ways only when there are too few row blocks to fill the GPU.
-2. ``_up_kernel``    grid (cdiv(B, BB), cdiv(N, BN)): h = sum of the S partials, then for each
-   distinct adapter of the row block: z = g(h + b_down[a]), v = 1 + z @ W_up[a][:, tile] + b_up[a],
-   one W_up tile load shared by all rows of that adapter in the block; -1 rows keep the 1.
-   Re-deriving z from h per N tile costs BB*R element-wise ops, whereas fusing the down
-   projection into this kernel would re-read P and W_down once per N tile (150x at N = 19200).
-
-Backward (deterministic: no atomics, every sum in a fixed order), four launches:
-
-1. ``_down_kernel`` again (h is recomputed, not saved).
-2. ``_bwd_up_kernel``   grid (A, cdiv(N, BN)), one program per adapter and N tile, looping over
-   the rows of that adapter: dW_up, db_up, and partial dz [cdiv(N, BN), B, R] = dv @ W_up[a]^T.
-3. ``_bwd_mid_kernel``  grid (cdiv(B, BB),): dz = sum of partials, dh = dz * g'(h) and the
-   rational coefficients' per-row gradient [B, 16].
-4. ``_bwd_down_kernel`` grid (A + 1, cdiv(d, BD)): per adapter and d tile, dW_down = P^T dh,
-   d pooled = dh W_down^T, db_down, d act_params; the extra slot writes zeros for -1 rows.
-
-Math is in fp32 (fp64 for fp64 inputs): loads are upcast first (the interpreter's bf16
-arithmetic is wrong, and the reference upcasts too). ``tl.dot`` runs in tf32 for fp16/bf16
-inputs (their values are exact in tf32; only z / dh get rounded to tf32's 11-bit mantissa,
-far inside those dtypes' bars) and in IEEE fp32 / fp64 for fp32 / fp64 inputs.
+v in pooled's dtype, as ``reference_ops.generate`` (the spec). Math in fp32 (fp64 for fp64
+inputs); ``tl.dot`` in tf32 for fp16/bf16 inputs, IEEE for fp32/fp64. Grids depend on shapes only,
+no host sync (graph capture). The backward is deterministic: no atomics, every sum in a fixed
+order. Design (the two forward and four backward launches): docs/kernels.md, "generate".
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -39,44 +18,20 @@ import triton.language as tl
 from torch import Tensor
 
 from ..activations import ACTIVATIONS, RATIONAL_NUM_PARAMS
-from . import interpreting
-from .utils import capture_safe, launch_guard, num_sms
+from .kernel_utils import ACTIVATION_IDS, RATIONAL, activation_grad, apply_activation, sign
+from .utils import (acc_dtypes, capture_safe, dot_precision, empty_buffer, interpreting, launch_guard, next_pow2,
+                    num_sms)
 
-_ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}
-RELU: tl.constexpr = tl.constexpr(_ACT_ID["relu"])
-GELU: tl.constexpr = tl.constexpr(_ACT_ID["gelu"])
-SILU: tl.constexpr = tl.constexpr(_ACT_ID["silu"])
-TANH: tl.constexpr = tl.constexpr(_ACT_ID["tanh"])
-IDENTITY: tl.constexpr = tl.constexpr(_ACT_ID["identity"])
-RATIONAL: tl.constexpr = tl.constexpr(_ACT_ID["rational"])
-INV_SQRT2: tl.constexpr = tl.constexpr(1.0 / math.sqrt(2.0))
-INV_SQRT2PI: tl.constexpr = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
 NO_ADAPTER: tl.constexpr = tl.constexpr(2**31 - 1)  # "no adapter left" sentinel of the adapter loops
-PRM_PAD: tl.constexpr = tl.constexpr(16)  # the 10 rational coefficients, padded to a power of 2
+ACT_PARAMS_PAD: tl.constexpr = tl.constexpr(16)  # the 10 rational coefficients, padded to a power of 2
 assert RATIONAL_NUM_PARAMS == 10
+assert all(ACTIVATION_IDS[name] == i for i, name in enumerate(ACTIVATIONS))  # g's ids, in order
 
 
 # ---------------------------------------------------------------------- activations
 @triton.jit
-def _tanh(x):
-    # exp-based, with a Taylor branch where 1 - e^{-2|x|} would cancel (no expm1 in tl)
-    ax = tl.abs(x)
-    t = tl.exp(-2.0 * ax)
-    big = (1.0 - t) / (1.0 + t)
-    x2 = x * x
-    small = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
-    y = tl.where(ax < 0.0625, small, big)
-    return tl.where(x < 0.0, -y, y)
-
-
-@triton.jit
-def _sign(x):
-    return tl.where(x > 0.0, 1.0, tl.where(x < 0.0, -1.0, 0.0)).to(x.dtype)
-
-
-@triton.jit
-def _rational_coeffs(prm_ptr, a, ACC: tl.constexpr):
-    base = prm_ptr + a.to(tl.int64) * 10
+def _rational_coeffs(act_params_ptr, a, ACC: tl.constexpr):
+    base = act_params_ptr + a.to(tl.int64) * 10
     return (tl.load(base + 0).to(ACC), tl.load(base + 1).to(ACC), tl.load(base + 2).to(ACC),
             tl.load(base + 3).to(ACC), tl.load(base + 4).to(ACC), tl.load(base + 5).to(ACC),
             tl.load(base + 6).to(ACC), tl.load(base + 7).to(ACC), tl.load(base + 8).to(ACC),
@@ -84,43 +39,16 @@ def _rational_coeffs(prm_ptr, a, ACC: tl.constexpr):
 
 
 @triton.jit
-def _act_fwd(x, prm_ptr, a, ACT: tl.constexpr):
+def _generator_activation(x, act_params_ptr, a, ACT: tl.constexpr):
     """g(x) for adapter a (its coefficients are only read for 'rational')."""
-    if ACT == RELU:
-        y = tl.where(x < 0.0, 0.0, x)
-    elif ACT == GELU:
-        y = 0.5 * x * (1.0 + tl.math.erf(x * INV_SQRT2))
-    elif ACT == SILU:
-        y = x / (1.0 + tl.exp(-x))
-    elif ACT == TANH:
-        y = _tanh(x)
-    elif ACT == IDENTITY:
-        y = x
-    else:
-        a0, a1, a2, a3, a4, a5, b1, b2, b3, b4 = _rational_coeffs(prm_ptr, a, x.dtype)
+    if ACT == RATIONAL:
+        a0, a1, a2, a3, a4, a5, b1, b2, b3, b4 = _rational_coeffs(act_params_ptr, a, x.dtype)
         ax = tl.abs(x)
         num = a0 + x * (a1 + x * (a2 + x * (a3 + x * (a4 + x * a5))))
         den = 1.0 + ax * (tl.abs(b1) + ax * (tl.abs(b2) + ax * (tl.abs(b3) + ax * tl.abs(b4))))
         y = num / den
-    return y
-
-
-@triton.jit
-def _act_deriv(x, ACT: tl.constexpr):
-    """g'(x) for the parameter-free activations."""
-    if ACT == RELU:
-        y = tl.where(x > 0.0, 1.0, 0.0).to(x.dtype)
-    elif ACT == GELU:
-        cdf = 0.5 * (1.0 + tl.math.erf(x * INV_SQRT2))
-        y = cdf + x * tl.exp(-0.5 * x * x) * INV_SQRT2PI
-    elif ACT == SILU:
-        s = 1.0 / (1.0 + tl.exp(-x))
-        y = s * (1.0 + x * (1.0 - s))
-    elif ACT == TANH:
-        t = _tanh(x)
-        y = 1.0 - t * t
     else:
-        y = tl.full(x.shape, 1.0, x.dtype)
+        y = apply_activation(x, ACT)
     return y
 
 
@@ -176,7 +104,7 @@ def _sum_partials(hpart_ptr, rows64, mask, B, S, R: tl.constexpr, BLOCK_B: tl.co
 
 
 @triton.jit
-def _up_tile(hpart_ptr, bd_ptr, wu_ptr, bu_ptr, prm_ptr, ids_ptr, out_ptr, B, r, N, S, t, nb,
+def up_tile(hpart_ptr, bd_ptr, wu_ptr, bu_ptr, act_params_ptr, ids_ptr, out_ptr, B, r, N, S, t, nb,
              ACT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
              BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr):
     """out[rows of block t, tile nb] = 1 + g(h + b_down[a]) @ W_up[a][:, tile] + b_up[a][tile] per
@@ -196,7 +124,7 @@ def _up_tile(hpart_ptr, bd_ptr, wu_ptr, bu_ptr, prm_ptr, ids_ptr, out_ptr, B, r,
     while a < NO_ADAPTER:
         a64 = a.to(tl.int64)
         bd = tl.load(bd_ptr + a64 * r + cols, mask=col_ok, other=0.0).to(ACC)
-        z = _act_fwd(h + bd[None, :], prm_ptr, a, ACT)
+        z = _generator_activation(h + bd[None, :], act_params_ptr, a, ACT)
         z = tl.where(col_ok[None, :], z, 0.0)  # g(0) != 0 for 'rational': clear the padding
         w = tl.load(wu_ptr + a64 * r * N + cols[:, None] * N + ns[None, :],
                     mask=col_ok[:, None] & n_ok[None, :], other=0.0).to(ACC)
@@ -209,17 +137,17 @@ def _up_tile(hpart_ptr, bd_ptr, wu_ptr, bu_ptr, prm_ptr, ids_ptr, out_ptr, B, r,
 
 
 @triton.jit
-def _up_kernel(hpart_ptr, bd_ptr, wu_ptr, bu_ptr, prm_ptr, ids_ptr, out_ptr, B, r, N, S,
+def _up_kernel(hpart_ptr, bd_ptr, wu_ptr, bu_ptr, act_params_ptr, ids_ptr, out_ptr, B, r, N, S,
                ACT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr):
     """grid (cdiv(B, BLOCK_B), cdiv(N, BLOCK_N)): one output tile each."""
-    _up_tile(hpart_ptr, bd_ptr, wu_ptr, bu_ptr, prm_ptr, ids_ptr, out_ptr, B, r, N, S,
+    up_tile(hpart_ptr, bd_ptr, wu_ptr, bu_ptr, act_params_ptr, ids_ptr, out_ptr, B, r, N, S,
              tl.program_id(0), tl.program_id(1), ACT, ACC, PREC, BLOCK_B, BLOCK_N, R)
 
 
 # ---------------------------------------------------------------------- backward
 @triton.jit
-def _bwd_up_kernel(dv_ptr, hpart_ptr, bd_ptr, wu_ptr, prm_ptr, ids_ptr, gwu_ptr, gbu_ptr, dzpart_ptr,
+def _bwd_up_kernel(dv_ptr, hpart_ptr, bd_ptr, wu_ptr, act_params_ptr, ids_ptr, gwu_ptr, gbu_ptr, dzpart_ptr,
                    B, r, N, S, n_row_blocks,
                    ACT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr):
@@ -244,7 +172,7 @@ def _bwd_up_kernel(dv_ptr, hpart_ptr, bd_ptr, wu_ptr, prm_ptr, ids_ptr, gwu_ptr,
         m = tl.load(ids_ptr + rows, mask=row_ok, other=-1).to(tl.int32) == a
         if tl.max(m.to(tl.int32), axis=0) > 0:
             h = _sum_partials(hpart_ptr, rows64, m, B, S, R, BLOCK_B, ACC)
-            z = _act_fwd(h + bd[None, :], prm_ptr, a, ACT)
+            z = _generator_activation(h + bd[None, :], act_params_ptr, a, ACT)
             z = tl.where(m[:, None] & col_ok[None, :], z, 0.0)
             dv = tl.load(dv_ptr + rows64[:, None] * N + ns[None, :], mask=m[:, None] & n_ok[None, :],
                          other=0.0).to(ACC)
@@ -258,10 +186,10 @@ def _bwd_up_kernel(dv_ptr, hpart_ptr, bd_ptr, wu_ptr, prm_ptr, ids_ptr, gwu_ptr,
 
 
 @triton.jit
-def _bwd_mid_kernel(hpart_ptr, dzpart_ptr, bd_ptr, prm_ptr, ids_ptr, dh_ptr, dprm_ptr, B, r, S, n_parts,
+def _bwd_mid_kernel(hpart_ptr, dzpart_ptr, bd_ptr, act_params_ptr, ids_ptr, dh_ptr, d_act_params_ptr, B, r, S, n_parts,
                     ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, R: tl.constexpr):
     """dh[rows] = (sum of dz partials) * g'(h + b_down[a]) (0 for -1 rows and padding columns);
-    for 'rational' also dprm[rows, :10], each row's gradient of its adapter's coefficients."""
+    for 'rational' also d_act_params[rows, :10], each row's gradient of its adapter's coefficients."""
     t = tl.program_id(0)
     rows = t * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
@@ -274,17 +202,17 @@ def _bwd_mid_kernel(hpart_ptr, dzpart_ptr, bd_ptr, prm_ptr, ids_ptr, dh_ptr, dpr
     dz = _sum_partials(dzpart_ptr, rows64, valid, B, n_parts, R, BLOCK_B, ACC)
     dz = tl.where(col_ok[None, :], dz, 0.0)
     dh = tl.zeros([BLOCK_B, R], ACC)
-    pc = tl.arange(0, PRM_PAD)
-    dprm = tl.zeros([BLOCK_B, PRM_PAD], ACC)
+    pc = tl.arange(0, ACT_PARAMS_PAD)
+    d_act_params = tl.zeros([BLOCK_B, ACT_PARAMS_PAD], ACC)
     a = _next_adapter(ids, -1)
     while a < NO_ADAPTER:
         m = ids == a
         bd = tl.load(bd_ptr + a.to(tl.int64) * r + cols, mask=col_ok, other=0.0).to(ACC)
         x = h + bd[None, :]
         if ACT == RATIONAL:
-            a0, a1, a2, a3, a4, a5, b1, b2, b3, b4 = _rational_coeffs(prm_ptr, a, ACC)
+            a0, a1, a2, a3, a4, a5, b1, b2, b3, b4 = _rational_coeffs(act_params_ptr, a, ACC)
             ax = tl.abs(x)
-            sx = _sign(x)
+            sx = sign(x)
             num = a0 + x * (a1 + x * (a2 + x * (a3 + x * (a4 + x * a5))))
             den = 1.0 + ax * (tl.abs(b1) + ax * (tl.abs(b2) + ax * (tl.abs(b3) + ax * tl.abs(b4))))
             dnum = a1 + x * (2.0 * a2 + x * (3.0 * a3 + x * (4.0 * a4 + x * (5.0 * a5))))
@@ -301,24 +229,24 @@ def _bwd_mid_kernel(hpart_ptr, dzpart_ptr, bd_ptr, prm_ptr, ids_ptr, dh_ptr, dpr
                  + tl.where(pc == 3, 1.0, 0.0)[None, :] * tl.sum(q * x2 * x, axis=1)[:, None]
                  + tl.where(pc == 4, 1.0, 0.0)[None, :] * tl.sum(q * x2 * x2, axis=1)[:, None]
                  + tl.where(pc == 5, 1.0, 0.0)[None, :] * tl.sum(q * x2 * x2 * x, axis=1)[:, None]
-                 + tl.where(pc == 6, 1.0, 0.0)[None, :] * (tl.sum(qb * ax, axis=1) * _sign(b1))[:, None]
-                 + tl.where(pc == 7, 1.0, 0.0)[None, :] * (tl.sum(qb * ax2, axis=1) * _sign(b2))[:, None]
-                 + tl.where(pc == 8, 1.0, 0.0)[None, :] * (tl.sum(qb * ax2 * ax, axis=1) * _sign(b3))[:, None]
-                 + tl.where(pc == 9, 1.0, 0.0)[None, :] * (tl.sum(qb * ax2 * ax2, axis=1) * _sign(b4))[:, None])
-            dprm = tl.where(m[:, None], g.to(ACC), dprm)
+                 + tl.where(pc == 6, 1.0, 0.0)[None, :] * (tl.sum(qb * ax, axis=1) * sign(b1))[:, None]
+                 + tl.where(pc == 7, 1.0, 0.0)[None, :] * (tl.sum(qb * ax2, axis=1) * sign(b2))[:, None]
+                 + tl.where(pc == 8, 1.0, 0.0)[None, :] * (tl.sum(qb * ax2 * ax, axis=1) * sign(b3))[:, None]
+                 + tl.where(pc == 9, 1.0, 0.0)[None, :] * (tl.sum(qb * ax2 * ax2, axis=1) * sign(b4))[:, None])
+            d_act_params = tl.where(m[:, None], g.to(ACC), d_act_params)
         else:
-            gx = dz * _act_deriv(x, ACT)
+            gx = dz * activation_grad(x, ACT)
         dh = tl.where(m[:, None] & col_ok[None, :], gx, dh)
         a = _next_adapter(ids, a)
     tl.store(dh_ptr + rows64[:, None] * R + cols[None, :], dh, mask=row_ok[:, None])
     if ACT == RATIONAL:
-        tl.store(dprm_ptr + rows64[:, None] * PRM_PAD + pc[None, :], dprm, mask=row_ok[:, None])
+        tl.store(d_act_params_ptr + rows64[:, None] * ACT_PARAMS_PAD + pc[None, :], d_act_params, mask=row_ok[:, None])
 
 
 @triton.jit
-def _bwd_down_kernel(p_ptr, wd_ptr, ids_ptr, dh_ptr, dprm_ptr, gp_ptr, gwd_ptr, gbd_ptr, gprm_ptr,
+def _bwd_down_kernel(p_ptr, wd_ptr, ids_ptr, dh_ptr, d_act_params_ptr, gp_ptr, gwd_ptr, gbd_ptr, g_act_params_ptr,
                      B, d, r, A, n_row_blocks,
-                     HAS_PRM: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                     HAS_ACT_PARAMS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr):
     """For adapter a and d tile db: g_w_down[a][tile] = sum_rows P^T dh, g_pooled[rows of a][:, tile] =
     dh @ W_down[a][tile]^T; the db == 0 program also writes g_b_down[a] and g_act_params[a].
@@ -342,8 +270,8 @@ def _bwd_down_kernel(p_ptr, wd_ptr, ids_ptr, dh_ptr, dprm_ptr, gp_ptr, gwd_ptr, 
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(ACC)
         gw = tl.zeros([BLOCK_D, R], ACC)
         gb = tl.zeros([R], ACC)
-        pc = tl.arange(0, PRM_PAD)
-        gprm = tl.zeros([PRM_PAD], ACC)
+        pc = tl.arange(0, ACT_PARAMS_PAD)
+        g_act_params = tl.zeros([ACT_PARAMS_PAD], ACC)
         for t in range(n_row_blocks):
             rows = t * BLOCK_B + tl.arange(0, BLOCK_B)
             row_ok = rows < B
@@ -358,15 +286,17 @@ def _bwd_down_kernel(p_ptr, wd_ptr, ids_ptr, dh_ptr, dprm_ptr, gp_ptr, gwd_ptr, 
                 tl.store(gp_ptr + rows64[:, None] * d + ks[None, :], gp.to(gp_ptr.dtype.element_ty),
                          mask=m[:, None] & k_ok[None, :])
                 gb += tl.sum(dh, axis=0)
-                if HAS_PRM:
-                    gprm += tl.sum(tl.load(dprm_ptr + rows64[:, None] * PRM_PAD + pc[None, :], mask=m[:, None],
-                                           other=0.0), axis=0)
+                if HAS_ACT_PARAMS:
+                    d_params = tl.load(d_act_params_ptr + rows64[:, None] * ACT_PARAMS_PAD + pc[None, :],
+                                       mask=m[:, None], other=0.0)
+                    g_act_params += tl.sum(d_params, axis=0)
         tl.store(gwd_ptr + a64 * d * r + ks[:, None] * r + cols[None, :], gw.to(gwd_ptr.dtype.element_ty),
                  mask=k_ok[:, None] & col_ok[None, :])
         if db == 0:
             tl.store(gbd_ptr + a64 * r + cols, gb.to(gbd_ptr.dtype.element_ty), mask=col_ok)
-            if HAS_PRM:
-                tl.store(gprm_ptr + a64 * 10 + pc, gprm.to(gprm_ptr.dtype.element_ty), mask=pc < 10)
+            if HAS_ACT_PARAMS:
+                tl.store(g_act_params_ptr + a64 * 10 + pc, g_act_params.to(g_act_params_ptr.dtype.element_ty),
+                         mask=pc < 10)
 
 
 # ---------------------------------------------------------------------- launch configuration
@@ -388,16 +318,12 @@ class Config:
 CONFIG_OVERRIDE: dict | None = None
 
 
-def _pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
-    v = max(lo, triton.next_power_of_2(max(n, 1)))
-    return v if hi is None else min(v, hi)
-
-
 def _config(B: int, d: int, N: int, R: int, device: torch.device) -> Config:
     if interpreting():  # ~0.5 ms per program instance: few, large tiles; numpy handles the width
-        cfg = Config(block_b_down=_pow2(B, hi=128), block_d_down=_pow2(d, hi=4096), splits=1,
-                     block_b_up=_pow2(B, hi=128), block_n_up=_pow2(N, hi=4096),
-                     block_b_bwd=_pow2(B, hi=128), block_n_bwd=_pow2(N, hi=4096), block_d_bwd=_pow2(d, hi=4096))
+        rows = next_pow2(B, lo=16, hi=128)
+        features, outputs = next_pow2(d, lo=16, hi=4096), next_pow2(N, lo=16, hi=4096)
+        cfg = Config(block_b_down=rows, block_d_down=features, splits=1, block_b_up=rows, block_n_up=outputs,
+                     block_b_bwd=rows, block_n_bwd=outputs, block_d_bwd=features)
     else:
         row_blocks = triton.cdiv(B, 16)
         # split d only while there are too few row blocks to occupy the SMs (decode batches);
@@ -424,58 +350,44 @@ _up_kernel_tuned = capture_safe(triton.autotune(configs=_UP_CONFIGS, key=["N", "
                                                 prune_configs_by={"early_config_prune": _prune_up_configs})(_up_kernel))
 
 
-def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Every output and scratch buffer comes from here, uninitialised: the kernels write each
-    element they own (tests replace this with a NaN fill to prove it)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _acc(dtype: torch.dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return "tf32" if dtype in (torch.float16, torch.bfloat16) else "ieee"
-
-
 def _down(pooled, w_down, ids, cfg: Config, R: int) -> Tensor:
     """h partials [S, B, R] (acc dtype)."""
     B, d = pooled.shape
     r = w_down.shape[2]
-    acc_tl, acc_torch = _acc(pooled.dtype)
+    acc_tl, acc_torch = acc_dtypes(pooled.dtype)
     d_per_split = max(cfg.block_d_down, triton.cdiv(triton.cdiv(d, cfg.splits), cfg.block_d_down) * cfg.block_d_down)
     splits = max(1, triton.cdiv(d, d_per_split))
-    hpart = _empty((splits, B, R), acc_torch, pooled.device)
+    hpart = empty_buffer((splits, B, R), acc_torch, pooled.device)
     grid = (triton.cdiv(B, cfg.block_b_down), splits)
     _down_kernel[grid](pooled, w_down, ids, hpart, B, d, r, d_per_split,
-                       ACC=acc_tl, PREC=_precision(pooled.dtype),
+                       ACC=acc_tl, PREC=dot_precision(pooled.dtype),
                        BLOCK_B=cfg.block_b_down, BLOCK_D=cfg.block_d_down, R=R)
     return hpart
 
 
 def _prepare(pooled, w_down, b_down, w_up, b_up, adapter_ids, act_params):
     tensors = [t.contiguous() for t in (pooled, w_down, b_down, w_up, b_up, adapter_ids)]
-    prm = b_down if act_params is None else act_params  # a placeholder pointer when unused
-    return tensors, prm.contiguous()
+    params_arg = b_down if act_params is None else act_params  # a placeholder pointer when unused
+    return tensors, params_arg.contiguous()
 
 
 def generate(pooled: Tensor, w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor,
              adapter_ids: Tensor, activation: str, act_params: Tensor | None = None) -> Tensor:
-    """v [B, N] in pooled's dtype; see the module docstring. Arguments are checked by the op."""
+    """v [B, N] in pooled's dtype (docs/kernels.md, "generate"). Arguments are checked by the op."""
     B, d = pooled.shape
     r, N = w_up.shape[1], w_up.shape[2]
-    out = _empty((B, N), pooled.dtype, pooled.device)
+    out = empty_buffer((B, N), pooled.dtype, pooled.device)
     if out.numel() == 0:
         return out
-    (pooled, w_down, b_down, w_up, b_up, ids), prm = _prepare(pooled, w_down, b_down, w_up, b_up,
-                                                              adapter_ids, act_params)
-    R = _pow2(r)
+    (pooled, w_down, b_down, w_up, b_up, ids), params_arg = _prepare(pooled, w_down, b_down, w_up, b_up,
+                                                                     adapter_ids, act_params)
+    R = next_pow2(r, lo=16)
     cfg = _config(B, d, N, R, pooled.device)
-    acc_tl, _ = _acc(pooled.dtype)
+    acc_tl, _ = acc_dtypes(pooled.dtype)
     with launch_guard(pooled.device):
         hpart = _down(pooled, w_down, ids, cfg, R)
-        args = (hpart, b_down, w_up, b_up, prm, ids, out, B, r, N, hpart.shape[0])
-        meta = dict(ACT=_ACT_ID[activation], ACC=acc_tl, PREC=_precision(pooled.dtype),
+        args = (hpart, b_down, w_up, b_up, params_arg, ids, out, B, r, N, hpart.shape[0])
+        meta = dict(ACT=ACTIVATION_IDS[activation], ACC=acc_tl, PREC=dot_precision(pooled.dtype),
                     BLOCK_B=cfg.block_b_up, R=R)
         row_blocks = triton.cdiv(B, cfg.block_b_up)
         if cfg.block_n_up is None:
@@ -494,38 +406,38 @@ def generate_backward(grad: Tensor, pooled: Tensor, w_down: Tensor, b_down: Tens
     B, d = pooled.shape
     A, r, N = w_up.shape
     device, dtype = pooled.device, pooled.dtype
-    g_pooled = _empty((B, d), dtype, device)
-    g_wd, g_bd = _empty((A, d, r), w_down.dtype, device), _empty((A, r), b_down.dtype, device)
-    g_wu, g_bu = _empty((A, r, N), w_up.dtype, device), _empty((A, N), b_up.dtype, device)
-    g_prm = pooled.new_empty(0) if act_params is None else _empty((A, RATIONAL_NUM_PARAMS), act_params.dtype,
-                                                                  device)
-    (pooled, w_down, b_down, w_up, b_up, ids), prm = _prepare(pooled, w_down, b_down, w_up, b_up,
-                                                              adapter_ids, act_params)
+    g_pooled = empty_buffer((B, d), dtype, device)
+    g_wd, g_bd = empty_buffer((A, d, r), w_down.dtype, device), empty_buffer((A, r), b_down.dtype, device)
+    g_wu, g_bu = empty_buffer((A, r, N), w_up.dtype, device), empty_buffer((A, N), b_up.dtype, device)
+    g_act_params = (pooled.new_empty(0) if act_params is None
+                    else empty_buffer((A, RATIONAL_NUM_PARAMS), act_params.dtype, device))
+    (pooled, w_down, b_down, w_up, b_up, ids), params_arg = _prepare(pooled, w_down, b_down, w_up, b_up,
+                                                                     adapter_ids, act_params)
     grad = grad.contiguous()
-    R = _pow2(r)
+    R = next_pow2(r, lo=16)
     cfg = _config(B, d, N, R, device)
-    acc_tl, acc_torch = _acc(dtype)
-    prec = _precision(dtype)
-    act = _ACT_ID[activation]
-    has_prm = act_params is not None
+    acc_tl, acc_torch = acc_dtypes(dtype)
+    prec = dot_precision(dtype)
+    act = ACTIVATION_IDS[activation]
+    has_act_params = act_params is not None
     with launch_guard(device):
-        hpart = _down(pooled, w_down, ids, cfg, R) if B > 0 else _empty((1, 0, R), acc_torch, device)
+        hpart = _down(pooled, w_down, ids, cfg, R) if B > 0 else empty_buffer((1, 0, R), acc_torch, device)
         S = hpart.shape[0]
         n_parts = max(1, triton.cdiv(N, cfg.block_n_bwd))  # >= 1 so that dz partials exist when N == 0
-        dzpart = _empty((n_parts, B, R), acc_torch, device)
+        dzpart = empty_buffer((n_parts, B, R), acc_torch, device)
         rb_bwd = triton.cdiv(B, cfg.block_b_bwd)
         if A > 0:
-            _bwd_up_kernel[(A, n_parts)](grad, hpart, b_down, w_up, prm, ids, g_wu, g_bu, dzpart,
+            _bwd_up_kernel[(A, n_parts)](grad, hpart, b_down, w_up, params_arg, ids, g_wu, g_bu, dzpart,
                                          B, r, N, S, rb_bwd, ACT=act, ACC=acc_tl, PREC=prec,
                                          BLOCK_B=cfg.block_b_bwd, BLOCK_N=cfg.block_n_bwd, R=R)
-        dh = _empty((B, R), acc_torch, device)
-        dprm = _empty((B, 16), acc_torch, device) if has_prm else dh
+        dh = empty_buffer((B, R), acc_torch, device)
+        d_act_params = empty_buffer((B, 16), acc_torch, device) if has_act_params else dh
         if B > 0:  # row blocks as small as the down projection's: this one is element-wise
-            _bwd_mid_kernel[(triton.cdiv(B, cfg.block_b_down),)](hpart, dzpart, b_down, prm, ids, dh, dprm,
-                                                                 B, r, S, n_parts, ACT=act, ACC=acc_tl,
-                                                                 BLOCK_B=cfg.block_b_down, R=R)
+            _bwd_mid_kernel[(triton.cdiv(B, cfg.block_b_down),)](
+                hpart, dzpart, b_down, params_arg, ids, dh, d_act_params, B, r, S, n_parts, ACT=act, ACC=acc_tl,
+                BLOCK_B=cfg.block_b_down, R=R)
         _bwd_down_kernel[(A + 1, max(1, triton.cdiv(d, cfg.block_d_bwd)))](
-            pooled, w_down, ids, dh, dprm, g_pooled, g_wd, g_bd, g_prm if has_prm else g_bd,
-            B, d, r, A, rb_bwd, HAS_PRM=has_prm, ACC=acc_tl, PREC=prec,
+            pooled, w_down, ids, dh, d_act_params, g_pooled, g_wd, g_bd, g_act_params if has_act_params else g_bd,
+            B, d, r, A, rb_bwd, HAS_ACT_PARAMS=has_act_params, ACC=acc_tl, PREC=prec,
             BLOCK_B=cfg.block_b_bwd, BLOCK_D=cfg.block_d_bwd, R=R)
-    return g_pooled, g_wd, g_bd, g_wu, g_bu, g_prm
+    return g_pooled, g_wd, g_bd, g_wu, g_bu, g_act_params

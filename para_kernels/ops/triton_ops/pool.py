@@ -1,28 +1,12 @@
-"""Triton kernels for ``para::pool`` and ``para::pool_backward`` (spec: torch_ops/pool.py).
+"""Triton kernels of ``para::pool`` and ``para::pool_backward`` (PARA_SPEC §3).
 
 hidden [B, T, d] (padded: row b's ranges index its own T tokens) or [total, d] (packed: ranges
 index total), prompt_start / prompt_end [B] int32/int64 (half-open), w_sa [d] or [B, d] for
-``attn``. Any strides are accepted (tokens are addressed as b*stride_b + t*stride_t +
-f*stride_d; packed uses stride_b = 0), so nothing is copied.
-
-Design (every grid depends on B and d only; each program loops over its row's prompt,
-read from start/end inside the kernel, so launches can be CUDA-graph captured):
-- last / mean / max: one program per (row, d-block); tokens are read in [BLOCK_T, BLOCK_D]
-  tiles into a tile-shaped accumulator that is reduced once at the end.
-- attn: one program per row, flash-style: per token tile, the scores (loop over d-blocks),
-  an online max / sum, then a second d-loop rescales and accumulates the weighted sum in a
-  per-row fp32 scratch row in global memory (the tile is still in L1/L2), so H is read from HBM once.
-- backward, padded: every element of grad_hidden is written once (zeros outside the
-  prompt), no atomics. Packed: ranges may overlap (the reference's index_add sums them),
-  so contributions are fp32 atomic adds into a zeroed buffer, cast at the end.
-- attn backward: one program per row; pass 1 gets the softmax statistics and
-  c = sum_u a_u g.X_u online, pass 2 recomputes the scores per tile, writes
-  dX_t = a_t g + ds_t w and accumulates dw_row = sum_t ds_t X_t; rows' dw are summed by a
-  separate deterministic kernel when w_sa is shared ([d]).
-Loads are upcast to the accumulation dtype (fp32, fp64 for fp64 inputs) before any math.
-Autotuned on the GPU (key: d and a bucket of B); a key first seen inside a CUDA-graph capture
-runs its first config untimed (``utils.CaptureSafeAutotuner``). The interpreter gets one small
-config. The ranges are made contiguous before any launch (the kernels read them as ptr + b).
+``attn`` -> pooled [B, d] in hidden's dtype, as ``reference_ops.pool`` (the spec). Any strides
+(nothing is copied); loads upcast to fp32 (fp64 for fp64 inputs) before any math. Every grid
+depends on B and d only; the prompt ranges are read inside the kernels (graph capture).
+Determinism: padded backward and a shared w_sa's gradient are deterministic; packed backward
+uses fp32 atomics (ranges may overlap). Design: docs/kernels.md, "pool".
 """
 from __future__ import annotations
 
@@ -30,13 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
-from .utils import capture_safe, launch_guard
+from .utils import acc_dtypes, capture_safe, interpreting, launch_guard
 
 # The kernels' MODE constexpr: _pool_fwd_kernel runs last / mean / max; attn has its own kernels
 # here, and is MODE 3 of the fused pool_generate kernel.
-_MODES = {"last": 0, "mean": 1, "max": 2, "attn": 3}
-ATTN_MODE: tl.constexpr = tl.constexpr(_MODES["attn"])
+POOL_MODE_IDS = {"last": 0, "mean": 1, "max": 2, "attn": 3}
+ATTN_MODE: tl.constexpr = tl.constexpr(POOL_MODE_IDS["attn"])
 
 
 def _configs(gpu: list[tuple[int, int, int]], interp: tuple[int, int]) -> list[triton.Config]:
@@ -63,7 +46,7 @@ def _max_nan(x, axis: tl.constexpr):
 
 
 @triton.jit
-def _pool_slice(row, s, e, offs_d, d_mask, stride_t, stride_d, MODE: tl.constexpr, ACC: tl.constexpr,
+def pool_slice(row, s, e, offs_d, d_mask, stride_t, stride_d, MODE: tl.constexpr, ACC: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """last / mean / max of one row's prompt tokens [s, e) over the features offs_d -> [BLOCK_D]
     (ACC; 'last' in the input dtype). Shared with the fused pool_generate kernel."""
@@ -100,12 +83,12 @@ def _pool_fwd_kernel(h_ptr, start_ptr, end_ptr, out_ptr, d, stride_b, stride_t, 
     d_mask = offs_d < d
     s = tl.load(start_ptr + b).to(tl.int64)
     e = tl.load(end_ptr + b).to(tl.int64)
-    res = _pool_slice(h_ptr + b * stride_b, s, e, offs_d, d_mask, stride_t, stride_d, MODE, ACC, BLOCK_T, BLOCK_D)
+    res = pool_slice(h_ptr + b * stride_b, s, e, offs_d, d_mask, stride_t, stride_d, MODE, ACC, BLOCK_T, BLOCK_D)
     tl.store(out_ptr + b * d + offs_d, res, mask=d_mask)
 
 
 @triton.jit
-def _attn_pool_row(row, s, e, w_row, acc_row, d, stride_t, stride_d, stride_wd,
+def attn_pool_row(row, s, e, w_row, acc_row, d, stride_t, stride_d, stride_wd,
                    ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """Flash-style attn pooling of one row: leaves sum_t exp(s_t - m) X_t in acc_row (d ACC
     values of global scratch, so any d fits) and returns 1 / sum_t exp(s_t - m)."""
@@ -156,7 +139,7 @@ def _attn_fwd_kernel(h_ptr, start_ptr, end_ptr, w_ptr, out_ptr, acc_ptr, d,
     s = tl.load(start_ptr + b).to(tl.int64)
     e = tl.load(end_ptr + b).to(tl.int64)
     acc_row = acc_ptr + b * d
-    inv_l = _attn_pool_row(h_ptr + b * stride_b, s, e, w_ptr + b * stride_wb, acc_row, d,
+    inv_l = attn_pool_row(h_ptr + b * stride_b, s, e, w_ptr + b * stride_wb, acc_row, d,
                            stride_t, stride_d, stride_wd, ACC, BLOCK_T, BLOCK_D)
     ar_d = tl.arange(0, BLOCK_D)
     for d0 in range(0, d, BLOCK_D):
@@ -340,23 +323,19 @@ def _sum_rows_kernel(x_ptr, out_ptr, R, N, BLOCK: tl.constexpr):
 
 
 # ------------------------------------------------------------------ host side
-def _acc(dtype: torch.dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
-
-
 def _rows_class(B: int) -> int:
     """Autotune bucket for the batch size: the best tile depends on how many programs run."""
     return min(triton.next_power_of_2(B), 256)
 
 
-def _hidden_strides(hidden: torch.Tensor):
+def hidden_strides(hidden: torch.Tensor):
     """(stride_b, stride_t, stride_d); packed rows share one token axis (stride_b = 0)."""
     if hidden.dim() == 3:
         return hidden.stride(0), hidden.stride(1), hidden.stride(2)
     return 0, hidden.stride(0), hidden.stride(1)
 
 
-def _w_strides(w_sa: torch.Tensor):
+def w_sa_strides(w_sa: torch.Tensor):
     return (0, w_sa.stride(0)) if w_sa.dim() == 1 else (w_sa.stride(0), w_sa.stride(1))
 
 
@@ -372,24 +351,24 @@ def _sum_rows(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 def pool(hidden: torch.Tensor, prompt_start: torch.Tensor, prompt_end: torch.Tensor, mode: str,
          w_sa: torch.Tensor | None = None) -> torch.Tensor:
     """hidden [B, T, d] or [total, d], ranges [B] -> pooled [B, d] in hidden's dtype."""
-    if mode not in _MODES:
+    if mode not in POOL_MODE_IDS:
         raise ValueError(f"unknown pool mode {mode!r}")
     B, d = prompt_start.shape[0], hidden.shape[-1]
     out = torch.empty(B, d, dtype=hidden.dtype, device=hidden.device)
     if B == 0 or d == 0:
         return out
-    acc_tl, acc_torch = _acc(hidden.dtype)
-    sb, st, sd = _hidden_strides(hidden)
+    acc_tl, acc_torch = acc_dtypes(hidden.dtype)
+    sb, st, sd = hidden_strides(hidden)
     start, end = prompt_start.contiguous(), prompt_end.contiguous()
     with launch_guard(hidden.device):
         if mode == "attn":
             scratch = torch.empty(B, d, dtype=acc_torch, device=hidden.device)
             _attn_fwd_kernel[(B,)](hidden, start, end, w_sa, out, scratch, d, sb, st, sd,
-                                   *_w_strides(w_sa), _rows_class(B), ACC=acc_tl)
+                                   *w_sa_strides(w_sa), _rows_class(B), ACC=acc_tl)
         else:
             grid = lambda meta: (B, triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
             _pool_fwd_kernel[grid](hidden, start, end, out, d, sb, st, sd, _rows_class(B),
-                                   MODE=_MODES[mode], ACC=acc_tl)
+                                   MODE=POOL_MODE_IDS[mode], ACC=acc_tl)
     return out
 
 
@@ -398,14 +377,14 @@ def pool_backward(grad: torch.Tensor, hidden: torch.Tensor, prompt_start: torch.
                   w_sa: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """grad [B, d] -> (grad_hidden: contiguous, hidden's shape and dtype; grad_w_sa: w_sa's
     shape and dtype, or empty [0] when w_sa is None)."""
-    if mode not in _MODES:
+    if mode not in POOL_MODE_IDS:
         raise ValueError(f"unknown pool mode {mode!r}")
     B, d = prompt_start.shape[0], hidden.shape[-1]
     dev, dtype = hidden.device, hidden.dtype
     if B == 0 or d == 0:
         g_w = hidden.new_empty(0) if w_sa is None else torch.zeros_like(w_sa)
         return torch.zeros(hidden.shape, dtype=dtype, device=dev), g_w
-    acc_tl, acc_torch = _acc(dtype)
+    acc_tl, acc_torch = acc_dtypes(dtype)
     packed = hidden.dim() == 2
     if packed:  # atomics need a zeroed buffer in a dtype with fp32/fp64 atomics
         buf = torch.zeros(hidden.shape, dtype=acc_torch, device=dev)
@@ -413,14 +392,14 @@ def pool_backward(grad: torch.Tensor, hidden: torch.Tensor, prompt_start: torch.
     else:  # written in full by the kernel
         buf = torch.empty(hidden.shape, dtype=dtype, device=dev)
         stride_ob, stride_ot, T = buf.stride(0), buf.stride(1), hidden.shape[1]
-    sb, st, sd = _hidden_strides(hidden)
+    sb, st, sd = hidden_strides(hidden)
     start, end = prompt_start.contiguous(), prompt_end.contiguous()
     g_w = hidden.new_empty(0)
     with launch_guard(dev):
         if mode == "attn":
             dw_rows = torch.empty(B, d, dtype=acc_torch, device=dev)
             _attn_bwd_kernel[(B,)](grad, hidden, start, end, w_sa, buf, dw_rows, d, T,
-                                   grad.stride(0), grad.stride(1), sb, st, sd, *_w_strides(w_sa),
+                                   grad.stride(0), grad.stride(1), sb, st, sd, *w_sa_strides(w_sa),
                                    stride_ob, stride_ot, _rows_class(B), PACKED=packed, ACC=acc_tl)
             # [d] w_sa: sum the rows' dw in a fixed order; [B, d] (also expanded, row stride 0): a cast
             g_w = _sum_rows(dw_rows, torch.empty(w_sa.shape, dtype=w_sa.dtype, device=dev))
@@ -428,7 +407,7 @@ def pool_backward(grad: torch.Tensor, hidden: torch.Tensor, prompt_start: torch.
             grid = lambda meta: (B, triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
             _pool_bwd_kernel[grid](grad, hidden, start, end, buf, d, T,
                                    grad.stride(0), grad.stride(1), sb, st, sd, stride_ob, stride_ot,
-                                   _rows_class(B), MODE=_MODES[mode], PACKED=packed, ACC=acc_tl)
+                                   _rows_class(B), MODE=POOL_MODE_IDS[mode], PACKED=packed, ACC=acc_tl)
         if packed and buf.dtype != dtype:
             buf = _sum_rows(buf, torch.empty(hidden.shape, dtype=dtype, device=dev))
     return buf, g_w

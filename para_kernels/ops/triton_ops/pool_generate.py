@@ -1,37 +1,15 @@
-"""pool_generate on the Triton backend: pool -> down -> activation -> up in one launch.
+"""Triton kernel of ``para::pool_generate``: pool -> down -> activation -> up in one launch.
 
     pool_generate(hidden [B,T,d] | [total,d], prompt_start [B], prompt_end [B], mode, w_sa,
                   w_down [A,d,r], b_down [A,r], w_up [A,r,N], b_up [A,N], adapter_ids [B],
                   activation, act_params) -> v [B, N] in the bank's dtype
 
-One 1-D grid of n_blocks * (P + C) programs, P = min(BLOCK_B, B) * S producers and C
-consumers per block of BLOCK_B rows. A program's role comes from a *ticket*, not from its
-program id: each program first takes the next number of an atomic counter, and the tickets
-are laid out as
-
-    [ P producers | C consumers ]   for row block 0, then row block 1, ...
-
-- producer (row b, d-slice s): pools its row's prompt over the slice's features (the same
-  ``_pool_slice`` as the pool kernel; ``attn`` needs every feature for its scores, so S = 1
-  and the row is pooled flash-style into a scratch row) and multiplies the pooled slice,
-  still in fp32, by W_down[a][slice] -> h partial [S, B, R]. Then it counts itself ready.
-- consumer j: waits until its row block's producers are all ready, then writes the
-  output tiles j, j + C, ... with the generate kernel's ``_up_tile`` (bias, activation and
-  up-projection, one W_up tile read per adapter of the block, ones for -1 rows).
-
-Why the wait cannot deadlock: a consumer waits only for producers of its own row block, whose
-tickets are lower than its own, so they were taken by programs that had already started; a
-started producer never waits, so it finishes. CUDA does not promise to start a grid's
-programs in id order (nor can every program of a large prefill grid be resident at once), so
-program ids would not do. The interpreter runs programs one at a time in id order, which
-hands out the tickets in id order too.
-
-The counters (the ticket, then one ready count per row block) are a fresh zeroed int32 buffer
-per launch, from torch's caching allocator on the launch's stream: inside a CUDA-graph
-capture it belongs to that graph (its zeroing is a graph node), so graphs replayed at once
-never share counters, no buffer is freed under a captured graph, and a launch that failed
-halfway leaves nothing behind for the next one. The memset costs one small node per layer
-at prefill.
+As ``reference_ops.pool_generate`` (the spec): the pooled vector stays in fp32 (fp64 when hidden or
+the bank is fp64); hidden may be 16-bit while the bank is fp32. The grid depends on shapes only;
+the launch's counters are a fresh zeroed buffer from torch's caching allocator, so the op can be
+graph-captured. Programs take their role from an atomic ticket (producers before consumers per
+row block), which is why it cannot deadlock: docs/kernels.md, "pool_generate". The backward runs
+the pool and generate backward kernels in turn (training, not the prefill hot path).
 """
 from __future__ import annotations
 
@@ -41,11 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
-from .generate import _ACT_ID, _acc, _empty, _pow2, _precision, _up_tile, generate_backward
-from .pool import (_MODES, ATTN_MODE, _attn_pool_row, _hidden_strides, _pool_slice, _w_strides, pool,
-                   pool_backward)
-from .utils import launch_guard, num_sms
+from .generate import generate_backward, up_tile
+from .kernel_utils import ACTIVATION_IDS
+from .pool import ATTN_MODE, POOL_MODE_IDS, attn_pool_row, hidden_strides, pool, pool_backward, pool_slice, w_sa_strides
+from .utils import acc_dtypes, dot_precision, empty_buffer, interpreting, launch_guard, next_pow2, num_sms
 
 
 @triton.jit
@@ -69,7 +46,7 @@ def _producer(h_ptr, start_ptr, end_ptr, w_ptr, scratch_ptr, wd_ptr, ids_ptr, hp
             h = tl.zeros([R], ACC)
             if MODE == ATTN_MODE:  # S == 1: the whole row
                 acc_row = scratch_ptr + b * d
-                inv_l = _attn_pool_row(row, start, end, w_ptr + b * stride_wb, acc_row, d,
+                inv_l = attn_pool_row(row, start, end, w_ptr + b * stride_wb, acc_row, d,
                                        stride_t, stride_d, stride_wd, ACC, BLOCK_T, BLOCK_D)
                 tl.debug_barrier()  # acc_row was written by other threads
             for k0 in range(d_lo, d_hi, BLOCK_D):
@@ -78,7 +55,7 @@ def _producer(h_ptr, start_ptr, end_ptr, w_ptr, scratch_ptr, wd_ptr, ids_ptr, hp
                 if MODE == ATTN_MODE:
                     p = tl.load(acc_row + ks, mask=k_ok, other=0.0) * inv_l
                 else:
-                    p = _pool_slice(row, start, end, ks, k_ok, stride_t, stride_d, MODE, ACC, BLOCK_T, BLOCK_D)
+                    p = pool_slice(row, start, end, ks, k_ok, stride_t, stride_d, MODE, ACC, BLOCK_T, BLOCK_D)
                 w = tl.load(w_base + ks[:, None] * r + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
                             other=0.0).to(ACC)
                 h += tl.sum(tl.where(k_ok, p.to(ACC), 0.0)[:, None] * w, axis=0)
@@ -87,7 +64,7 @@ def _producer(h_ptr, start_ptr, end_ptr, w_ptr, scratch_ptr, wd_ptr, ids_ptr, hp
 
 @triton.jit
 def _pool_generate_kernel(h_ptr, start_ptr, end_ptr, w_ptr, scratch_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr,
-                          prm_ptr, ids_ptr, hpart_ptr, out_ptr, sync_ptr,
+                          act_params_ptr, ids_ptr, hpart_ptr, out_ptr, sync_ptr,
                           B, d, r, N, S, C, producers, d_per_split,
                           stride_b, stride_t, stride_d, stride_wb, stride_wd,
                           MODE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
@@ -95,10 +72,10 @@ def _pool_generate_kernel(h_ptr, start_ptr, end_ptr, w_ptr, scratch_ptr, wd_ptr,
                           BLOCK_N: tl.constexpr, R: tl.constexpr):
     """grid (row blocks * (producers + C),) with producers = min(BLOCK_B, B) * S; sync_ptr: int32
     [1 + row blocks] (the ticket, then each row block's ready count), zero on entry."""
-    # the program's place in the layout: its ticket, not tl.program_id (see the module docstring)
-    vid = tl.atomic_add(sync_ptr, 1, sem="relaxed")
-    t = vid // (producers + C)
-    k = vid % (producers + C)
+    # the program's place in the layout: its ticket, not tl.program_id (docs/kernels.md, "pool_generate")
+    ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")
+    t = ticket // (producers + C)
+    k = ticket % (producers + C)
     ready = sync_ptr + 1 + t
     if k < producers:
         _producer(h_ptr, start_ptr, end_ptr, w_ptr, scratch_ptr, wd_ptr, ids_ptr, hpart_ptr,
@@ -111,7 +88,7 @@ def _pool_generate_kernel(h_ptr, start_ptr, end_ptr, w_ptr, scratch_ptr, wd_ptr,
         while n_ready < producers:
             n_ready = tl.atomic_add(ready, 0, sem="acquire")
         for nb in range(k - producers, tl.cdiv(N, BLOCK_N), C):
-            _up_tile(hpart_ptr, bd_ptr, wu_ptr, bu_ptr, prm_ptr, ids_ptr, out_ptr, B, r, N, S, t, nb,
+            up_tile(hpart_ptr, bd_ptr, wu_ptr, bu_ptr, act_params_ptr, ids_ptr, out_ptr, B, r, N, S, t, nb,
                      ACT, ACC, PREC, BLOCK_B, BLOCK_N, R)
 
 
@@ -132,8 +109,8 @@ CONFIG_OVERRIDE: dict | None = None
 
 def _config(B: int, d: int, N: int, R: int, attn: bool, device: torch.device) -> Config:
     if interpreting():  # ~0.5 ms per program instance: few, wide programs
-        cfg = Config(block_b=_pow2(B, hi=128), splits=1, consumers=1, block_n=_pow2(N, hi=4096),
-                     block_d=_pow2(d, hi=4096), block_t=4)
+        cfg = Config(block_b=next_pow2(B, lo=16, hi=128), splits=1, consumers=1,
+                     block_n=next_pow2(N, lo=16, hi=4096), block_d=next_pow2(d, lo=16, hi=4096), block_t=4)
     else:
         sms = num_sms(device)
         block_b = 16 if B <= 16 else (32 if B <= 32 else 64)
@@ -150,7 +127,7 @@ def _config(B: int, d: int, N: int, R: int, attn: bool, device: torch.device) ->
 
 
 def _counters(n_blocks: int, device: torch.device) -> torch.Tensor:
-    """The launch's own zeroed int32 [ticket, ready per row block] (see the module docstring)."""
+    """The launch's own zeroed int32 [ticket, ready per row block] (docs/kernels.md, "pool_generate")."""
     return torch.zeros(1 + n_blocks, dtype=torch.int32, device=device)
 
 
@@ -160,32 +137,32 @@ def pool_generate(hidden, prompt_start, prompt_end, mode, w_sa, w_down, b_down, 
     B, d = prompt_start.shape[0], hidden.shape[-1]
     r, N = w_up.shape[1], w_up.shape[2]
     device = hidden.device
-    out = _empty((B, N), w_down.dtype, device)
+    out = empty_buffer((B, N), w_down.dtype, device)
     if out.numel() == 0:
         return out
-    R = _pow2(r)
+    R = next_pow2(r, lo=16)
     attn = mode == "attn"
     cfg = _config(B, d, N, R, attn, device)
     n_blocks = triton.cdiv(B, cfg.block_b)
-    acc_tl, acc_torch = _acc(torch.float64 if torch.float64 in (hidden.dtype, w_down.dtype) else w_down.dtype)
+    acc_tl, acc_torch = acc_dtypes(torch.float64 if torch.float64 in (hidden.dtype, w_down.dtype) else w_down.dtype)
     start, end, w_down, b_down, w_up, b_up, ids = (
         t.contiguous() for t in (prompt_start, prompt_end, w_down, b_down, w_up, b_up, adapter_ids))
-    prm = (b_down if act_params is None else act_params).contiguous()  # a placeholder when unused
+    params_arg = (b_down if act_params is None else act_params).contiguous()  # a placeholder when unused
     d_per_split = triton.cdiv(triton.cdiv(d, cfg.splits), cfg.block_d) * cfg.block_d
     splits = max(1, triton.cdiv(d, d_per_split))
     producers = min(cfg.block_b, B) * splits  # a batch smaller than a block has fewer
     grid = (n_blocks * (producers + cfg.consumers),)
     with launch_guard(device):
         sync = _counters(n_blocks, device)
-        hpart = _empty((splits, B, R), acc_torch, device)
-        scratch = _empty((B, d), acc_torch, device) if attn else hpart
+        hpart = empty_buffer((splits, B, R), acc_torch, device)
+        scratch = empty_buffer((B, d), acc_torch, device) if attn else hpart
         w = w_sa if attn else hpart  # a placeholder pointer when unused
-        stride_wb, stride_wd = _w_strides(w_sa) if attn else (0, 0)
+        stride_wb, stride_wd = w_sa_strides(w_sa) if attn else (0, 0)
         _pool_generate_kernel[grid](
-            hidden, start, end, w, scratch, w_down, b_down, w_up, b_up, prm, ids, hpart, out, sync,
-            B, d, r, N, splits, cfg.consumers, producers, d_per_split, *_hidden_strides(hidden),
-            stride_wb, stride_wd, MODE=_MODES[mode], ACT=_ACT_ID[activation], ACC=acc_tl,
-            PREC=_precision(w_down.dtype), BLOCK_B=cfg.block_b, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
+            hidden, start, end, w, scratch, w_down, b_down, w_up, b_up, params_arg, ids, hpart, out, sync,
+            B, d, r, N, splits, cfg.consumers, producers, d_per_split, *hidden_strides(hidden),
+            stride_wb, stride_wd, MODE=POOL_MODE_IDS[mode], ACT=ACTIVATION_IDS[activation], ACC=acc_tl,
+            PREC=dot_precision(w_down.dtype), BLOCK_B=cfg.block_b, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d,
             BLOCK_N=cfg.block_n, R=R)
     return out
 

@@ -1,29 +1,11 @@
 """Triton kernels of ``para::scale`` and ``para::scale_backward`` (PARA_SPEC §3).
 
-Shapes (as in ``torch_ops.scale``, the spec): x [B, ..., n] with v [B, n] (padded), or packed
-x [total, n] with token_rows [total] (int32 or int64, the row of each token).
-
-Design. x is viewed without a copy as [R, L, n] (padded: R = B, L = product of the middle dims;
-packed: R = 1, L = total), any strides. Each program owns a [RPT, BLOCK_T, BLOCK_N] tile: RPT
-whole rows' worth of BLOCK_T tokens each (RPT > 1 only when rows are short, e.g. decode L = 1,
-so tiles stay large), times a feature block. The tile's rows come from one division per program,
-never per element, and v[row] is a [RPT, BLOCK_N] load broadcast over the tokens; packed tiles
-(RPT = 1) read token_rows once per token and gather v per token. Loads are in the input dtype,
-math in fp32 (fp64 for fp64 inputs), stores in the output dtype; grids depend on shapes only,
-never on values, so the ops can be captured in CUDA graphs.
-
-Backward, padded: one fused pass reads grad and x once, writes grad_x and sums grad ⊙ x over the
-token axis of its tile (a fixed-size segmented sum, since tiles never cross rows). Long rows are
-cut into C chunks (chosen from the shapes so the GPU fills up); with C > 1 each program writes an
-fp32 partial [R, C, n] and a second tiny kernel adds the chunks in order. No atomics, and these
-configs are fixed rather than autotuned, so grad_v is bitwise run-to-run deterministic for a given
-shape and device.
-Backward, packed: a row's tokens may sit anywhere in x, so a deterministic scheme needs a sort
-(extra passes over the indices) or a scan of all of token_rows per row (O(B · total) work: bad for
-many short sequences). We use fp32 atomics instead, made cheap by first folding each tile per
-distinct row in registers (packed rows come in runs, so a tile usually holds 1-2 rows): about
-BLOCK_N atomics per row per tile instead of one per element. Their order varies between runs, so
-packed grad_v may differ in the last bits from run to run.
+Shapes (as in ``reference_ops.scale``, the spec): x [B, ..., n] with v [B, n] (padded), or packed
+x [total, n] with token_rows [total] (int32 or int64, the row of each token) -> x ⊙ v[row] in x's
+dtype; any strides. Math in fp32 (fp64 for fp64 inputs); grids depend on shapes only (graph
+capture). Determinism: padded grad_v is bitwise run-to-run deterministic (fixed configs, chunks
+summed in order); packed grad_v uses fp32 atomics and may differ in the last bits. Design:
+docs/kernels.md, "scale".
 """
 from __future__ import annotations
 
@@ -32,26 +14,22 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import interpreting
-from .utils import capture_safe, launch_guard, num_sms
+from .kernel_utils import sum_chunks_kernel
+from .utils import capture_safe, interpreting, launch_guard, next_pow2, num_sms, view_rows
 
 _MAX_T = 64  # tokens per tile row, and rows per tile: bounds registers and the autotune key
 _MAX_CHUNKS = 64  # token chunks per row in the padded backward
 _SMALL = 1 << 22  # elements (8 MB of bf16, a few µs) under which the forward is not tuned
 
 
-def _np2(x: int) -> int:
-    return triton.next_power_of_2(max(int(x), 1))
-
-
 def _tile(n_cap: int, tile: int, n: int, R: int, L: int, packed: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_T, RPT) for about ``tile`` elements per program: features first (16-byte
-    vectors, long contiguous runs), then tokens of one row, then whole short rows."""
-    bn = min(_np2(n), n_cap)
+    """(BLOCK_N, BLOCK_T, ROWS_PER_TILE) for about ``tile`` elements per program: features first
+    (16-byte vectors, long contiguous runs), then tokens of one row, then whole short rows."""
+    bn = min(next_pow2(n), n_cap)
     tokens = max(1, tile // bn)
-    bt = min(_np2(L), tokens, _MAX_T)
-    rpt = 1 if packed else min(max(1, tokens // bt), _np2(R), _MAX_T)
-    return bn, bt, rpt
+    bt = min(next_pow2(L), tokens, _MAX_T)
+    rows_per_tile = 1 if packed else min(max(1, tokens // bt), next_pow2(R), _MAX_T)
+    return bn, bt, rows_per_tile
 
 
 # ------------------------------------------------------------------ forward
@@ -89,20 +67,21 @@ def _fwd_prune(configs, named_args, **kwargs):
 @triton.autotune(configs=_fwd_configs(), key=["n", "L_KEY", "SIZE_KEY"],
                  prune_configs_by={"early_config_prune": _fwd_prune})
 @triton.heuristics({"BLOCK_N": lambda a: _fwd_tile(a)[0], "BLOCK_T": lambda a: _fwd_tile(a)[1],
-                    "RPT": lambda a: _fwd_tile(a)[2]})
+                    "ROWS_PER_TILE": lambda a: _fwd_tile(a)[2]})
 @triton.jit
 def _scale_fwd_kernel(x_ptr, v_ptr, rows_ptr, out_ptr, n, R, L,
-                      sx_r, sx_t, sx_f, so_r, so_t, so_f, sv_b, sv_f,
+                      x_stride_row, x_stride_token, x_stride_feat,
+                      out_stride_row, out_stride_token, out_stride_feat, v_stride_row, v_stride_feat,
                       L_KEY, SIZE_KEY,  # autotune key only
                       PACKED: tl.constexpr, F64: tl.constexpr, N_CAP: tl.constexpr, TILE: tl.constexpr,
-                      RPT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+                      ROWS_PER_TILE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
     """out[r, t, f] = x[r, t, f] · v[row, f]; row = r (padded) or token_rows[t] (packed, R = 1)."""
     ACC: tl.constexpr = tl.float64 if F64 else tl.float32
     pid = tl.program_id(0)
     tiles = (L + BLOCK_T - 1) // BLOCK_T
-    grp = pid // tiles  # the only division: once per program
-    r = grp * RPT + tl.arange(0, RPT)
-    t = (pid - grp * tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_group = pid // tiles  # the only division: once per program
+    r = row_group * ROWS_PER_TILE + tl.arange(0, ROWS_PER_TILE)
+    t = (pid - row_group * tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
     f = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     r_ok = (r < R)[:, None, None]
     f_ok = (f < n)[None, None, :]
@@ -111,14 +90,16 @@ def _scale_fwd_kernel(x_ptr, v_ptr, rows_ptr, out_ptr, n, R, L,
     t64 = t.to(tl.int64)[None, :, None]
     fo = f[None, None, :]
     if PACKED:  # R = 1: no row term, so the row stride cannot spoil the alignment proof
-        x_off = t64 * sx_t + fo * sx_f
-        o_off = t64 * so_t + fo * so_f
+        x_off = t64 * x_stride_token + fo * x_stride_feat
+        o_off = t64 * out_stride_token + fo * out_stride_feat
         row = tl.load(rows_ptr + t, mask=t < L, other=0).to(tl.int64)[None, :, None]  # once per token
-        vv = tl.load(v_ptr + row * sv_b + fo * sv_f, mask=mask, eviction_policy="evict_last").to(ACC)
+        vv = tl.load(v_ptr + row * v_stride_row + fo * v_stride_feat, mask=mask,
+                     eviction_policy="evict_last").to(ACC)
     else:
-        x_off = r64 * sx_r + t64 * sx_t + fo * sx_f
-        o_off = r64 * so_r + t64 * so_t + fo * so_f
-        vv = tl.load(v_ptr + r64 * sv_b + fo * sv_f, mask=r_ok & f_ok, eviction_policy="evict_last").to(ACC)
+        x_off = r64 * x_stride_row + t64 * x_stride_token + fo * x_stride_feat
+        o_off = r64 * out_stride_row + t64 * out_stride_token + fo * out_stride_feat
+        vv = tl.load(v_ptr + r64 * v_stride_row + fo * v_stride_feat, mask=r_ok & f_ok,
+                     eviction_policy="evict_last").to(ACC)
     xv = tl.load(x_ptr + x_off, mask=mask, eviction_policy="evict_first").to(ACC)
     tl.store(out_ptr + o_off, (xv * vv).to(out_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")
 
@@ -126,67 +107,54 @@ def _scale_fwd_kernel(x_ptr, v_ptr, rows_ptr, out_ptr, n, R, L,
 # ------------------------------------------------------------------ backward
 @triton.jit
 def _scale_bwd_padded_kernel(g_ptr, x_ptr, v_ptr, gx_ptr, gv_ptr, part_ptr, n, R, L, chunk, n_chunks,
-                             sg_r, sg_t, sg_f, sx_r, sx_t, sx_f, so_r, so_t, so_f, sv_b, sv_f,
-                             sgv_b, sgv_f,
+                             grad_stride_row, grad_stride_token, grad_stride_feat,
+                             x_stride_row, x_stride_token, x_stride_feat,
+                             out_stride_row, out_stride_token, out_stride_feat, v_stride_row, v_stride_feat,
+                             gv_stride_row, gv_stride_feat,
                              DIRECT: tl.constexpr, F64: tl.constexpr,
-                             RPT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+                             ROWS_PER_TILE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (row group, chunk c, feature block): grad_x of tokens [c·chunk, (c+1)·chunk) of
-    RPT rows, and their Σ grad ⊙ x into gv (DIRECT: one chunk per row) or part[r, c] (fp32)."""
+    ROWS_PER_TILE rows, and their Σ grad ⊙ x into gv (DIRECT: one chunk per row) or part[r, c]
+    (fp32)."""
     ACC: tl.constexpr = tl.float64 if F64 else tl.float32
     pid = tl.program_id(0)
-    grp = pid // n_chunks
-    c = pid - grp * n_chunks
-    r = grp * RPT + tl.arange(0, RPT)
+    row_group = pid // n_chunks
+    c = pid - row_group * n_chunks
+    r = row_group * ROWS_PER_TILE + tl.arange(0, ROWS_PER_TILE)
     f = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     r_ok = (r < R)[:, None, None]
     f_ok = (f < n)[None, None, :]
     r64 = r.to(tl.int64)[:, None, None]
     fo = f[None, None, :]
-    vv = tl.load(v_ptr + r64 * sv_b + fo * sv_f, mask=r_ok & f_ok).to(ACC)
-    g_base = g_ptr + r64 * sg_r + fo * sg_f
-    x_base = x_ptr + r64 * sx_r + fo * sx_f
-    o_base = gx_ptr + r64 * so_r + fo * so_f
-    acc = tl.zeros([RPT, BLOCK_T, BLOCK_N], dtype=ACC)
+    vv = tl.load(v_ptr + r64 * v_stride_row + fo * v_stride_feat, mask=r_ok & f_ok).to(ACC)
+    g_base = g_ptr + r64 * grad_stride_row + fo * grad_stride_feat
+    x_base = x_ptr + r64 * x_stride_row + fo * x_stride_feat
+    o_base = gx_ptr + r64 * out_stride_row + fo * out_stride_feat
+    acc = tl.zeros([ROWS_PER_TILE, BLOCK_T, BLOCK_N], dtype=ACC)
     t_end = tl.minimum(c * chunk + chunk, L)
     for t0 in range(c * chunk, t_end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         mask = r_ok & (t < t_end)[None, :, None] & f_ok
         t64 = t.to(tl.int64)[None, :, None]
-        g = tl.load(g_base + t64 * sg_t, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
-        xv = tl.load(x_base + t64 * sx_t, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
-        tl.store(o_base + t64 * so_t, (g * vv).to(gx_ptr.dtype.element_ty), mask=mask,
+        g = tl.load(g_base + t64 * grad_stride_token, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
+        xv = tl.load(x_base + t64 * x_stride_token, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
+        tl.store(o_base + t64 * out_stride_token, (g * vv).to(gx_ptr.dtype.element_ty), mask=mask,
                  eviction_policy="evict_first")
         acc += g * xv  # masked lanes loaded 0: they add nothing
-    total = tl.sum(acc, axis=1)  # [RPT, BLOCK_N]: the tile never crosses a row
+    total = tl.sum(acc, axis=1)  # [ROWS_PER_TILE, BLOCK_N]: the tile never crosses a row
     r2 = r.to(tl.int64)[:, None]
     f2 = f[None, :]
     ok2 = (r < R)[:, None] & (f < n)[None, :]
     if DIRECT:
-        tl.store(gv_ptr + r2 * sgv_b + f2 * sgv_f, total.to(gv_ptr.dtype.element_ty), mask=ok2)
+        tl.store(gv_ptr + r2 * gv_stride_row + f2 * gv_stride_feat, total.to(gv_ptr.dtype.element_ty), mask=ok2)
     else:
         tl.store(part_ptr + (r2 * n_chunks + c) * n + f2, total, mask=ok2)
 
 
 @triton.jit
-def _sum_chunks_kernel(part_ptr, gv_ptr, n, n_chunks, sgv_b, sgv_f,
-                       BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
-    """gv[r, f] = Σ_c part[r, c, f] in a fixed order (deterministic), cast to gv's dtype. Loads
-    [BLOCK_C, BLOCK_N] tiles of chunks so that even one row's reduction has bytes in flight."""
-    r = tl.program_id(0).to(tl.int64)
-    f = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    f_ok = (f < n)[None, :]
-    acc = tl.zeros([BLOCK_C, BLOCK_N], dtype=part_ptr.dtype.element_ty)
-    for c0 in range(0, n_chunks, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        acc += tl.load(part_ptr + (r * n_chunks + c)[:, None] * n + f[None, :],
-                       mask=(c < n_chunks)[:, None] & f_ok, other=0.0)
-    total = tl.sum(acc, axis=0)
-    tl.store(gv_ptr + r * sgv_b + f * sgv_f, total.to(gv_ptr.dtype.element_ty), mask=f < n)
-
-
-@triton.jit
 def _scale_bwd_packed_kernel(g_ptr, x_ptr, v_ptr, rows_ptr, gx_ptr, gv_ptr, n, L, B,
-                             sg_t, sg_f, sx_t, sx_f, so_t, so_f, sv_b, sv_f,
+                             grad_stride_token, grad_stride_feat, x_stride_token, x_stride_feat,
+                             out_stride_token, out_stride_feat, v_stride_row, v_stride_feat,
                              F64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (token block, feature block): grad_x of its tokens, and atomic adds of Σ grad ⊙ x
     per distinct row of the block into gv [B, n] (contiguous, fp32/fp64, zeroed)."""
@@ -199,12 +167,14 @@ def _scale_bwd_packed_kernel(g_ptr, x_ptr, v_ptr, rows_ptr, gx_ptr, gv_ptr, n, L
     t64 = t.to(tl.int64)[:, None]
     fo = f[None, :]
     row = tl.load(rows_ptr + t, mask=t_ok, other=0).to(tl.int64)
-    g = tl.load(g_ptr + t64 * sg_t + fo * sg_f, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
-    xv = tl.load(x_ptr + t64 * sx_t + fo * sx_f, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
-    vv = tl.load(v_ptr + row[:, None] * sv_b + fo * sv_f, mask=mask, other=0.0,
+    g = tl.load(g_ptr + t64 * grad_stride_token + fo * grad_stride_feat, mask=mask, other=0.0,
+                eviction_policy="evict_first").to(ACC)
+    xv = tl.load(x_ptr + t64 * x_stride_token + fo * x_stride_feat, mask=mask, other=0.0,
+                 eviction_policy="evict_first").to(ACC)
+    vv = tl.load(v_ptr + row[:, None] * v_stride_row + fo * v_stride_feat, mask=mask, other=0.0,
                  eviction_policy="evict_last").to(ACC)
-    tl.store(gx_ptr + t64 * so_t + fo * so_f, (g * vv).to(gx_ptr.dtype.element_ty), mask=mask,
-             eviction_policy="evict_first")
+    tl.store(gx_ptr + t64 * out_stride_token + fo * out_stride_feat, (g * vv).to(gx_ptr.dtype.element_ty),
+             mask=mask, eviction_policy="evict_first")
     prod = g * xv  # masked lanes are 0
     # Fold the tile per distinct row before touching memory (smallest pending row first).
     pending = t_ok
@@ -217,18 +187,6 @@ def _scale_bwd_packed_kernel(g_ptr, x_ptr, v_ptr, rows_ptr, gx_ptr, gv_ptr, n, L
 
 
 # ------------------------------------------------------------------ host side
-def _blocks(t: Tensor, rows: int) -> Tensor | None:
-    """t as a [rows, L, n] view (no copy), or None when its middle dims cannot merge."""
-    try:
-        return t.view(rows, -1, t.shape[-1])
-    except RuntimeError:
-        return None
-
-
-def _strides(t3: Tensor) -> tuple[int, int, int]:
-    return t3.stride(0), t3.stride(1), t3.stride(2)
-
-
 def _bwd_config() -> tuple[int, int, int]:
     """(N_CAP, TILE, num_warps) of the backward kernels: fixed, never autotuned, so results do
     not depend on which config a tuner happened to pick."""
@@ -241,20 +199,20 @@ def scale(x: Tensor, v: Tensor, token_rows: Tensor | None = None) -> Tensor:
     if out.numel() == 0:
         return out
     packed = token_rows is not None
-    x3, o3 = _blocks(x, 1 if packed else x.shape[0]), _blocks(out, 1 if packed else x.shape[0])
+    x3, o3 = view_rows(x, 1 if packed else x.shape[0]), view_rows(out, 1 if packed else x.shape[0])
     if x3 is None or o3 is None:  # middle dims that do not merge: one copy, then the common path
         return out.copy_(scale(x.contiguous(), v, token_rows))
     R, L, n = x3.shape
     rows = token_rows.contiguous() if packed else x3  # x3: placeholder, never read
 
     def grid(m):
-        return triton.cdiv(R, m["RPT"]) * triton.cdiv(L, m["BLOCK_T"]), triton.cdiv(n, m["BLOCK_N"])
+        return triton.cdiv(R, m["ROWS_PER_TILE"]) * triton.cdiv(L, m["BLOCK_T"]), triton.cdiv(n, m["BLOCK_N"])
 
     size = R * L * n  # retune per 2x of size above _SMALL, not per shape; never below it
     size_key = 0 if size < _SMALL else min(size.bit_length() - _SMALL.bit_length() + 1, 10)
     with launch_guard(x.device):
-        _scale_fwd_kernel[grid](x3, v, rows, o3, n, R, L, *_strides(x3), *_strides(o3), v.stride(0), v.stride(1),
-                                min(_np2(L), _MAX_T), size_key, PACKED=packed, F64=x.dtype == torch.float64)
+        _scale_fwd_kernel[grid](x3, v, rows, o3, n, R, L, *x3.stride(), *o3.stride(), v.stride(0), v.stride(1),
+                                min(next_pow2(L), _MAX_T), size_key, PACKED=packed, F64=x.dtype == torch.float64)
     return out
 
 
@@ -267,7 +225,7 @@ def scale_backward(grad: Tensor, x: Tensor, v: Tensor,
         return grad_x, grad_v.zero_()
     packed = token_rows is not None
     rows = 1 if packed else x.shape[0]
-    g3, x3, o3 = _blocks(grad, rows), _blocks(x, rows), _blocks(grad_x, rows)
+    g3, x3, o3 = view_rows(grad, rows), view_rows(x, rows), view_rows(grad_x, rows)
     if g3 is None or x3 is None or o3 is None:
         gx, gv = scale_backward(grad.contiguous(), x.contiguous(), v, token_rows)
         return grad_x.copy_(gx), gv
@@ -275,7 +233,7 @@ def scale_backward(grad: Tensor, x: Tensor, v: Tensor,
     f64 = x.dtype == torch.float64
     acc = torch.float64 if f64 else torch.float32
     n_cap, tile, warps = _bwd_config()
-    bn, bt, rpt = _tile(n_cap, tile, n, R, L, packed)
+    bn, bt, rows_per_tile = _tile(n_cap, tile, n, R, L, packed)
     f_blocks = triton.cdiv(n, bn)
     if packed:
         bt = min(bt, 32)  # the per-row fold loop is O(distinct rows · tile): keep tiles short
@@ -289,7 +247,7 @@ def scale_backward(grad: Tensor, x: Tensor, v: Tensor,
 
     # Cut long rows into chunks so that the programs fill the device: many waves of them, so the
     # last, partial wave costs little; at most _MAX_CHUNKS so the partials stay a few % of traffic.
-    groups = triton.cdiv(R, rpt)
+    groups = triton.cdiv(R, rows_per_tile)
     target, min_chunk = (4, 8) if interpreting() else (16 * num_sms(x.device), 64)
     n_chunks = max(1, min(triton.cdiv(target, groups * f_blocks), triton.cdiv(L, max(min_chunk, bt)),
                           _MAX_CHUNKS))
@@ -299,11 +257,11 @@ def scale_backward(grad: Tensor, x: Tensor, v: Tensor,
     part = grad_v if direct else torch.empty(R, n_chunks, n, dtype=acc, device=x.device)
     with launch_guard(x.device):
         _scale_bwd_padded_kernel[(groups * n_chunks, f_blocks)](
-            g3, x3, v, o3, grad_v, part, n, R, L, chunk, n_chunks, *_strides(g3), *_strides(x3), *_strides(o3),
+            g3, x3, v, o3, grad_v, part, n, R, L, chunk, n_chunks, *g3.stride(), *x3.stride(), *o3.stride(),
             v.stride(0), v.stride(1), grad_v.stride(0), grad_v.stride(1),
-            DIRECT=direct, F64=f64, RPT=rpt, BLOCK_T=bt, BLOCK_N=bn, num_warps=warps)
+            DIRECT=direct, F64=f64, ROWS_PER_TILE=rows_per_tile, BLOCK_T=bt, BLOCK_N=bn, num_warps=warps)
         if not direct:
-            sn = min(_np2(n), 128)
-            _sum_chunks_kernel[(R, triton.cdiv(n, sn))](part, grad_v, n, n_chunks, grad_v.stride(0),
+            sn = min(next_pow2(n), 128)
+            sum_chunks_kernel[(R, triton.cdiv(n, sn))](part, grad_v, n, n_chunks, grad_v.stride(0),
                                                         grad_v.stride(1), BLOCK_C=16, BLOCK_N=sn, num_warps=4)
     return grad_x, grad_v

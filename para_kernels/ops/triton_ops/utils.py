@@ -1,5 +1,5 @@
-"""Host-side helpers every Triton launcher shares: the launch guard, the SM count, and
-autotuned kernels that are safe to call inside a CUDA-graph capture.
+"""Host-side helpers every Triton launcher shares: the launch guard, the SM count, tile-size
+and dtype helpers, and autotuned kernels that are safe to call inside a CUDA-graph capture.
 
 - ``launch_guard(device)``: every launch runs inside it. On CUDA it makes the tensors' device
   current (Triton launches on the current device and its current stream, so tensors on
@@ -8,7 +8,7 @@ autotuned kernels that are safe to call inside a CUDA-graph capture.
   (``aot.py``) compares with every launch's tensors: a launcher that forgets the guard fails
   ``make test`` on a machine with no GPU.
 - ``num_sms(device)``: the multiprocessor count that sizes grids, cached per device; the
-  ahead-of-time check replaces it with the target GPU's count.
+  ahead-of-time check replaces it with the target GPU's count, the interpreter gets 4.
 - ``CaptureSafeAutotuner``: wraps a ``triton.autotune`` kernel. Triton's autotuner times every
   surviving config (and synchronises) the first time it sees a key; inside a CUDA-graph
   capture that breaks the capture. The wrapper remembers the config chosen for each key; an
@@ -20,9 +20,48 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import os
 
 import torch
 import triton
+import triton.language as tl
+
+def interpreting() -> bool:
+    """Whether the kernels run under Triton's interpreter (TRITON_INTERPRET=1, on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def next_pow2(n: int, lo: int = 1, hi: int | None = None) -> int:
+    """The smallest power of two >= n (and >= lo), capped at hi: a block size covering n."""
+    v = max(lo, triton.next_power_of_2(max(int(n), 1)))
+    return v if hi is None else min(v, hi)
+
+
+def acc_dtypes(dtype: torch.dtype):
+    """(Triton, torch) accumulation dtype of inputs of ``dtype``: fp64 for fp64, else fp32."""
+    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for operands upcast from ``dtype``: tf32 for 16-bit inputs (their
+    values are exact in tf32), IEEE for fp32 / fp64 (TF32 would round them)."""
+    return "tf32" if dtype in (torch.float16, torch.bfloat16) else "ieee"
+
+
+def empty_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised output or scratch buffer, for launchers whose kernels write every
+    element they own (their tests replace it with a NaN fill to prove it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def view_rows(t: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """t [rows, ..., n] as a [rows, L, n] view (no copy, any strides), or None when its middle
+    dims cannot merge (the launcher then copies once)."""
+    try:
+        return t.view(rows, -1, t.shape[-1])
+    except RuntimeError:
+        return None
+
 
 _GUARDED = contextvars.ContextVar("para_triton_launch_device", default=None)
 
@@ -58,6 +97,8 @@ def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (a CUDA device; the index defaults to the current one)."""
     if TARGET_SMS is not None:
         return TARGET_SMS
+    if interpreting():  # no SMs there: a small count keeps the split paths small but reachable
+        return 4
     return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 

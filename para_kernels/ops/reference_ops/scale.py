@@ -7,20 +7,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .common import acc_dtype
-
-
-def _rows(v: Tensor, x: Tensor, token_rows: Tensor | None) -> Tensor:
-    """v laid out to broadcast against x."""
-    if token_rows is not None:
-        return v[token_rows.long()]
-    return v.reshape(v.shape[0], *([1] * (x.dim() - 2)), v.shape[1])
+from .common import acc_dtype, broadcast_rows
 
 
 def scale(x: Tensor, v: Tensor, token_rows: Tensor | None = None) -> Tensor:
     # One product rounded once: PyTorch already computes a 16-bit multiply in fp32, so no
     # explicit upcast (this runs per projection per decode token).
-    return x * _rows(v, x, token_rows)
+    return x * broadcast_rows(v, x, token_rows)
 
 
 def scale_backward(grad: Tensor, x: Tensor, v: Tensor,
@@ -28,7 +21,7 @@ def scale_backward(grad: Tensor, x: Tensor, v: Tensor,
     """-> (grad_x = grad ⊙ v[row], grad_v[b] = Σ over b's tokens of grad ⊙ x)."""
     acc = acc_dtype(x.dtype)
     g = grad.to(acc)
-    grad_x = (g * _rows(v, x, token_rows).to(acc)).to(x.dtype)
+    grad_x = (g * broadcast_rows(v, x, token_rows).to(acc)).to(x.dtype)
     gx = g * x.to(acc)
     if token_rows is not None:
         grad_v = gx.new_zeros(v.shape).index_add_(0, token_rows.long(), gx)

@@ -1,19 +1,9 @@
-"""The CUDA C++ kernels (csrc/, built by setup.py into ``para_kernels._C``) as the ``cuda`` backend.
+"""The ``cuda`` backend: the CUDA C++ kernels of csrc/, built by setup.py into ``para_kernels._C``.
 
-The kernels are ``torch.ops.para_cuda.*`` ops with the ``para::`` schemas; they live in a
-namespace of their own so that a call still goes through ``para::``'s argument checks and the
-dispatcher's choice (see csrc/library.cpp). Ops the extension has no CUDA kernel for (the
-fused ones, or any not built yet) fall through to Triton.
-
-Before ``_C`` is imported, the versions it was built for (``_build_info.json``, written by
-setup.py) are checked against the running torch: an extension built for another torch or
-CUDA can fail to load or, worse, load and misbehave. Then it is not loaded, and the backend
-is unavailable with a reason saying what it was built for, what runs, and how to rebuild.
-
-Warnings, once each and never on a machine that only uses the CPU: forced with
-``set_backend("cuda")`` where it cannot run, the dispatcher warns with the reason; unforced,
-the first CUDA tensor warns that the kernels are missing, stale, or not built for this GPU
-and that Triton / PyTorch run instead.
+The kernels are ``torch.ops.para_cuda.*`` ops with the ``para::`` schemas; this module loads
+``_C`` only when its ``_build_info.json`` matches the running torch, and registers the ops it
+has CUDA kernels for (the others fall through to Triton). Why a namespace of its own, the
+version check and the fallback warnings: docs/kernels.md, "CUDA C++ backend".
 """
 from __future__ import annotations
 
@@ -25,12 +15,16 @@ import warnings
 
 import torch
 
-from . import dispatch
+from .. import dispatch
 
 PACKAGE = "para_kernels"
 EXTENSION = f"{PACKAGE}._C"
-BUILD_INFO_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_build_info.json")
-OPS = ("pool", "pool_backward", "generate", "generate_backward", "scale", "scale_backward")  # csrc/library.cpp
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BUILD_INFO_PATH = os.path.join(PACKAGE_DIR, "_build_info.json")
+# The ops csrc/library.cpp defines (C++ cannot read this list; tests/test_ops_registry.py checks
+# they agree). Only for what to offer while _C is not loaded; once loaded, the backend offers the
+# ops _C has CUDA kernels for, asked of the extension itself (kernel_ops).
+OPS = ("pool", "pool_backward", "generate", "generate_backward", "scale", "scale_backward")
 # a wheel's user has no source tree: point at the matching wheel first (README, "Wheels")
 HOW_TO_BUILD = ("install the para_kernels wheel built for this torch and CUDA, or rebuild from source: "
                 "pip install --no-build-isolation . with a CUDA build of torch and nvcc")
@@ -98,8 +92,8 @@ def _has_cuda_kernel(op: str) -> bool:
 
 
 def kernel_ops() -> list[str]:
-    """The ops _C has CUDA kernels for."""
-    return [op for op in OPS if loaded and _has_cuda_kernel(op)]
+    """The ops _C has CUDA kernels for, as the loaded extension registered them."""
+    return [op for op in dispatch.OPS if loaded and _has_cuda_kernel(op)]
 
 
 def arch_runs_on(archs: str, capability: tuple[int, int]) -> bool:
