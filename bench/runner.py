@@ -150,7 +150,7 @@ def _serve_one(args, cfg, device, result, first: bool, phases, progress, log, de
         if path is not None:
             result["profile_file"] = path
         phases["profile"] = time.perf_counter() - t0
-    del setup
+    setup = None  # the models go before the next config is built
     gc.collect()
     return failed
 

@@ -6,8 +6,14 @@ C++ behind one dispatch point); :mod:`para_kernels.transformers` the model wrapp
 from ._version import __version__
 from .config import PARAConfig
 from .ops import available_backends, get_backend, set_backend
-from .transformers import (AdapterFileError, AutoPARAModelForCausalLM, MappingError, PARAModel, UnloadedError,
-                           get_para_model)
+from .transformers import (
+    AdapterFileError,
+    AutoPARAModelForCausalLM,
+    MappingError,
+    PARAModel,
+    UnloadedError,
+    get_para_model,
+)
 
 __all__ = [
     "__version__", "PARAConfig", "PARAModel", "get_para_model", "set_backend", "get_backend",

@@ -123,7 +123,8 @@ def main():
     parser.add_argument("--pooler", default="last", choices=("last", "mean", "max", "attn"))
     parser.add_argument("--prompts", type=int, default=8, help="held-out prompts served per adapter")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--save-dir", default=None, help="where the adapters go (default: a temporary folder, removed at exit)")
+    parser.add_argument("--save-dir", default=None,
+                        help="where the adapters go (default: a temporary folder, removed at exit)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

@@ -122,7 +122,8 @@ def cases(op: str, dtype, big: bool):
     q = QUICK
     if op == "pool":
         for mode in ("last", "mean", "max", "attn"):
-            for label, B, T, d in (("odd", 5, 7, 37), ("B1 T1", 1, 1, 3)) + (() if q else (("llama7b", 32, 128, 4096),)):
+            shapes = (("odd", 5, 7, 37), ("B1 T1", 1, 1, 3)) + (() if q else (("llama7b", 32, 128, 4096),))
+            for label, B, T, d in shapes:
                 h = randn(B, T, d, dtype=dtype, seed=B + d)
                 s, e = prompt_ranges(B, T, seed=d)
                 w = randn(d, dtype=dtype, seed=3, scale=d ** -0.5) if mode == "attn" else None
@@ -177,7 +178,8 @@ def cases(op: str, dtype, big: bool):
                                                     randn(64, 4096, dtype=dtype, seed=21), None)
     elif op == "scaled_glu":
         for act in ("silu", "gelu", "gelu_tanh"):
-            for label, B, L, n in (("odd", 5, 3, 37), ("decode llama7b", 32, 1, 11008), ("prefill llama7b", 4, 512, 11008)):
+            for label, B, L, n in (("odd", 5, 3, 37), ("decode llama7b", 32, 1, 11008),
+                                   ("prefill llama7b", 4, 512, 11008)):
                 if q and n > 1000:
                     continue
                 gu = randn(B, L, 2 * n, dtype=dtype, seed=22)
@@ -399,7 +401,8 @@ def part_graphs(a):
                 ref = getattr(reference_ops, op)(*f64(args))
                 err = rel_err(out, ref)
                 good = err <= BAR[torch.bfloat16]
-                emit(part="graphs", op=op, backend=a.backend, case="cold capture" if cold else "warm-up on another stream",
+                emit(part="graphs", op=op, backend=a.backend,
+                     case="cold capture" if cold else "warm-up on another stream",
                      ok=good, errors={"replay": err})
             except Exception as e:
                 good = False
@@ -435,7 +438,8 @@ def part_report(a):
             rows += [json.loads(line) for line in f if line.strip()]
     with open(os.path.join(a.dir, "validation.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    lines = ["| part | op | backend | dtype | case | ok | worst error (bar) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| part | op | backend | dtype | case | ok | worst error (bar) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         errs = r.get("errors") or {}
         worst = max(errs.values(), default=None) if errs else None

@@ -32,7 +32,8 @@ def markdown(result, files: dict) -> str:
              f"| CPU | {env['cpu_model']} ({env['cpu_count']} cores visible, torch threads {env['torch_threads']}) |",
              f"| load average before / after | {env.get('loadavg_before')} / {env.get('loadavg_after')} |",
              f"| torch / transformers / peft | {env['torch']} / {env['transformers']} / {env['peft']} |",
-             f"| para_kernels | {env['para_kernels']}, commit {git['commit']}{' (uncommitted changes)' if git['dirty'] else ''} |",
+             f"| para_kernels | {env['para_kernels']}, commit {git['commit']}"
+             f"{' (uncommitted changes)' if git['dirty'] else ''} |",
              f"| python / platform | {env['python']} / {env['platform']} |", ""]
     if phases_line(result):
         lines += [phases_line(result), ""]
@@ -109,7 +110,8 @@ def markdown(result, files: dict) -> str:
                       "\"compile s\" is that first call (inductor's on-disk cache may shorten it on a second run), "
                       "excluded from the timings. \"graphs\" counts the graphs dynamo compiled (more than one: graph "
                       "breaks, e.g. at data-dependent sizes). The public op's eager time (the `reference` row) and the "
-                      "same function run eagerly are the baselines; \"eager fn / compiled\" > 1 means compiling helped. "
+                      "same function run eagerly are the baselines; "
+                      "\"eager fn / compiled\" > 1 means compiling helped. "
                       "A compile that failed shows its error.", "",
                       md_table(COMPILE_HEADER, compile_rows(ops)), ""]
     return "\n".join(lines) + "\n"

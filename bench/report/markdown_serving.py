@@ -157,14 +157,17 @@ def serving_markdown(serving, files: dict, suffix: str = "") -> list[str]:
              "alternated runs per method.", "",
              f"Methods (each holds adapters for {pool} tenants; the headline's rows use {cfg['tenants']} of them): "
              "PARA — r = 12, q/v/up, random W_up ~ N(0, "
-             f"{cfg['para_w_up_std']}²), b_up ~ N(0, {cfg['para_b_up_std']}²), `PARAModel.generate(adapter_names=...)`; "
+             f"{cfg['para_w_up_std']}²), b_up ~ N(0, {cfg['para_b_up_std']}²), "
+             "`PARAModel.generate(adapter_names=...)`; "
              f"PEFT LoRA — r = {cfg['lora_r']}, alpha = {cfg['lora_alpha']}, q_proj + v_proj, one adapter per tenant "
-             f"and rank via `add_adapter`, lora_B ~ N(0, {cfg['lora_b_std']}²), `generate(adapter_names=...)`; BGMV-style "
+             f"and rank via `add_adapter`, lora_B ~ N(0, {cfg['lora_b_std']}²), `generate(adapter_names=...)`; "
+             "BGMV-style "
              "LoRA — the same weights, per-row gathered A[ids] [B,d,r] and B[ids] [B,r,n] with `bmm`/`baddbmm` "
              f"in forward hooks on q_proj and v_proj (bench/lora.py); (IA)³ — per-tenant vectors 1 + N(0, "
              f"{cfg['ia3_std']}²) on the outputs of k_proj, v_proj and up_proj, gathered per row once per batch, "
-             "applied in forward hooks." + (" Every method's copy of the model shares the random weights "
-                                             "(one backbone in device memory)." if serving.get("random_weights") else ""),
+             "applied in forward hooks."
+             + (" Every method's copy of the model shares the random weights (one backbone in device memory)."
+                if serving.get("random_weights") else ""),
              ""]
     lines += failed_part_way
     if _backend_text(serving):
@@ -184,7 +187,8 @@ def serving_markdown(serving, files: dict, suffix: str = "") -> list[str]:
                              for k, v in serving["checks"].items() if isinstance(v, dict) and "ok" in v]), ""]
         vs = serving["checks"].get("para_vector_stats")
         if vs:
-            lines += [f"PARA vectors in the check's prefill: |v − 1| mean {num(vs['abs_mean']):.4f}, std {num(vs['std']):.4f}, "
+            lines += [f"PARA vectors in the check's prefill: |v − 1| mean {num(vs['abs_mean']):.4f}, "
+                      f"std {num(vs['std']):.4f}, "
                       f"range [{vs['min']:.3f}, {vs['max']:.3f}].", ""]
     if serving.get("graph"):
         lines += graph_markdown(serving)

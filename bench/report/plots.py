@@ -203,9 +203,11 @@ def _plot_sweep(plt, result, path: str, serving=None) -> bool:
                     pts.append((int(k), r))
             if pts:
                 ax.errorbar([p[0] for p in pts], [p[1]["median"] for p in pts],
-                            yerr=[[p[1]["median"] - p[1]["q1"] for p in pts], [p[1]["q3"] - p[1]["median"] for p in pts]],
+                            yerr=[[p[1]["median"] - p[1]["q1"] for p in pts],
+                                  [p[1]["q3"] - p[1]["median"] for p in pts]],
                             color=f"C{j}", ls=style, marker="o", ms=3, capsize=2,
-                            label=f"{sw.get('labels', {}).get(m, m)} ({'eager lockstep' if kind == 'eager' else 'CUDA graph'})")
+                            label=f"{sw.get('labels', {}).get(m, m)} "
+                                  f"({'eager lockstep' if kind == 'eager' else 'CUDA graph'})")
     ax.axhline(1.0, color="black", lw=0.8)
     ax.axhline(1.03, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log", base=2)

@@ -14,9 +14,11 @@ def headline_rows(serving) -> list[list[str]]:
              fmt_tokens_per_s(dec["bare"]), fmt_ms(pre["bare"]["time"]["median"]) if pre else "", "1" if pre else ""]]
     for m in measured_methods(serving):
         rows.append([labels.get(m, m), fmt_ms(dec[m]["time"]["median"]), fmt_ratio(dec[m]["ratio"]),
-                     f"{num(dec[m]['ratio_mean_interval']['median']):.3f}", f"{num(dec[m]['ratio_total_time']['median']):.3f}",
+                     f"{num(dec[m]['ratio_mean_interval']['median']):.3f}",
+                     f"{num(dec[m]['ratio_total_time']['median']):.3f}",
                      fmt_ratio(inter[m]["ratio"]) if m in inter else "", fmt_tokens_per_s(dec[m]),
-                     fmt_ms(pre[m]["time"]["median"]) if m in pre else "", fmt_ratio(pre[m]["ratio"]) if m in pre else ""])
+                     fmt_ms(pre[m]["time"]["median"]) if m in pre else "",
+                     fmt_ratio(pre[m]["ratio"]) if m in pre else ""])
     return rows
 
 
@@ -154,10 +156,12 @@ def compile_rows(ops, batch=None) -> list[list[str]]:
         head = [c["dtype"], c["model"], c["op"], c["variant"], c["B"], c["T"],
                 fmt_us(op_t["median"]) if op_t else ""]
         if c.get("error"):
-            rows.append(head + ["", "", "", "", "", "", "failed: " + c["error"].replace("|", "/").replace("\n", " ")[:200]])
+            error = c["error"].replace("|", "/").replace("\n", " ")[:200]
+            rows.append(head + ["", "", "", "", "", "", "failed: " + error])
             continue
         fe, ct = c["eager_function_time"], c["compiled_time"]
-        rows.append(head + [f"{fmt_us(fe['median'])} [{fmt_us(fe['iqr'])}]", f"{fmt_us(ct['median'])} [{fmt_us(ct['iqr'])}]",
+        rows.append(head + [f"{fmt_us(fe['median'])} [{fmt_us(fe['iqr'])}]",
+                            f"{fmt_us(ct['median'])} [{fmt_us(ct['iqr'])}]",
                             f"{fe['median'] / ct['median']:.2f}", f"{c['compile_s']:.2f}", c["graphs"],
                             f"{c['max_abs_diff']:.2g}", ""])
     return rows

@@ -74,7 +74,7 @@ def calls_per_decode_step(s, top: int = 12) -> list[dict]:
         prof.disable()
     stats = pstats.Stats(prof)
     rows = []
-    for (filename, line, func), (cc, nc, tt, ct, _) in stats.stats.items():
+    for (filename, line, func), (_, nc, tt, ct, _) in stats.stats.items():
         if "para_kernels" in filename:
             short = filename.split("para_kernels", 1)[1].lstrip("/\\")
             rows.append({"function": f"{short}:{line}({func})", "calls": nc, "tottime_s": tt, "cumtime_s": ct})
@@ -121,11 +121,10 @@ def measure(s, decode_delta_s: float | None = None) -> dict:
             pm, bm = para_layers[0].get_submodule(path), bare_layers[0].get_submodule(path)
             how = ("forward override" if "forward" in pm.__dict__ else "") + \
                   (" + hooks" if _hooks(pm) else "")
-            delta, t_para, t_bare = _paired(lambda: pm(x), lambda: bm(x), device)
+            delta, t_para, t_bare = _paired(lambda pm=pm: pm(x), lambda bm=bm: bm(x), device)
             # A/A control: a plain copy of the bare module, timed the same way
             ctrl = copy.deepcopy(bm)
-            aa, _, _ = _paired(lambda: ctrl(x), lambda: bm(x), device)
-            del ctrl
+            aa, _, _ = _paired(lambda ctrl=ctrl: ctrl(x), lambda bm=bm: bm(x), device)
             pieces[f"{path}: PARA - bare"] = {
                 "per_call_s": delta, "calls": n_layers, "aa_control_s": aa,
                 "what": f"extra time of layer 0's {path} under PARA ({how.strip(' +') or 'unchanged'}); "
@@ -174,15 +173,15 @@ def measure(s, decode_delta_s: float | None = None) -> dict:
         # multiply by the module's slot), the checked public op (training / compile paths), and
         # a bare multiply on the same tensors
         inplace_s, scale_s, mul_s = 0.0, 0.0, 0.0
-        for name, n in (("q", s.bare.config.num_attention_heads * s.bare.config.head_dim),
+        for _target, n in (("q", s.bare.config.num_attention_heads * s.bare.config.head_dim),
                         ("v", s.bare.config.num_key_value_heads * s.bare.config.head_dim),
                         ("up", s.bare.config.intermediate_size)):
             y = torch.randn(B, 1, n, generator=g).to(device=device, dtype=dtype)
             v = (1.0 + 0.1 * torch.randn(B, n, generator=g)).to(device=device, dtype=dtype)
             vv = v[:, None, :]
-            inplace_s += _t(lambda: consumers.scale_in_place(y, v, vv), device)
-            scale_s += _t(lambda: ops.scale(y, v), device)
-            mul_s += _t(lambda: y * vv, device)
+            inplace_s += _t(lambda y=y, v=v, vv=vv: consumers.scale_in_place(y, v, vv), device)
+            scale_s += _t(lambda y=y, v=v: ops.scale(y, v), device)
+            mul_s += _t(lambda y=y, vv=vv: y * vv, device)
         pieces["  of which: in-place rescale, q+v+up"] = {
             "per_call_s": inplace_s, "calls": n_layers, "nested": True,
             "what": "consumers.scale_in_place(x, s, s[:, None]) on q, v and up sized tensors: what eager "

@@ -80,7 +80,8 @@ def run_checks(s: Setup, log=print, results: dict | None = None) -> dict:
         same = bool(torch.equal(para_tok[none_rows], bare_tok[none_rows]))
         if exact:
             record("para_none_rows_equal_bare_tokens", 0.0 if same else 1.0, "== 0", same,
-                   f"greedy tokens ({cfg.check_tokens} new, through the KV cache) of the None rows differ (1) or not (0)")
+                   f"greedy tokens ({cfg.check_tokens} new, through the KV cache) of the None rows "
+                   "differ (1) or not (0)")
         else:
             frac = float((para_tok[none_rows] != bare_tok[none_rows]).float().mean())
             record("para_none_rows_bare_tokens_differ", frac, "recorded", True,

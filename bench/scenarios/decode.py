@@ -114,7 +114,8 @@ def run_timing(s: Setup, progress_factory, log=print, deadline=NO_DEADLINE, out:
         skipped.append("decode steps interleaved")
     elif missing:
         quiet = Quiet(cfg.max_other_cpu, cfg.max_wait_s / 4)
-        with progress_factory(total=len(missing), desc=f"decode, steps interleaved ({cfg.interleaved_steps} each)") as bar:
+        desc = f"decode, steps interleaved ({cfg.interleaved_steps} each)"
+        with progress_factory(total=len(missing), desc=desc) as bar:
             for m in missing:
                 r = lockstep_quiet(s, [m], cfg.interleaved_steps, None, quiet, bar)
                 interleaved[m] = {**step_summary(r["times"], m, r["others_cpu"], cfg.interleaved_steps),

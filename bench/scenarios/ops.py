@@ -66,7 +66,8 @@ def copy_rate(device: torch.device, mib: int) -> dict:
                     flush=L2Flusher(device) if device.type == "cuda" else None)
     s = summary(times)
     return {"bytes": 2 * src.numel() * 4, "time": s, "bytes_per_s": 2 * src.numel() * 4 / s["median"],
-            "what": f"Tensor.copy_ of a {mib} MiB fp32 buffer ({'device to device' if device.type == 'cuda' else 'host memory'}), read + write"}
+            "what": f"Tensor.copy_ of a {mib} MiB fp32 buffer "
+                    f"({'device to device' if device.type == 'cuda' else 'host memory'}), read + write"}
 
 
 def matmul_rate(device: torch.device, n: int, dtype: torch.dtype) -> dict:

@@ -26,7 +26,8 @@ from .checks import POOL_MODES
 from .dispatch import available_backends, backend_for, get_backend, set_backend
 
 __all__ = [
-    "pool", "generate", "scale", "pool_generate", "scaled_glu", "scaled_linear", "set_backend", "get_backend", "backend_for", "available_backends",
+    "pool", "generate", "scale", "pool_generate", "scaled_glu", "scaled_linear",
+    "set_backend", "get_backend", "backend_for", "available_backends",
     "POOL_MODES", "ACTIVATIONS", "RATIONAL_GELU_INIT", "RATIONAL_NUM_PARAMS",
 ]
 

@@ -17,12 +17,11 @@ import os
 import pytest
 import torch
 
-from para_kernels import ops as para_ops
-from para_kernels.ops import reference_ops
-
 from bench import smollm2
 from bench.scenarios.ops_cases import MODELS
 from bench.scenarios.serving_setup import ServingConfig, Setup
+from para_kernels import ops as para_ops
+from para_kernels.ops import reference_ops
 
 LARGE = os.environ.get("PARA_BENCH_LARGE") == "1"  # the benchmark sizes (conftest.py: the timing budget)
 

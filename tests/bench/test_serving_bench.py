@@ -21,15 +21,14 @@ import pytest
 import torch
 import torch.utils._python_dispatch
 
-from para_kernels import ops as para_ops
-from para_kernels.transformers.state import ACTIVE, CALL
-
 from bench import report, smollm2
 from bench.cli import configs, parse
 from bench.harness.deadline import Deadline
 from bench.runner import main
 from bench.scenarios import attribution, graphs, methods, models, ops, serving
 from bench.scenarios.lora_baselines import BGMVLoRA
+from para_kernels import ops as para_ops
+from para_kernels.transformers.state import ACTIVE, CALL
 
 CPU = torch.device("cpu")
 TINY = dict(model="llama-tiny", batch=4, tenants=2, prompt_len=12, new_tokens=3, rounds=1, prefill_rounds=1,

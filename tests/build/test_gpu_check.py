@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kit import ROOT  # noqa: E402 (the repository)
+
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the device runs the script itself")
 
 

@@ -17,6 +17,7 @@ import torch
 
 pytest.importorskip("triton")
 from kit import ROOT  # noqa: E402 (the repository)
+
 ARCHS = (80, 90)
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU compiles (and runs) the kernels itself")
 

@@ -22,6 +22,7 @@ import torch
 
 pytestmark = pytest.mark.wheel
 from kit import ROOT  # noqa: E402 (the repository)
+
 SOURCES = ["setup.py", "pyproject.toml", "MANIFEST.in", "LICENSE", "para_kernels/py.typed",
            "csrc/*", "para_kernels/**/*.py"]
 OTHER_TORCH = "2.0.0+cu118"

@@ -17,7 +17,8 @@ X, V = torch.randn(2, 5, 6), torch.randn(2, 6)
 CASES = [
     ("pool: hidden 1-D", lambda: ops.pool(torch.randn(4), S, E), ValueError, "hidden must be"),
     ("pool: int hidden", lambda: ops.pool(H.long(), S, E), TypeError, "hidden must be float"),
-    ("pool: start count", lambda: ops.pool(H, torch.tensor([0]), E), ValueError, "prompt_start must have shape [B] = [2]"),
+    ("pool: start count", lambda: ops.pool(H, torch.tensor([0]), E), ValueError,
+     "prompt_start must have shape [B] = [2]"),
     ("pool: end 2-D", lambda: ops.pool(H, S, E[None]), ValueError, "prompt_end"),
     ("pool: float ranges", lambda: ops.pool(H, S.float(), E), TypeError, "prompt_start must be int32 or int64"),
     ("pool: end past T", lambda: ops.pool(H, S, torch.tensor([6, 3])), ValueError, "T = 5"),

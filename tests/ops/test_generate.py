@@ -12,13 +12,27 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kit import DEVICE, DTYPES, TOL, adapter_bank, adapter_ids, bank_weights, cuda_kernels_built, f64, grads, \
-    oracles, poison_cuda_allocator, rel_err, triton_runs
-from kit.checks import GENERATE_ARGS as NAMES, check_generate, run_generate
-
 # para_kernels internals
 from para_kernels import ops
 from para_kernels.ops.activations import ACTIVATIONS, RATIONAL_GELU_INIT, activation_backward, activation_forward
+
+from kit import (
+    DEVICE,
+    DTYPES,
+    TOL,
+    adapter_bank,
+    adapter_ids,
+    bank_weights,
+    cuda_kernels_built,
+    f64,
+    grads,
+    oracles,
+    poison_cuda_allocator,
+    rel_err,
+    triton_runs,
+)
+from kit.checks import GENERATE_ARGS as NAMES
+from kit.checks import check_generate, run_generate
 
 ref_generate = importlib.import_module("para_kernels.ops.reference_ops.generate")
 tri = importlib.import_module("para_kernels.ops.triton_ops.generate") if triton_runs() else None  # Triton kernels

@@ -12,12 +12,27 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kit import DEVICE, DTYPES, TOL, cuda_kernels_built, f64, grads, misaligned, names_argument, oracles, packed, \
-    poison_cuda_allocator, randn, ranges, rel_err, triton_runs
-from kit.checks import check_pool
-
 # para_kernels internals
 from para_kernels import ops
+
+from kit import (
+    DEVICE,
+    DTYPES,
+    TOL,
+    cuda_kernels_built,
+    f64,
+    grads,
+    misaligned,
+    names_argument,
+    oracles,
+    packed,
+    poison_cuda_allocator,
+    randn,
+    ranges,
+    rel_err,
+    triton_runs,
+)
+from kit.checks import check_pool
 
 ref_pool = importlib.import_module("para_kernels.ops.reference_ops.pool")  # the package re-exports a function `pool`
 

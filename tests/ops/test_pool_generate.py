@@ -14,13 +14,25 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kit import DEVICE, DTYPES, TOL, adapter_bank, adapter_ids, bank_weights, f64, grads, oracles, ranges, rel_err, \
-    triton_runs
-from kit.checks import check_pool_generate
-
 # para_kernels internals
 from para_kernels import ops
 from para_kernels.ops.activations import ACTIVATIONS
+
+from kit import (
+    DEVICE,
+    DTYPES,
+    TOL,
+    adapter_bank,
+    adapter_ids,
+    bank_weights,
+    f64,
+    grads,
+    oracles,
+    ranges,
+    rel_err,
+    triton_runs,
+)
+from kit.checks import check_pool_generate
 
 tri = importlib.import_module("para_kernels.ops.triton_ops.pool_generate") if triton_runs() else None  # the kernel
 
@@ -78,7 +90,8 @@ def test_pool_generate_gradcheck_and_opcheck(mode):
     ids = torch.tensor([1, -1, 0])
     fn = lambda h, w, *b: ops.pool_generate(h, start, end, mode, w, *b, ids, "tanh")
     assert torch.autograd.gradcheck(fn, (hidden, w, *bank_))
-    torch.library.opcheck(torch.ops.para.pool_generate.default, (hidden, start, end, mode, w, *bank_, ids, "tanh", None))
+    torch.library.opcheck(torch.ops.para.pool_generate.default,
+                          (hidden, start, end, mode, w, *bank_, ids, "tanh", None))
 
 
 # ------------------------------------------------------------------ Triton kernel

@@ -6,8 +6,9 @@ import re
 
 import pytest
 
-from kit import ROOT
 from para_kernels.ops import cuda_ops, dispatch
+
+from kit import ROOT
 
 LIBRARY_CPP = os.path.join(ROOT, "csrc", "library.cpp")
 

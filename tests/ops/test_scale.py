@@ -12,14 +12,27 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kit import DEVICE, DTYPES, TOL, f64, grads, oracles, randn, rel_err, triton_runs, cuda_kernels_built, misaligned, \
-    names_argument, poison_cuda_allocator
-from kit.checks import check_scale
-
 # para_kernels internals
 import para_kernels
 from para_kernels import ops
 from para_kernels.ops import dispatch, reference_ops
+
+from kit import (
+    DEVICE,
+    DTYPES,
+    TOL,
+    cuda_kernels_built,
+    f64,
+    grads,
+    misaligned,
+    names_argument,
+    oracles,
+    poison_cuda_allocator,
+    randn,
+    rel_err,
+    triton_runs,
+)
+from kit.checks import check_scale
 
 K = importlib.import_module("para_kernels.ops.triton_ops.scale") if triton_runs() else None  # the Triton kernels
 
@@ -53,8 +66,8 @@ def test_scale_backward_matches_oracle(device_backend, dtype):
     rows = torch.tensor([0, 2, 2, 1, 0], device=device)
     xp = torch.randn(5, 17, generator=gen).to(device, dtype)
     for args, extra in (((x, v), None), ((xp, v), rows)):
-        ours = grads(lambda x, v: ops.scale(x, v, extra), list(args))
-        ref = grads(lambda x, v: oracles.scale(x, v, None if extra is None else extra.cpu()),
+        ours = grads(lambda x, v, extra=extra: ops.scale(x, v, extra), list(args))
+        ref = grads(lambda x, v, extra=extra: oracles.scale(x, v, None if extra is None else extra.cpu()),
                     [t.cpu().double() for t in args])
         for a, b in zip(ours, ref):
             assert rel_err(a.cpu(), b) <= TOL[dtype] * 2

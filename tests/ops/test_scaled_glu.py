@@ -10,12 +10,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kit import DTYPES, TOL, PoisonedTorch, f64, grads, oracles, randn64, rel_err, triton_runs
-from kit.checks import check_scaled_glu
-
 # para_kernels internals
 import para_kernels
 from para_kernels import ops
+
+from kit import DTYPES, TOL, PoisonedTorch, f64, grads, oracles, randn64, rel_err, triton_runs
+from kit.checks import check_scaled_glu
 
 TRITON_DEVICES = [d for d in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if triton_runs(d)]
 tf = importlib.import_module("para_kernels.ops.triton_ops.scaled_glu") if TRITON_DEVICES else None  # the Triton kernels
@@ -157,7 +157,8 @@ def test_triton_gradcheck_and_opcheck(triton_device):
     leaf = lambda *shape: randn64(gen, *shape).to(triton_device).requires_grad_()  # noqa: E731
     gate, up, v = leaf(2, 2, 3), leaf(2, 2, 3), leaf(2, 3)
     for act in GLU:
-        assert torch.autograd.gradcheck(lambda g, u, s: P.scaled_glu(g, u, s, act), (gate, up, v), fast_mode=True)
+        assert torch.autograd.gradcheck(lambda g, u, s, act=act: P.scaled_glu(g, u, s, act), (gate, up, v),
+                                        fast_mode=True)
     torch.library.opcheck(P.scaled_glu.default, (gate, up, v, "gelu"))
 
 
@@ -178,7 +179,7 @@ def test_triton_property(case):
     para_kernels.set_backend("triton")
     try:
         for device in TRITON_DEVICES:
-            to = lambda t: t.to(device, dtype)  # noqa: E731
+            to = lambda t, device=device: t.to(device, dtype)  # noqa: E731
             gate, up, grad = (to(randn64(gen, B, T, n)) for _ in range(3))
             v = to(1 + 0.2 * randn64(gen, B, n))
             _check_glu(gate, up, v, act, grad, dtype)

@@ -11,15 +11,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kit import DTYPES, PoisonedTorch, f64, grads, oracles, randn64, rel_err, TOL, triton_runs
-from kit.checks import check_scaled_linear
-
 # para_kernels internals
 import para_kernels
 from para_kernels import ops
 
+from kit import DTYPES, TOL, PoisonedTorch, f64, grads, oracles, randn64, rel_err, triton_runs
+from kit.checks import check_scaled_linear
+
 TRITON_DEVICES = [d for d in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if triton_runs(d)]
-tf = importlib.import_module("para_kernels.ops.triton_ops.scaled_linear") if TRITON_DEVICES else None  # the Triton kernels
+# the Triton kernels
+tf = importlib.import_module("para_kernels.ops.triton_ops.scaled_linear") if TRITON_DEVICES else None
 
 P = torch.ops.para
 
@@ -208,7 +209,7 @@ def test_triton_property(case):
     para_kernels.set_backend("triton")
     try:
         for device in TRITON_DEVICES:
-            to = lambda t: t.to(device, dtype)  # noqa: E731
+            to = lambda t, device=device: t.to(device, dtype)  # noqa: E731
             grad = to(randn64(gen, B, T, n))
             v = to(1 + 0.2 * randn64(gen, B, n))
             x = to(randn64(gen, B, T, k))

@@ -12,12 +12,13 @@ import pathlib
 import re
 
 import pytest
-from kit import ROOT
-from kit.models import tiny_llama
 
 import para_kernels
 import para_kernels.transformers
 from para_kernels import PARAConfig, get_para_model
+
+from kit import ROOT
+from kit.models import tiny_llama
 
 DOC = pathlib.Path(ROOT) / "docs" / "api.md"
 ROOTS = (para_kernels, para_kernels.transformers, builtins)

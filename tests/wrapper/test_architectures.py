@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from para_kernels import MappingError, PARAConfig, get_para_model
+
 from kit import rel_err
 from kit.models import ARCHITECTURES, PAD, batch_inputs, tiny_model
 

@@ -6,6 +6,7 @@ import torch
 import para_kernels
 from para_kernels import PARAConfig, get_para_model
 from para_kernels.transformers import consumers
+
 from kit.models import randomize_adapter, tiny_llama, tiny_model
 
 # the single_thread fixture: tests/wrapper/conftest.py

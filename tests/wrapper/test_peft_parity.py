@@ -362,7 +362,7 @@ def test_unloaded_wrapper_refuses_every_call():
         with pytest.raises(UnloadedError, match="unloaded"):
             call()
     with pytest.raises(AttributeError, match="unloaded"):
-        pm.config  # no fall-through to the backbone
+        _ = pm.config  # no fall-through to the backbone
     assert not any(hasattr(m, "para_generator") for m in base.modules())
     assert base.state_dict().keys() == state.keys()
     get_para_model(base, PARAConfig(r=2))  # the backbone itself can be wrapped again

@@ -14,7 +14,7 @@ from kit.models import randomize_adapter, tiny_llama
 # the single_thread fixture: tests/wrapper/conftest.py
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-I = -100  # ignored label
+X = -100  # an ignored label (-100)
 
 
 def ranges(mask=None, labels=None, prompt_lengths=None, shape=None):
@@ -43,29 +43,29 @@ def test_from_prompt_lengths_left_padding_counts_from_first_attended_token():
 
 
 def test_prompt_lengths_take_precedence_over_labels():
-    labels = [[I, I, I, 5, I, I], [I, 7, 8, 9, 9, 9]]
+    labels = [[X, X, X, 5, X, X], [X, 7, 8, 9, 9, 9]]
     assert ranges(RIGHT, labels=labels, prompt_lengths=[1, 4]) == ([0, 0], [1, 4])
 
 
 def test_from_labels_right_padding():
-    labels = [[I, I, 5, 6, I, I], [I, I, I, I, I, 9]]
+    labels = [[X, X, 5, 6, X, X], [X, X, X, X, X, 9]]
     assert ranges(RIGHT, labels=labels) == ([0, 0], [2, 5])
 
 
 def test_from_labels_left_padding_only_attended_tokens_count():
     # the padding's labels are not -100 here: they must not count, being unattended
-    labels = [[0, 0, I, I, 7, 8], [I, I, I, 4, I, 5]]
+    labels = [[0, 0, X, X, 7, 8], [X, X, X, 4, X, 5]]
     assert ranges(LEFT, labels=labels) == ([2, 0], [4, 3])
 
 
 def test_from_labels_with_no_supervised_token_is_the_whole_attended_row():
-    labels = [[I] * 6, [I] * 6]
+    labels = [[X] * 6, [X] * 6]
     assert ranges(RIGHT, labels=labels) == ([0, 0], [4, 6])
     assert ranges(LEFT, labels=labels) == ([2, 0], [6, 6])
 
 
 def test_from_labels_supervised_padding_after_the_row_is_ignored():
-    labels = [[I, I, I, I, 3, 3], [I, I, 5, 5, 5, 5]]  # row 0: labels on right padding
+    labels = [[X, X, X, X, 3, 3], [X, X, 5, 5, 5, 5]]  # row 0: labels on right padding
     assert ranges(RIGHT, labels=labels) == ([0, 0], [4, 2])
 
 
@@ -94,8 +94,8 @@ def test_bad_prompt_lengths_raise(mask, lengths, match):
 
 
 @pytest.mark.parametrize("mask,labels", [
-    (RIGHT, [[I, I, 5, 6, I, I], [4, I, I, I, I, 9]]),
-    (LEFT, [[I, I, 5, 6, 7, 8], [I, I, I, I, I, 9]]),  # row 0's first attended token is supervised
+    (RIGHT, [[X, X, 5, 6, X, X], [4, X, X, X, X, 9]]),
+    (LEFT, [[X, X, 5, 6, 7, 8], [X, X, X, X, X, 9]]),  # row 0's first attended token is supervised
 ])
 def test_labels_without_ignored_prefix_raise(mask, labels):
     bad = 1 if mask is RIGHT else 0
@@ -105,7 +105,7 @@ def test_labels_without_ignored_prefix_raise(mask, labels):
 
 def test_labels_of_the_wrong_shape_raise():
     with pytest.raises(ValueError, match="labels must be"):
-        ranges(RIGHT, labels=[[I, I, 5], [I, I, 5]])
+        ranges(RIGHT, labels=[[X, X, 5], [X, X, 5]])
 
 
 @pytest.mark.parametrize("mask,match", [
@@ -174,9 +174,9 @@ def _two_batches(padding: str):
             slice(lengths[b], LENGTH - 2)
         y[b, response] = (x[b, response] + 17) % 125 + 3
     labels = x.clone()
-    labels[mask == 0] = I
+    labels[mask == 0] = X
     for b in range(2):
-        labels[b, : first[b] + lengths[b]] = I
+        labels[b, : first[b] + lengths[b]] = X
     return x, y, mask, lengths, first, labels
 
 
@@ -193,7 +193,7 @@ def test_response_tokens_do_not_leak_into_the_vectors(monkeypatch, pooler, paddi
     with torch.no_grad():
         for ids in (x, y):
             kwargs = {"prompt_lengths": lengths} if source == "prompt_lengths" else \
-                {"labels": torch.where(labels == I, labels, ids)}
+                {"labels": torch.where(labels == X, labels, ids)}
             outs.append(pm(input_ids=ids, attention_mask=mask, **kwargs).logits)
         # sanity: pooling the whole input does see the response
         whole = [pm(input_ids=ids, attention_mask=mask).logits for ids in (x, y)]

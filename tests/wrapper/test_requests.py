@@ -331,8 +331,8 @@ def test_data_collator_with_flattening_gives_each_example_its_prompt():
     assert batch["input_ids"].shape == (1, sum(n for n, _ in shapes)) and "attention_mask" not in batch
     packed = _layer0_scales(pm, lambda: pm(**batch, adapter_names=["b"]))
     for e, f in enumerate(features):
-        alone = _layer0_scales(pm, lambda: pm(input_ids=torch.tensor([f["input_ids"]]),
-                                              labels=torch.tensor([f["labels"]]), adapter_names=["b"]))
+        alone = _layer0_scales(pm, lambda f=f: pm(input_ids=torch.tensor([f["input_ids"]]),
+                                                  labels=torch.tensor([f["labels"]]), adapter_names=["b"]))
         for k, s in alone.items():
             assert rel_err(packed[k][e], s[0]) < 1e-12, (e, k)
 

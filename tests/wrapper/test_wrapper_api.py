@@ -180,7 +180,7 @@ def test_getattr_proxies_to_the_wrapped_model():
     assert pm.generation_config is model.generation_config
     assert pm.get_input_embeddings() is model.get_input_embeddings()
     with pytest.raises(AttributeError):
-        pm.this_attribute_does_not_exist
+        _ = pm.this_attribute_does_not_exist
 
 
 def test_wrapping_twice_is_refused():

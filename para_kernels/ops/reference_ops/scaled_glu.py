@@ -12,6 +12,7 @@ from torch import Tensor
 from ..activations import activation_backward
 from .common import acc_dtype, broadcast_rows
 
+
 def glu_activation(gate: Tensor, activation: str) -> Tensor:
     if activation == "silu":
         return F.silu(gate)

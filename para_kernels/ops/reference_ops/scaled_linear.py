@@ -8,6 +8,7 @@ from torch import Tensor
 
 from .common import acc_dtype, broadcast_rows
 
+
 def scaled_linear(x: Tensor, weight: Tensor, bias: Tensor | None, v: Tensor) -> Tensor:
     """x [B, ..., k], weight [n, k], bias [n], v [B, n] -> (x Wᵀ + b) ⊙ v[b], in x's dtype."""
     acc = acc_dtype(x.dtype)

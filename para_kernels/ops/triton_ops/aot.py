@@ -21,7 +21,8 @@ package's own lists. A kernel variant is its constexprs (tile sizes, autotune co
 and num_stages included) and its arguments' dtypes. By default a variant is compiled when it
 brings a pair of those values that no compiled variant of that kernel had (every value, and
 every two-way combination: each autotune config with each dtype, each activation with each
-tile size, ...), which takes a few minutes; ``--full`` compiles every distinct variant. Each variant reports registers and spills (ptxas -v) and shared memory
+tile size, ...), which takes a few minutes; ``--full`` compiles every distinct variant. Each
+variant reports registers and spills (ptxas -v) and shared memory
 against the target's limit; a failed compile is recorded with its kernel and constexprs and the
 run goes on. Each launch is also checked to run inside ``utils.launch_guard`` for its tensors'
 device (Triton launches on the current device).
@@ -352,7 +353,8 @@ def markdown(reports: list[Report]) -> str:
                          f"{len(r.failures())} failures)" for r in reports)
              + ". Registers and spills (the stack frame per thread) from the cubin; shared memory as "
                "Triton allocates it at launch. These are compiler numbers; nothing here ran on a GPU.", "",
-             "| kernel | target | variants | max registers | max spill (bytes / thread) | max shared (bytes) | failed |",
+             "| kernel | target | variants | max registers | max spill (bytes / thread) | max shared (bytes) "
+             "| failed |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     spills = []
     for rep in reports:
@@ -360,12 +362,13 @@ def markdown(reports: list[Report]) -> str:
         for k in kernels:
             vs = [v for v in rep.variants if v.kernel == k]
             ok = [v for v in vs if not v.error]
-            mx = lambda attr: max((getattr(v, attr) or 0 for v in ok), default=0)  # noqa: E731
+            mx = lambda attr, ok=ok: max((getattr(v, attr) or 0 for v in ok), default=0)  # noqa: E731
             lines.append(f"| `{k}` | sm_{rep.arch} | {len(vs)} | {mx('registers')} | {mx('spill_bytes')} | "
                          f"{mx('shared')} | {len(vs) - len(ok)} |")
             spills += [(rep.arch, v) for v in ok if (v.spill_bytes or 0) > 0]
     if spills:
-        lines += ["", "Variants that spill:", "", "| kernel | target | constexprs | registers | spill (bytes / thread) |",
+        lines += ["", "Variants that spill:", "",
+                  "| kernel | target | constexprs | registers | spill (bytes / thread) |",
                   "| --- | --- | --- | --- | --- |"]
         for arch, v in sorted(spills, key=lambda s: -(s[1].spill_bytes or 0)):
             lines.append(f"| `{v.kernel}` | sm_{arch} | `{v.constexprs}` | {v.registers} | {v.spill_bytes} |")

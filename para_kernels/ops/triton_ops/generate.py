@@ -19,8 +19,7 @@ from torch import Tensor
 
 from ..activations import ACTIVATIONS, RATIONAL_NUM_PARAMS
 from .kernel_utils import ACTIVATION_IDS, RATIONAL, activation_grad, apply_activation, sign
-from .utils import (acc_dtypes, capture_safe, dot_precision, empty_buffer, interpreting, launch_guard, next_pow2,
-                    num_sms)
+from .utils import acc_dtypes, capture_safe, dot_precision, empty_buffer, interpreting, launch_guard, next_pow2, num_sms
 
 NO_ADAPTER: tl.constexpr = tl.constexpr(2**31 - 1)  # "no adapter left" sentinel of the adapter loops
 ACT_PARAMS_PAD: tl.constexpr = tl.constexpr(16)  # the 10 rational coefficients, padded to a power of 2

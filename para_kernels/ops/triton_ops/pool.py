@@ -97,7 +97,7 @@ def attn_pool_row(row, s, e, w_row, acc_row, d, stride_t, stride_d, stride_wd,
         tl.store(acc_row + d0 + ar_d, tl.zeros([BLOCK_D], ACC), mask=d0 + ar_d < d)
     tl.debug_barrier()  # the zeros are read back below, maybe by other threads
     m = tl.full([], float("-inf"), ACC)
-    l = tl.zeros([], ACC)
+    denom = tl.zeros([], ACC)
     for t0 in range(s, e, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_mask = offs_t < e
@@ -114,7 +114,7 @@ def attn_pool_row(row, s, e, w_row, acc_row, d, stride_t, stride_d, stride_wd,
         m_new = tl.maximum(m, tl.max(score, 0))
         rescale = tl.exp(m - m_new)
         p = tl.exp(score - m_new)  # 0 on masked tokens
-        l = l * rescale + tl.sum(p, 0)
+        denom = denom * rescale + tl.sum(p, 0)
         for d0 in range(0, d, BLOCK_D):
             offs_d = d0 + ar_d
             d_mask = offs_d < d
@@ -125,7 +125,7 @@ def attn_pool_row(row, s, e, w_row, acc_row, d, stride_t, stride_d, stride_wd,
         # the next tile re-reads acc_row, possibly in another thread's registers
         tl.debug_barrier()
         m = m_new
-    return 1.0 / l
+    return 1.0 / denom
 
 
 @capture_safe
@@ -139,14 +139,14 @@ def _attn_fwd_kernel(h_ptr, start_ptr, end_ptr, w_ptr, out_ptr, acc_ptr, d,
     s = tl.load(start_ptr + b).to(tl.int64)
     e = tl.load(end_ptr + b).to(tl.int64)
     acc_row = acc_ptr + b * d
-    inv_l = attn_pool_row(h_ptr + b * stride_b, s, e, w_ptr + b * stride_wb, acc_row, d,
+    inv_denom = attn_pool_row(h_ptr + b * stride_b, s, e, w_ptr + b * stride_wb, acc_row, d,
                            stride_t, stride_d, stride_wd, ACC, BLOCK_T, BLOCK_D)
     ar_d = tl.arange(0, BLOCK_D)
     for d0 in range(0, d, BLOCK_D):
         offs_d = d0 + ar_d
         d_mask = offs_d < d
         a = tl.load(acc_row + offs_d, mask=d_mask, other=0.0)
-        tl.store(out_ptr + b * d + offs_d, a * inv_l, mask=d_mask)
+        tl.store(out_ptr + b * d + offs_d, a * inv_denom, mask=d_mask)
 
 
 # ------------------------------------------------------------------ backward
@@ -251,9 +251,9 @@ def _attn_bwd_kernel(g_ptr, h_ptr, start_ptr, end_ptr, w_ptr, gh_ptr, dw_ptr, d,
     out_row = gh_ptr + b * stride_ob
     dw_row = dw_ptr + b * d
     ar_d = tl.arange(0, BLOCK_D)
-    # pass 1: m = max s, l = sum exp(s - m), c = sum exp(s - m) gx, all online
+    # pass 1: m = max s, denom = sum exp(s - m), c = sum exp(s - m) gx, all online
     m = tl.full([], float("-inf"), ACC)
-    l = tl.zeros([], ACC)
+    denom = tl.zeros([], ACC)
     c = tl.zeros([], ACC)
     for t0 in range(s, e, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
@@ -263,11 +263,11 @@ def _attn_bwd_kernel(g_ptr, h_ptr, start_ptr, end_ptr, w_ptr, gh_ptr, dw_ptr, d,
         m_new = tl.maximum(m, tl.max(score, 0))
         rescale = tl.exp(m - m_new)
         p = tl.exp(score - m_new)
-        l = l * rescale + tl.sum(p, 0)
+        denom = denom * rescale + tl.sum(p, 0)
         c = c * rescale + tl.sum(p * gx, 0)
         m = m_new
-    inv_l = 1.0 / l
-    c = c * inv_l  # sum_u a_u g.X_u
+    inv_denom = 1.0 / denom
+    c = c * inv_denom  # sum_u a_u g.X_u
     for d0 in range(0, d, BLOCK_D):
         tl.store(dw_row + d0 + ar_d, tl.zeros([BLOCK_D], ACC), mask=d0 + ar_d < d)
     tl.debug_barrier()
@@ -278,7 +278,7 @@ def _attn_bwd_kernel(g_ptr, h_ptr, start_ptr, end_ptr, w_ptr, gh_ptr, dw_ptr, d,
         t_off = offs_t[:, None] * stride_t
         score, gx = _scores_tile(row, w_row, g_row, t_off, t_mask, d,
                                  stride_d, stride_wd, stride_gd, ACC, BLOCK_T, BLOCK_D)
-        alpha = tl.exp(score - m) * inv_l  # 0 on masked tokens
+        alpha = tl.exp(score - m) * inv_denom  # 0 on masked tokens
         ds = alpha * (gx - c)
         for d0 in range(0, d, BLOCK_D):
             offs_d = d0 + ar_d

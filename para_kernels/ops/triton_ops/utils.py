@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+
 def interpreting() -> bool:
     """Whether the kernels run under Triton's interpreter (TRITON_INTERPRET=1, on CPU tensors)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
