@@ -25,7 +25,7 @@ $(STAMP): $(BIN)/python setup.py pyproject.toml $(wildcard csrc/*)
 
 install: $(STAMP)
 
-# A wheel for this torch and CUDA in dist/ (README, "Wheels"): tests/test_wheel.py installs it
+# A wheel for this torch and CUDA in dist/ (README, "Wheels"): tests/build/test_wheel.py installs it
 # into a fresh venv. Rebuilt only when the sources change (a CUDA compile takes minutes).
 WHEEL_STAMP := dist/.wheel-built
 $(WHEEL_STAMP): $(STAMP) setup.py pyproject.toml MANIFEST.in LICENSE scripts/build_wheels.sh \

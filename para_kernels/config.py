@@ -1,4 +1,4 @@
-"""PARAConfig: what one PARA adapter is (PARA_SPEC §1), stored as JSON beside its weights.
+"""PARAConfig: what one PARA adapter is (docs/spec.md §1), stored as JSON beside its weights.
 
 The fields PEFT's own configs carry (``base_model_name_or_path``, ``revision``, ``task_type``,
 ``inference_mode``) are here too, so ``adapter_config.json`` reads like a PEFT adapter's

@@ -10,7 +10,7 @@ script can run each in its own process under a hard time limit:
     python scripts/gpu_validate.py report DIR                    DIR/*.jsonl -> DIR/validation.md + .json
 
 Every check compares with the PyTorch reference (para_kernels.ops.reference_ops) run in fp64 on
-fp64 copies of the inputs, by ||out - ref|| / ||ref|| against PARA_SPEC's bars (fp32 1e-5,
+fp64 copies of the inputs, by ||out - ref|| / ||ref|| against docs/spec.md's bars (fp32 1e-5,
 fp16 5e-3, bf16 2e-2; backward twice that: it sums rounded products), NaN never passing. The
 caching allocator's free memory is filled with NaN before each call (an element a kernel
 never writes shows up). Each result is appended to the .jsonl file as soon as it is known, so

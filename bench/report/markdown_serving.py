@@ -33,7 +33,7 @@ def graph_markdown(serving) -> list[str]:
             f"{g['rounds']} rounds of one replay per method (the order rotating each round), the cache position "
             "reset before each replay outside the timed window. The ratio is the median of the per-round ratios "
             "to the bare replay of the same round. Each graph's logits were checked against the same step run "
-            "eagerly before timing (bench/graphs.py).", "",
+            "eagerly before timing (bench/scenarios/graphs.py).", "",
             md_table(GRAPH_HEADER, graph_rows(serving)), ""]
 
 
@@ -163,7 +163,8 @@ def serving_markdown(serving, files: dict, suffix: str = "") -> list[str]:
              f"and rank via `add_adapter`, lora_B ~ N(0, {cfg['lora_b_std']}²), `generate(adapter_names=...)`; "
              "BGMV-style "
              "LoRA — the same weights, per-row gathered A[ids] [B,d,r] and B[ids] [B,r,n] with `bmm`/`baddbmm` "
-             f"in forward hooks on q_proj and v_proj (bench/lora.py); (IA)³ — per-tenant vectors 1 + N(0, "
+             "in forward hooks on q_proj and v_proj (bench/scenarios/lora_baselines.py); "
+             "(IA)³ — per-tenant vectors 1 + N(0, "
              f"{cfg['ia3_std']}²) on the outputs of k_proj, v_proj and up_proj, gathered per row once per batch, "
              "applied in forward hooks."
              + (" Every method's copy of the model shares the random weights (one backbone in device memory)."

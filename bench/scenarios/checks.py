@@ -1,4 +1,4 @@
-"""The one correctness checker of the serving comparison (PARA_SPEC §4 bars).
+"""The one correctness checker of the serving comparison (docs/spec.md §4 bars).
 
 ``run_checks(setup)`` compares outputs of every method the Setup holds: PARA's rows routed to no
 adapter equal the bare model, its adapter rows differ; each forced backend equals the default
@@ -31,7 +31,7 @@ def run_checks(s: Setup, log=print, results: dict | None = None) -> dict:
     the dict to fill (returned), check by check."""
     cfg = s.cfg
     results = {} if results is None else results
-    tol = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 2e-2}[cfg.dtype]  # PARA_SPEC §4 bars
+    tol = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 2e-2}[cfg.dtype]  # docs/spec.md §4 bars
 
     def record(name, value, bar, ok, what):
         results[name] = {"value": value, "bar": bar, "ok": bool(ok), "what": what}

@@ -1,4 +1,4 @@
-"""Decode steps under CUDA-graph replay (PARA_SPEC §5: "for decode-sized work, also under
+"""Decode steps under CUDA-graph replay (docs/spec.md §5: "for decode-sized work, also under
 CUDA-graph replay"). Eager decoding of a Hugging Face model is bound by the host launching
 kernels; a graph replays the same kernels with no Python in between, so what remains is what
 each method costs the device.

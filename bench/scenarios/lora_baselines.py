@@ -1,5 +1,5 @@
 """Multi-tenant baselines for the decode comparison, as forward hooks on an unmodified
-Hugging Face model (PARA_SPEC §5):
+Hugging Face model (docs/spec.md §5):
 
 * :class:`BGMVLoRA` — unmerged LoRA served per row, as BGMV / punica kernels do: each row
   gathers its adapter's ``A[ids] [B, d, r]`` and ``B[ids] [B, r, n]`` and adds

@@ -1,4 +1,4 @@
-"""Op-level microbenchmarks of ``para::pool``, ``generate`` and ``scale`` (PARA_SPEC §5), and of
+"""Op-level microbenchmarks of ``para::pool``, ``generate`` and ``scale`` (docs/spec.md §5), and of
 the fused ops ``pool_generate``, ``scaled_glu`` and ``scaled_linear`` where the package has them.
 
 For every backend that runs on the device (``para_kernels.ops.available_backends``), forward

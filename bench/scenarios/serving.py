@@ -1,4 +1,4 @@
-"""The headline comparison (PARA_SPEC §5): multi-tenant greedy decoding of one backbone —
+"""The headline comparison (docs/spec.md §5): multi-tenant greedy decoding of one backbone —
 SmolLM2-135M with its real weights, or LLaMA shapes with random weights (models.py) — bare vs
 PARA vs PEFT LoRA vs BGMV-style LoRA vs (IA)3 (methods.py).
 

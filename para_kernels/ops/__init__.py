@@ -1,4 +1,4 @@
-"""The three PARA ops: pool -> generate -> scale (PARA_SPEC §3).
+"""The three PARA ops: pool -> generate -> scale (docs/spec.md §3).
 
 These functions are the public entry points; each calls the ``torch.ops.para.*`` custom op,
 which checks its arguments and runs the backend chosen by :mod:`.dispatch`. Shapes:

@@ -1,4 +1,4 @@
-"""Generator activations ``g`` (PARA_SPEC §1), forward and derivative, in plain PyTorch.
+"""Generator activations ``g`` (docs/spec.md §1), forward and derivative, in plain PyTorch.
 
 The derivative is written out, not taken by autograd, so that every backend's backward
 has the same closed form to match. All functions work on fp32/fp64 tensors; callers upcast.

@@ -1,5 +1,5 @@
 """Where PARA attaches in a Hugging Face decoder: the layer list, and in each layer the
-modules whose outputs hold Q, V and the FFN's up branch (PARA_SPEC §1).
+modules whose outputs hold Q, V and the FFN's up branch (docs/spec.md §1).
 
 Separate projections are found by name; fused ones (GPT-2's ``c_attn``, Phi-3's ``qkv_proj``
 and ``gate_up_proj``, GPT-NeoX's per-head interleaved ``query_key_value``) get a layout that

@@ -1,4 +1,4 @@
-"""Each row's prompt range [start, end) (PARA_SPEC §2): from prompt_lengths, else from the
+"""Each row's prompt range [start, end) (docs/spec.md §2): from prompt_lengths, else from the
 labels' ignored (-100) prefix, else the whole attended input. Padding may be on either side.
 
 Packed rows (several examples in one row, each starting again at position 0, as

@@ -1,6 +1,6 @@
 """The test kit: what more than one test module needs, in one place.
 
-- ``TOL``, ``DTYPES``, ``rel_err``: the spec's per-dtype relative-error bars (PARA_SPEC §4) and
+- ``TOL``, ``DTYPES``, ``rel_err``: the spec's per-dtype relative-error bars (docs/spec.md §4) and
   the one error measure every test uses;
 - ``ranges``, ``packed``, ``adapter_ids``, ``adapter_bank``, ``f64``, ``grads``: op inputs
   (prompt ranges, the packed layout, routing ids, the adapter bank) and autograd helpers;

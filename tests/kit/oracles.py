@@ -1,4 +1,4 @@
-"""Independent, row-by-row fp64 implementations of PARA_SPEC §1/§3, written from the spec
+"""Independent, row-by-row fp64 implementations of docs/spec.md §1/§3, written from the spec
 (not from the reference) so that the reference itself is checked."""
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""The generate op (PARA_SPEC §1: v = 1 + act(pooled W_down + b_down) W_up + b_up per row, with
+"""The generate op (docs/spec.md §1: v = 1 + act(pooled W_down + b_down) W_up + b_up per row, with
 the row's adapter; rows with adapter -1 get exactly 1): the fp64-oracle grid on every backend,
 backward, gradcheck / opcheck, the activations, then each backend's own kernels (Triton, CUDA C++)
 forward and backward against the reference in fp64: int32 ids, adapter sharing extremes, all rows

@@ -1,4 +1,4 @@
-"""The pool op (PARA_SPEC §1: last / mean / max / attn pooling of each row's prompt, padded
+"""The pool op (docs/spec.md §1: last / mean / max / attn pooling of each row's prompt, padded
 [B, T, d] or packed [total, d]): the fp64-oracle grid on every backend, backward, gradcheck /
 opcheck, a property test, then each backend's own kernels (Triton, CUDA C++) forward and backward
 against the reference in fp64: int32 ranges, strided inputs, packed ranges that overlap or touch,

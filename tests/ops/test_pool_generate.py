@@ -1,4 +1,4 @@
-"""The pool_generate op (pool -> generate in one op; PARA_SPEC §1): the fp64-oracle grid on every
+"""The pool_generate op (pool -> generate in one op; docs/spec.md §1): the fp64-oracle grid on every
 backend, backward, gradcheck / opcheck, then the Triton kernel (one launch for the whole op: pool ->
 down -> activation -> up) against the fp64 oracle on every pooler, padded and packed, mixed adapters
 with -1 rows, prompt length 1 and full; small forced tiles drive several row blocks, d-slices and

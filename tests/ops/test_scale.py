@@ -1,4 +1,4 @@
-"""The scale op (PARA_SPEC §1: x * v, padded [B, ..., n] or packed [total, n] with token_rows):
+"""The scale op (docs/spec.md §1: x * v, padded [B, ..., n] or packed [total, n] with token_rows):
 the fp64-oracle grid on every backend, gradcheck / opcheck, a property test, then each backend's
 own kernels (Triton, CUDA C++) forward and backward against the reference in fp64: index dtypes,
 layouts, decode shapes, poisoned outputs, the chunked backward, CUDA graphs, argument checks.

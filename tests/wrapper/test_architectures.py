@@ -2,7 +2,7 @@
 
 The expected outputs are built here, independently of para_kernels.transformers: the layouts
 of the fused projections come from each model's HF config, and the rescaling is done by this
-file's own hooks on an unwrapped copy of the backbone (PARA_SPEC §1-§2).
+file's own hooks on an unwrapped copy of the backbone (docs/spec.md §1-§2).
 """
 from __future__ import annotations
 

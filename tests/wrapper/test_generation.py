@@ -1,4 +1,4 @@
-"""Generation with PARA (PARA_SPEC §2): vectors from the prefill only, reused at every decode
+"""Generation with PARA (docs/spec.md §2): vectors from the prefill only, reused at every decode
 step; left padding, sampling and beam search with per-row adapters."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Each row's prompt range (PARA_SPEC §2) and what it means end to end: only the prompt is
+"""Each row's prompt range (docs/spec.md §2) and what it means end to end: only the prompt is
 pooled, so the response never leaks into the generated vectors."""
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ PACKAGE = "para_kernels"
 EXTENSION = f"{PACKAGE}._C"
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUILD_INFO_PATH = os.path.join(PACKAGE_DIR, "_build_info.json")
-# The ops csrc/library.cpp defines (C++ cannot read this list; tests/test_ops_registry.py checks
+# The ops csrc/library.cpp defines (C++ cannot read this list; tests/ops/test_registry.py checks
 # they agree). Only for what to offer while _C is not loaded; once loaded, the backend offers the
 # ops _C has CUDA kernels for, asked of the extension itself (kernel_ops).
 OPS = ("pool", "pool_backward", "generate", "generate_backward", "scale", "scale_backward")

@@ -1,5 +1,5 @@
 """pool_generate: pool then generate in one op (one launch per layer at prefill); the pooled
-vector stays in fp32 (PARA_SPEC §3)."""
+vector stays in fp32 (docs/spec.md §3)."""
 from __future__ import annotations
 
 from torch import Tensor

@@ -1,5 +1,5 @@
 """scaled_glu: act(gate) ⊙ (up ⊙ v[row]), a gated FFN's product with l_u folded in, so the
-rescale costs no extra pass over memory (PARA_SPEC §3). gate, up [B, ..., n] with v [B, n]:
+rescale costs no extra pass over memory (docs/spec.md §3). gate, up [B, ..., n] with v [B, n]:
 every token of row b uses v[b]."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """scaled_linear: (x Wᵀ + b) ⊙ v[row], a q / v projection with the scale as its epilogue, so
-the rescale costs no extra pass over memory (PARA_SPEC §3). x [B, ..., k] with v [B, n]: every
+the rescale costs no extra pass over memory (docs/spec.md §3). x [B, ..., k] with v [B, n]: every
 token of row b uses v[b]."""
 from __future__ import annotations
 

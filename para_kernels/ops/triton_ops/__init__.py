@@ -15,7 +15,7 @@ import torch
 
 from .. import dispatch
 
-# The modules whose kernels the compile check (tests/test_triton_compile.py) looks for.
+# The modules whose kernels the compile check (tests/build/test_triton_compile.py) looks for.
 KERNEL_MODULES = (*dispatch.FORWARD_OPS, "kernel_utils")
 
 

@@ -3,7 +3,7 @@
     python -m para_kernels.ops.triton_ops.aot [--arch 80 --arch 90] [--full] [--json F] [--markdown F]
 
 The interpreter (``TRITON_INTERPRET=1``) runs the kernels' Python and checks almost nothing a
-compiler checks, so ``make test`` also compiles them (``tests/test_triton_compile.py``). How:
+compiler checks, so ``make test`` also compiles them (``tests/build/test_triton_compile.py``). How:
 the launchers themselves run (``pool``, ``generate``, ``scale``, ... of this package, on
 uninitialised CPU tensors of the cases' shapes) in a process without ``TRITON_INTERPRET``, with
 

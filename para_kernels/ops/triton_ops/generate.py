@@ -1,4 +1,4 @@
-"""Triton kernels of ``para::generate`` and ``para::generate_backward`` (PARA_SPEC §3).
+"""Triton kernels of ``para::generate`` and ``para::generate_backward`` (docs/spec.md §3).
 
     generate(pooled [B,d], w_down [A,d,r], b_down [A,r], w_up [A,r,N], b_up [A,N],
              adapter_ids [B] (int32/int64, -1: v = 1), activation, act_params [A,10] | None) -> v [B,N]

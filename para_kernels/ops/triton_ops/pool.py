@@ -1,4 +1,4 @@
-"""Triton kernels of ``para::pool`` and ``para::pool_backward`` (PARA_SPEC §3).
+"""Triton kernels of ``para::pool`` and ``para::pool_backward`` (docs/spec.md §3).
 
 hidden [B, T, d] (padded: row b's ranges index its own T tokens) or [total, d] (packed: ranges
 index total), prompt_start / prompt_end [B] int32/int64 (half-open), w_sa [d] or [B, d] for

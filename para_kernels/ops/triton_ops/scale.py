@@ -1,4 +1,4 @@
-"""Triton kernels of ``para::scale`` and ``para::scale_backward`` (PARA_SPEC §3).
+"""Triton kernels of ``para::scale`` and ``para::scale_backward`` (docs/spec.md §3).
 
 Shapes (as in ``reference_ops.scale``, the spec): x [B, ..., n] with v [B, n] (padded), or packed
 x [total, n] with token_rows [total] (int32 or int64, the row of each token) -> x ⊙ v[row] in x's

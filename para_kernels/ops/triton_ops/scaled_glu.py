@@ -1,4 +1,4 @@
-"""Triton kernels of ``para::scaled_glu`` and ``para::scaled_glu_backward`` (PARA_SPEC §3).
+"""Triton kernels of ``para::scaled_glu`` and ``para::scaled_glu_backward`` (docs/spec.md §3).
 
 gate, up [B, ..., n] (any strides whose middle dims merge, e.g. the two halves of a fused
 gate_up projection), v [B, n], activation 'silu' | 'gelu' | 'gelu_tanh' -> act(gate) ⊙ up ⊙ v[b]

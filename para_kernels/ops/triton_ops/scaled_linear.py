@@ -1,4 +1,4 @@
-"""Triton kernels of ``para::scaled_linear`` and ``para::scaled_linear_backward`` (PARA_SPEC §3).
+"""Triton kernels of ``para::scaled_linear`` and ``para::scaled_linear_backward`` (docs/spec.md §3).
 
 x [B, ..., k], weight [n, k], bias [n] or None, v [B, n] -> (x Wᵀ + b) ⊙ v[b] in x's dtype, as
 ``reference_ops.scaled_linear`` (the spec): one tiled matmul whose epilogue applies the bias and
