@@ -131,6 +131,10 @@ def triton_runs(device=DEVICE) -> bool:
     return "triton" in dispatch.available_backends(device)
 
 
+# the devices the Triton backend runs on here
+TRITON_DEVICES = [d for d in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if triton_runs(d)]
+
+
 def cuda_kernels_built(*ops) -> bool:
     """A GPU is present and the compiled extension registered CUDA kernels for every para_cuda op in ``ops``."""
     if not torch.cuda.is_available():

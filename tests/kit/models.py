@@ -130,3 +130,19 @@ def batch_inputs(batch: int, length: int, pads: list[int], seed: int = 1):
         mask[b, :p] = 0
     ids[mask == 0] = PAD
     return ids, mask
+
+
+# the PEFT folder layout's file names (pinned here, not read from para_kernels: the layout is a contract)
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def token_ids(seed: int = 3, batch: int = 2, length: int = 7) -> torch.Tensor:
+    """Random token ids [batch, length] in the tiny models' vocabulary, no padding."""
+    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits_of(pm, **kwargs) -> torch.Tensor:
+    """The model's logits on token_ids(), without gradients."""
+    with torch.no_grad():
+        return pm(input_ids=token_ids(), **kwargs).logits

@@ -5,6 +5,8 @@ import torch
 import para_kernels
 from para_kernels.ops import dispatch
 
+from kit import TRITON_DEVICES
+
 DEVICES = ["cpu", "cuda"]
 
 
@@ -43,8 +45,6 @@ def triton_backend():
 
 
 # the devices the Triton backend runs on here (a GPU, or the CPU in Triton's interpreter)
-TRITON_DEVICES = [d for d in ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-                  if "triton" in dispatch.available_backends(d)]
 
 
 @pytest.fixture(params=TRITON_DEVICES or [pytest.param(None, marks=pytest.mark.skip(

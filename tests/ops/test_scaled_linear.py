@@ -15,10 +15,9 @@ from hypothesis import strategies as st
 import para_kernels
 from para_kernels import ops
 
-from kit import DTYPES, TOL, PoisonedTorch, f64, grads, oracles, randn64, rel_err, triton_runs
+from kit import DTYPES, TOL, TRITON_DEVICES, PoisonedTorch, f64, grads, oracles, randn64, rel_err
 from kit.checks import check_scaled_linear
 
-TRITON_DEVICES = [d for d in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if triton_runs(d)]
 # the Triton kernels
 tf = importlib.import_module("para_kernels.ops.triton_ops.scaled_linear") if TRITON_DEVICES else None
 

@@ -77,7 +77,7 @@ def target_sizes(arch: str, cfg) -> dict[str, int]:
     return {"q": heads * hd, "v": kv * hd, "up": n_up}
 
 
-def adapter_params(para, name: str) -> dict[int, dict[str, nn.Parameter]]:
+def params_by_layer(para, name: str) -> dict[int, dict[str, nn.Parameter]]:
     """{layer index: {weight name: parameter}} of one adapter, from the PARA model's parameters."""
     out: dict[int, dict] = {}
     for pname, p in para.named_parameters():
@@ -91,7 +91,7 @@ def randomize(para, name: str, seed: int, std: float = 0.5) -> None:
     """Nonzero generator weights: b_down, w_up, b_up random normal (w_down keeps its init)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for weights in adapter_params(para, name).values():
+        for weights in params_by_layer(para, name).values():
             for key in ("b_down", "w_up", "b_up"):
                 p = weights[key]
                 p.copy_(std * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
@@ -182,7 +182,7 @@ def test_scaling_matches_hand_written_reference(arch, pooler):
         assert touched == set(layout), (i, touched)
 
     # generator sizes: N = n_q + n_v + n_u from the HF config
-    weights = adapter_params(para, "default")
+    weights = params_by_layer(para, "default")
     n_layers = len(decoder_layers(model))
     assert sorted(weights) == list(range(n_layers))
     n = sum(target_sizes(arch, model.config).values())

@@ -15,25 +15,20 @@ import para_kernels as pk
 from para_kernels import AdapterFileError, PARAConfig, PARAModel, UnloadedError, get_para_model
 from para_kernels.transformers import io as para_io
 
-from kit.models import adapter_params, randomize_adapter, tiny_llama
+from kit.models import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    adapter_params,
+    logits_of,
+    randomize_adapter,
+    tiny_llama,
+    token_ids,
+)
 
 # the single_thread fixture: tests/wrapper/conftest.py
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
-
-
-def _ids(seed=3, batch=2):
-    return torch.randint(3, 128, (batch, 7), generator=torch.Generator().manual_seed(seed))
-
-
-def _logits(pm, **kwargs):
-    with torch.no_grad():
-        return pm(input_ids=_ids(), **kwargs).logits
-
-
-def _two_adapters(model=None):
+def _default_and_extra(model=None):
     pm = get_para_model(model if model is not None else tiny_llama(), PARAConfig(r=4))
     pm.add_adapter("extra", PARAConfig(r=3, pooler="attn", activation="rational", targets=("q", "up")))
     randomize_adapter(pm, "default", seed=1)
@@ -43,23 +38,23 @@ def _two_adapters(model=None):
 
 # ---------------------------------------------------------------- layout and config file
 def test_default_adapter_at_the_root_others_in_subfolders(tmp_path):
-    pm = _two_adapters()
+    pm = _default_and_extra()
     pm.save_pretrained(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == sorted([CONFIG, WEIGHTS, "extra"])
-    assert sorted(os.listdir(tmp_path / "extra")) == [CONFIG, WEIGHTS]
+    assert sorted(os.listdir(tmp_path)) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS, "extra"])
+    assert sorted(os.listdir(tmp_path / "extra")) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
 
 
 def test_adapter_config_is_flat_with_peft_fields(tmp_path):
-    pm = _two_adapters()
+    pm = _default_and_extra()
     pm.save_pretrained(str(tmp_path))
-    doc = json.loads((tmp_path / CONFIG).read_text())
+    doc = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
     assert "config" not in doc  # flat, not nested
     assert doc["peft_type"] == "PARA" and doc["task_type"] == "CAUSAL_LM"
     assert doc["inference_mode"] is True  # as PEFT writes it
     assert "revision" in doc and "base_model_name_or_path" in doc
     assert doc["para_kernels_version"] == pk.__version__
     assert doc["r"] == 4 and doc["pooler"] == "last" and doc["targets"] == ["q", "v", "up"]
-    extra = json.loads((tmp_path / "extra" / CONFIG).read_text())
+    extra = json.loads((tmp_path / "extra" / ADAPTER_CONFIG).read_text())
     assert extra["pooler"] == "attn" and extra["r"] == 3
     # the saved config reads back equal; the live one is not changed by saving
     assert PARAConfig.from_pretrained(str(tmp_path)) == pm.peft_config["default"]
@@ -73,7 +68,7 @@ def test_peft_config_readers_parse_the_folder(tmp_path):
     peft = pytest.importorskip("peft")
     get_para_model(tiny_llama(), PARAConfig(r=4)).save_pretrained(str(tmp_path))
     assert peft.PeftConfig._get_peft_type(str(tmp_path)) == "PARA"
-    doc = peft.PeftConfig.from_json_file(str(tmp_path / CONFIG))
+    doc = peft.PeftConfig.from_json_file(str(tmp_path / ADAPTER_CONFIG))
     base_fields = ("base_model_name_or_path", "revision", "task_type", "inference_mode")
     config = peft.PeftConfig(**{k: doc[k] for k in base_fields})
     assert config.task_type == "CAUSAL_LM" and config.inference_mode is True
@@ -84,19 +79,19 @@ def test_base_model_name_is_filled_from_the_model(tmp_path):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "backbone"))
     get_para_model(model, PARAConfig(r=4), revision="v3").save_pretrained(str(tmp_path / "adapter"))
-    doc = json.loads((tmp_path / "adapter" / CONFIG).read_text())
+    doc = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
     assert (doc["base_model_name_or_path"], doc["revision"]) == (str(tmp_path / "backbone"), "v3")
     # a model built from a config has no name: null (never ""), and an explicit name wins
     get_para_model(tiny_llama(), PARAConfig(r=4)).save_pretrained(str(tmp_path / "nameless"))
-    assert json.loads((tmp_path / "nameless" / CONFIG).read_text())["base_model_name_or_path"] is None
+    assert json.loads((tmp_path / "nameless" / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] is None
     named = PARAConfig(r=4, base_model_name_or_path="org/base", revision="v1")
     get_para_model(tiny_llama(), named).save_pretrained(str(tmp_path / "named"))
-    doc = json.loads((tmp_path / "named" / CONFIG).read_text())
+    doc = json.loads((tmp_path / "named" / ADAPTER_CONFIG).read_text())
     assert (doc["base_model_name_or_path"], doc["revision"]) == ("org/base", "v1")
 
 
 def test_loaded_adapter_reads_inference_mode_from_is_trainable(tmp_path):
-    _two_adapters().save_pretrained(str(tmp_path))
+    _default_and_extra().save_pretrained(str(tmp_path))
     frozen = PARAModel.from_pretrained(tiny_llama(), str(tmp_path))
     assert frozen.peft_config["default"].inference_mode is True
     trainable = PARAModel.from_pretrained(tiny_llama(), str(tmp_path), is_trainable=True)
@@ -109,46 +104,46 @@ def _write_first_layout(pm, folder, name):
     target = folder / name
     target.mkdir(parents=True)
     tensors = {k: p.detach().clone().contiguous() for k, p in pm._adapter_tensors(name).items()}
-    save_file(tensors, str(target / WEIGHTS),
+    save_file(tensors, str(target / ADAPTER_WEIGHTS),
               metadata={"format": "pt", "para_format": para_io.FORMAT, "sha256": para_io._digest(tensors)})
     config = pm.peft_config[name].to_dict()
     for key in ("revision", "task_type", "inference_mode", "modules_to_save"):  # fields the first layout lacked
         config.pop(key)
     doc = {"format": para_io.FORMAT, "para_kernels_version": "0.1.0", "model_type": "llama", "hidden_size": 32,
            "num_layers": 2, "generator_outputs": 112, "base_model_name_or_path": None, "config": config}
-    (target / CONFIG).write_text(json.dumps(doc))
+    (target / ADAPTER_CONFIG).write_text(json.dumps(doc))
 
 
 def test_first_layout_folders_still_load_exactly(tmp_path):
-    pm = _two_adapters()
+    pm = _default_and_extra()
     _write_first_layout(pm, tmp_path, "default")
     _write_first_layout(pm, tmp_path, "extra")
-    want_default, want_extra = _logits(pm), _logits(pm, adapter_names=["extra", "extra"])
+    want_default, want_extra = logits_of(pm), logits_of(pm, adapter_names=["extra", "extra"])
     loaded = PARAModel.from_pretrained(tiny_llama(), str(tmp_path))
     loaded.load_adapter(str(tmp_path), adapter_name="extra")
     assert loaded.peft_config["extra"] == pm.peft_config["extra"]
-    assert torch.equal(_logits(loaded), want_default)
-    assert torch.equal(_logits(loaded, adapter_names=["extra", "extra"]), want_extra)
-    doc = json.loads((tmp_path / "default" / CONFIG).read_text())
+    assert torch.equal(logits_of(loaded), want_default)
+    assert torch.equal(logits_of(loaded, adapter_names=["extra", "extra"]), want_extra)
+    doc = json.loads((tmp_path / "default" / ADAPTER_CONFIG).read_text())
     doc["config"]["lora_alpha"] = 16  # the first layout is still checked field by field
-    (tmp_path / "default" / CONFIG).write_text(json.dumps(doc))
+    (tmp_path / "default" / ADAPTER_CONFIG).write_text(json.dumps(doc))
     with pytest.raises(AdapterFileError, match="lora_alpha"):
         PARAModel.from_pretrained(tiny_llama(), str(tmp_path))
 
 
 def test_another_peft_type_is_refused_with_its_name(tmp_path):
     get_para_model(tiny_llama(), PARAConfig(r=4)).save_pretrained(str(tmp_path))
-    doc = json.loads((tmp_path / CONFIG).read_text())
-    (tmp_path / CONFIG).write_text(json.dumps({**doc, "peft_type": "LORA"}))
+    doc = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps({**doc, "peft_type": "LORA"}))
     with pytest.raises(AdapterFileError, match="LORA"):
         PARAModel.from_pretrained(tiny_llama(), str(tmp_path))
 
 
 def test_subfolder_argument_as_in_peft(tmp_path):
-    pm = _two_adapters()
+    pm = _default_and_extra()
     pm.save_pretrained(str(tmp_path / "run"))
     loaded = PARAModel.from_pretrained(tiny_llama(), str(tmp_path), subfolder="run")
-    assert torch.equal(_logits(loaded), _logits(pm))
+    assert torch.equal(logits_of(loaded), logits_of(pm))
 
 
 # ---------------------------------------------------------------- save_pretrained arguments
@@ -165,7 +160,7 @@ def test_pickled_serialization_and_unknown_arguments_are_refused(tmp_path):
         pm.save_pretrained(str(tmp_path), save_embedding_layers=True)
     assert not os.listdir(tmp_path)
     pm.save_pretrained(str(tmp_path), safe_serialization=True)
-    assert (tmp_path / WEIGHTS).is_file()
+    assert (tmp_path / ADAPTER_WEIGHTS).is_file()
 
 
 # ---------------------------------------------------------------- Hub ids, offline
@@ -194,18 +189,18 @@ def offline_hub(tmp_path, monkeypatch):
 
 
 def test_hub_id_loads_from_the_offline_cache(tmp_path, offline_hub):
-    pm = _two_adapters()
+    pm = _default_and_extra()
     pm.save_pretrained(str(tmp_path / "src"))
     _fill_hub_cache(offline_hub, "org/para-adapter", tmp_path / "src")
     loaded = PARAModel.from_pretrained(tiny_llama(), "org/para-adapter")
     loaded.load_adapter("org/para-adapter", adapter_name="extra", cache_dir=str(offline_hub), local_files_only=True)
-    assert torch.equal(_logits(loaded), _logits(pm))
-    assert torch.equal(_logits(loaded, adapter_names=["extra"] * 2), _logits(pm, adapter_names=["extra"] * 2))
+    assert torch.equal(logits_of(loaded), logits_of(pm))
+    assert torch.equal(logits_of(loaded, adapter_names=["extra"] * 2), logits_of(pm, adapter_names=["extra"] * 2))
     assert PARAConfig.from_pretrained("org/para-adapter", adapter_name="extra") == pm.peft_config["extra"]
 
 
 def test_hub_revision_selects_the_snapshot(tmp_path, offline_hub):
-    first, second = _two_adapters(), _two_adapters()
+    first, second = _default_and_extra(), _default_and_extra()
     randomize_adapter(second, "default", seed=9)
     first.save_pretrained(str(tmp_path / "v1"))
     second.save_pretrained(str(tmp_path / "v2"))
@@ -213,9 +208,9 @@ def test_hub_revision_selects_the_snapshot(tmp_path, offline_hub):
     _fill_hub_cache(offline_hub, "org/para-adapter", tmp_path / "v2", COMMIT_V2, "v2")
     main = PARAModel.from_pretrained(tiny_llama(), "org/para-adapter")
     v2 = PARAModel.from_pretrained(tiny_llama(), "org/para-adapter", revision="v2")
-    assert torch.equal(_logits(main), _logits(first))
-    assert torch.equal(_logits(v2), _logits(second))
-    assert not torch.equal(_logits(v2), _logits(first))
+    assert torch.equal(logits_of(main), logits_of(first))
+    assert torch.equal(logits_of(v2), logits_of(second))
+    assert not torch.equal(logits_of(v2), logits_of(first))
 
 
 def test_hub_id_not_in_the_offline_cache_raises_adapter_file_error(offline_hub):
@@ -233,12 +228,12 @@ def test_auto_model_loads_the_backbone_named_in_the_adapter(tmp_path, offline_hu
     _fill_hub_cache(offline_hub, "org/tiny-base", tmp_path / "base_src")
     pm = get_para_model(backbone, PARAConfig(r=4, base_model_name_or_path="org/tiny-base"))
     randomize_adapter(pm)
-    want = _logits(pm)
+    want = logits_of(pm)
     pm.save_pretrained(str(tmp_path / "adapter_src"))
     _fill_hub_cache(offline_hub, "org/para-adapter", tmp_path / "adapter_src")
     loaded = pk.AutoPARAModelForCausalLM.from_pretrained("org/para-adapter", cache_dir=str(offline_hub))
     assert isinstance(loaded, PARAModel) and loaded is not pm
-    torch.testing.assert_close(_logits(loaded), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits_of(loaded), want, rtol=0, atol=1e-6)
 
 
 def test_auto_model_without_a_base_model_name_says_so(tmp_path):
@@ -264,16 +259,17 @@ def test_push_to_hub_uploads_the_adapter_folder_only(monkeypatch):
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     model = tiny_llama()
-    pm = _two_adapters(model)
+    pm = _default_and_extra(model)
     assert pm.push_to_hub("me/para-adapter", private=True) == "commit-info"
     assert sent["create_repo"][0] == "me/para-adapter" and sent["create_repo"][1]["private"] is True
     assert sent["upload"][0] == "me/para-adapter"
-    assert sent["files"] == sorted([CONFIG, WEIGHTS, f"extra/{CONFIG}", f"extra/{WEIGHTS}"])
+    assert sent["files"] == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS,
+                                    f"extra/{ADAPTER_CONFIG}", f"extra/{ADAPTER_WEIGHTS}"])
     backbone_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     assert sent["bytes"] < backbone_bytes / 4  # the adapters, not the backbone
     sent.clear()
     pm.push_to_hub("me/para-adapter", selected_adapters=["extra"])
-    assert sent["files"] == [f"extra/{CONFIG}", f"extra/{WEIGHTS}"]
+    assert sent["files"] == [f"extra/{ADAPTER_CONFIG}", f"extra/{ADAPTER_WEIGHTS}"]
 
 
 # ---------------------------------------------------------------- the PeftModel surface
@@ -312,12 +308,12 @@ def test_set_adapter_inference_mode_freezes_it():
 
 
 def test_base_row_name_equals_none():
-    pm = _two_adapters()
-    torch.testing.assert_close(_logits(pm, adapter_names=["__base__", "extra"]),
-                               _logits(pm, adapter_names=[None, "extra"]), rtol=0, atol=0)
+    pm = _default_and_extra()
+    torch.testing.assert_close(logits_of(pm, adapter_names=["__base__", "extra"]),
+                               logits_of(pm, adapter_names=[None, "extra"]), rtol=0, atol=0)
     with pm.disable_adapter():
-        bare = _logits(pm)
-    assert torch.equal(_logits(pm, adapter_names=["__base__", "__base__"]), bare)
+        bare = logits_of(pm)
+    assert torch.equal(logits_of(pm, adapter_names=["__base__", "__base__"]), bare)
     with pytest.raises(ValueError, match="reserved"):
         pm.add_adapter("__base__", PARAConfig(r=2))
 
@@ -357,7 +353,7 @@ def test_unloaded_wrapper_refuses_every_call():
     base = pm.unload()
     state = {k: v.clone() for k, v in base.state_dict().items()}
     for call in (lambda: pm.add_adapter("b", PARAConfig(r=2)), lambda: pm.set_adapter("default"),
-                 lambda: pm(input_ids=_ids()), lambda: pm.generate(input_ids=_ids(), max_new_tokens=2),
+                 lambda: pm(input_ids=token_ids()), lambda: pm.generate(input_ids=token_ids(), max_new_tokens=2),
                  lambda: pm.save_pretrained("never"), pm.unload, pm.get_base_model, pm.get_layer_status):
         with pytest.raises(UnloadedError, match="unloaded"):
             call()
@@ -370,21 +366,21 @@ def test_unloaded_wrapper_refuses_every_call():
 
 def test_backbone_save_pretrained_holds_no_generator_tensors(tmp_path):
     from transformers import AutoModelForCausalLM
-    pm = _two_adapters()
+    pm = _default_and_extra()
     pm.base_model.save_pretrained(str(tmp_path))
     reloaded, info = AutoModelForCausalLM.from_pretrained(str(tmp_path), output_loading_info=True)
     assert not info["unexpected_keys"] and not info["missing_keys"]
     with torch.no_grad(), pm.disable_adapter():
-        bare = pm(input_ids=_ids()).logits
+        bare = pm(input_ids=token_ids()).logits
     with torch.no_grad():
-        assert torch.equal(reloaded(input_ids=_ids()).logits, bare)
+        assert torch.equal(reloaded(input_ids=token_ids()).logits, bare)
 
 
 # ---------------------------------------------------------------- add_weighted_adapter
 def _vectors(pm, rows):
     """{module index: [rows, n] scale} of one forward with ``rows`` (an adapter per row)."""
     from transformers import DynamicCache
-    ids = _ids(batch=1).repeat(len(rows), 1)
+    ids = token_ids(batch=1).repeat(len(rows), 1)
     cache = DynamicCache()
     with torch.no_grad():
         pm(input_ids=ids, adapter_names=rows, cache=cache, use_cache=True)
@@ -464,16 +460,16 @@ def test_weighted_adapter_saves_and_loads(tmp_path):
     pm.add_weighted_adapter(["default", "b"], [0.5, 0.5], "mix")
     pm.save_pretrained(str(tmp_path), selected_adapters=["mix"])
     loaded = PARAModel.from_pretrained(tiny_llama(), str(tmp_path), adapter_name="mix")
-    assert torch.equal(_logits(loaded), _logits(pm, adapter_names=["mix", "mix"]))
+    assert torch.equal(logits_of(loaded), logits_of(pm, adapter_names=["mix", "mix"]))
 
 
 def test_trainer_restores_checkpoints_of_both_layouts(tmp_path):
     from para_kernels.transformers.trainer import restore_adapters
-    pm = _two_adapters()
+    pm = _default_and_extra()
     pm.save_pretrained(str(tmp_path / "new"))
     first = tmp_path / "old" / "default"  # the first layout: every adapter in its subfolder
     first.mkdir(parents=True)
-    for f in (CONFIG, WEIGHTS):
+    for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         shutil.copy(tmp_path / "new" / f, first / f)
     shutil.copytree(tmp_path / "new" / "extra", tmp_path / "old" / "extra")
     for layout in ("new", "old"):
@@ -481,12 +477,12 @@ def test_trainer_restores_checkpoints_of_both_layouts(tmp_path):
         target.add_adapter("extra", PARAConfig(r=3, pooler="attn", activation="rational", targets=("q", "up")))
         assert sorted(restore_adapters(target, str(tmp_path / layout))) == ["default", "extra"]
         for name in ("default", "extra"):
-            assert torch.equal(_logits(target, adapter_names=[name] * 2), _logits(pm, adapter_names=[name] * 2))
+            assert torch.equal(logits_of(target, adapter_names=[name] * 2), logits_of(pm, adapter_names=[name] * 2))
 
 
 # ---------------------------------------------------------------- modules_to_save
 def _train_step(pm, lr=0.5):
-    ids = _ids()
+    ids = token_ids()
     labels = ids.clone()
     labels[:, :3] = -100  # the prompt
     out = pm(input_ids=ids, labels=labels)
@@ -503,8 +499,8 @@ def test_modules_to_save_trains_a_copy_saved_and_loaded_with_the_adapter(tmp_pat
     model = tiny_llama()
     head = model.lm_head.weight.detach().clone()
     with torch.no_grad():
-        bare = model(input_ids=_ids()).logits
-        bare_generated = model.generate(input_ids=_ids(), max_new_tokens=3, do_sample=False)
+        bare = model(input_ids=token_ids()).logits
+        bare_generated = model.generate(input_ids=token_ids(), max_new_tokens=3, do_sample=False)
     pm = get_para_model(model, PARAConfig(r=4, modules_to_save=["lm_head"]))
     trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
     assert "saved_modules.default.lm_head.weight" in trainable and not model.lm_head.weight.requires_grad
@@ -513,28 +509,29 @@ def test_modules_to_save_trains_a_copy_saved_and_loaded_with_the_adapter(tmp_pat
     assert torch.equal(model.lm_head.weight, head)  # the original stays as it was
     copy = pm.saved_modules["default"]["lm_head"].weight
     assert not torch.equal(copy, head)
-    trained = _logits(pm)
+    trained = logits_of(pm)
     assert not torch.allclose(trained, bare, atol=1e-3)
     # a bare row uses the original head, an adapter row the copy; disable_adapter: all original
-    mixed = _logits(pm, adapter_names=[None, "default"])
+    mixed = logits_of(pm, adapter_names=[None, "default"])
     torch.testing.assert_close(mixed[0], bare[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(mixed[1], trained[1], rtol=0, atol=1e-5)
     with pm.disable_adapter():
-        torch.testing.assert_close(_logits(pm), bare, rtol=0, atol=0)
+        torch.testing.assert_close(logits_of(pm), bare, rtol=0, atol=0)
     with torch.no_grad():
-        generated = pm.generate(input_ids=_ids(), max_new_tokens=3, do_sample=False, adapter_names=[None, "default"])
+        generated = pm.generate(input_ids=token_ids(), max_new_tokens=3, do_sample=False,
+                                adapter_names=[None, "default"])
     assert torch.equal(generated[0], bare_generated[0])
     pm.save_pretrained(str(tmp_path))
-    assert json.loads((tmp_path / CONFIG).read_text())["modules_to_save"] == ["lm_head"]
-    assert torch.equal(load_file(str(tmp_path / WEIGHTS))["modules_to_save.lm_head.weight"], copy.detach())
+    assert json.loads((tmp_path / ADAPTER_CONFIG).read_text())["modules_to_save"] == ["lm_head"]
+    assert torch.equal(load_file(str(tmp_path / ADAPTER_WEIGHTS))["modules_to_save.lm_head.weight"], copy.detach())
     fresh = tiny_llama()
     loaded = PARAModel.from_pretrained(fresh, str(tmp_path))
-    assert torch.equal(_logits(loaded), trained)
+    assert torch.equal(logits_of(loaded), trained)
     assert torch.equal(fresh.lm_head.weight, head)
     base = loaded.unload()
     assert "forward" not in base.lm_head.__dict__  # the router is gone
     with torch.no_grad():
-        assert torch.equal(base(input_ids=_ids()).logits, bare)
+        assert torch.equal(base(input_ids=token_ids()).logits, bare)
 
 
 def test_modules_to_save_follow_their_adapter():
@@ -542,14 +539,14 @@ def test_modules_to_save_follow_their_adapter():
     pm.add_adapter("plain", PARAConfig(r=4))
     _train_step(pm)
     with pm.disable_adapter():
-        bare = _logits(pm)
+        bare = logits_of(pm)
     # "plain" has no copy: its rows use the original head (and its untrained generator: v = 1)
-    torch.testing.assert_close(_logits(pm, adapter_names=["plain", "plain"]), bare, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits_of(pm, adapter_names=["plain", "plain"]), bare, rtol=0, atol=1e-6)
     pm.set_adapter("plain")
     assert not pm.saved_modules["default"]["lm_head"].weight.requires_grad  # only the active adapter trains
     pm.delete_adapter("default")
     assert "default" not in pm.saved_modules
-    torch.testing.assert_close(_logits(pm), bare, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits_of(pm), bare, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("names,match", [(["no_such_head"], "no module"), (["q_proj"], "inside the decoder layers")])

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 X = -100  # an ignored label (-100)
 
 
-def ranges(mask=None, labels=None, prompt_lengths=None, shape=None):
+def ranges_of(mask=None, labels=None, prompt_lengths=None, shape=None):
     ref = mask if mask is not None else labels
     batch, length = shape if shape is not None else tuple(torch.as_tensor(ref).shape)
     mask = None if mask is None else torch.tensor(mask)
@@ -33,47 +33,47 @@ LEFT = [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
 
 # ---------------------------------------------------------------- the three sources
 def test_from_prompt_lengths_right_padding():
-    assert ranges(RIGHT, prompt_lengths=[2, 5]) == ([0, 0], [2, 5])
-    assert ranges(RIGHT, prompt_lengths=torch.tensor([4, 6])) == ([0, 0], [4, 6])
+    assert ranges_of(RIGHT, prompt_lengths=[2, 5]) == ([0, 0], [2, 5])
+    assert ranges_of(RIGHT, prompt_lengths=torch.tensor([4, 6])) == ([0, 0], [4, 6])
 
 
 def test_from_prompt_lengths_left_padding_counts_from_first_attended_token():
-    assert ranges(LEFT, prompt_lengths=[2, 3]) == ([2, 0], [4, 3])
-    assert ranges(LEFT, prompt_lengths=[4, 1]) == ([2, 0], [6, 1])
+    assert ranges_of(LEFT, prompt_lengths=[2, 3]) == ([2, 0], [4, 3])
+    assert ranges_of(LEFT, prompt_lengths=[4, 1]) == ([2, 0], [6, 1])
 
 
 def test_prompt_lengths_take_precedence_over_labels():
     labels = [[X, X, X, 5, X, X], [X, 7, 8, 9, 9, 9]]
-    assert ranges(RIGHT, labels=labels, prompt_lengths=[1, 4]) == ([0, 0], [1, 4])
+    assert ranges_of(RIGHT, labels=labels, prompt_lengths=[1, 4]) == ([0, 0], [1, 4])
 
 
 def test_from_labels_right_padding():
     labels = [[X, X, 5, 6, X, X], [X, X, X, X, X, 9]]
-    assert ranges(RIGHT, labels=labels) == ([0, 0], [2, 5])
+    assert ranges_of(RIGHT, labels=labels) == ([0, 0], [2, 5])
 
 
 def test_from_labels_left_padding_only_attended_tokens_count():
     # the padding's labels are not -100 here: they must not count, being unattended
     labels = [[0, 0, X, X, 7, 8], [X, X, X, 4, X, 5]]
-    assert ranges(LEFT, labels=labels) == ([2, 0], [4, 3])
+    assert ranges_of(LEFT, labels=labels) == ([2, 0], [4, 3])
 
 
 def test_from_labels_with_no_supervised_token_is_the_whole_attended_row():
     labels = [[X] * 6, [X] * 6]
-    assert ranges(RIGHT, labels=labels) == ([0, 0], [4, 6])
-    assert ranges(LEFT, labels=labels) == ([2, 0], [6, 6])
+    assert ranges_of(RIGHT, labels=labels) == ([0, 0], [4, 6])
+    assert ranges_of(LEFT, labels=labels) == ([2, 0], [6, 6])
 
 
 def test_from_labels_supervised_padding_after_the_row_is_ignored():
     labels = [[X, X, X, X, 3, 3], [X, X, 5, 5, 5, 5]]  # row 0: labels on right padding
-    assert ranges(RIGHT, labels=labels) == ([0, 0], [4, 2])
+    assert ranges_of(RIGHT, labels=labels) == ([0, 0], [4, 2])
 
 
 def test_default_is_the_whole_attended_input():
-    assert ranges(RIGHT) == ([0, 0], [4, 6])
-    assert ranges(LEFT) == ([2, 0], [6, 6])
-    assert ranges(shape=(3, 5)) == ([0, 0, 0], [5, 5, 5])
-    assert ranges([[True, True, False]]) == ([0], [2])  # boolean masks too
+    assert ranges_of(RIGHT) == ([0, 0], [4, 6])
+    assert ranges_of(LEFT) == ([2, 0], [6, 6])
+    assert ranges_of(shape=(3, 5)) == ([0, 0, 0], [5, 5, 5])
+    assert ranges_of([[True, True, False]]) == ([0], [2])  # boolean masks too
 
 
 # ---------------------------------------------------------------- errors
@@ -90,7 +90,7 @@ def test_default_is_the_whole_attended_input():
 ])
 def test_bad_prompt_lengths_raise(mask, lengths, match):
     with pytest.raises(ValueError, match=match):
-        ranges(mask, prompt_lengths=lengths)
+        ranges_of(mask, prompt_lengths=lengths)
 
 
 @pytest.mark.parametrize("mask,labels", [
@@ -100,12 +100,12 @@ def test_bad_prompt_lengths_raise(mask, lengths, match):
 def test_labels_without_ignored_prefix_raise(mask, labels):
     bad = 1 if mask is RIGHT else 0
     with pytest.raises(ValueError, match=rf"labels of row {bad}.*prompt is empty"):
-        ranges(mask, labels=labels)
+        ranges_of(mask, labels=labels)
 
 
 def test_labels_of_the_wrong_shape_raise():
     with pytest.raises(ValueError, match="labels must be"):
-        ranges(RIGHT, labels=[[X, X, 5], [X, X, 5]])
+        ranges_of(RIGHT, labels=[[X, X, 5], [X, X, 5]])
 
 
 @pytest.mark.parametrize("mask,match", [
@@ -115,7 +115,7 @@ def test_labels_of_the_wrong_shape_raise():
 ])
 def test_bad_attention_masks_raise(mask, match):
     with pytest.raises(ValueError, match=match):
-        ranges(mask)
+        ranges_of(mask)
 
 
 def test_attention_mask_of_the_wrong_shape_raises():

@@ -19,7 +19,7 @@ from kit.models import ARCHITECTURES, PAD, batch_inputs, randomize_adapter, tiny
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _two_adapters(model):
+def _adapters_a_and_b(model):
     """'a' (last pooler) and 'b' (mean pooler, another signature), both with nonzero weights."""
     pm = get_para_model(model, PARAConfig(r=4), adapter_name="a")
     pm.add_adapter("b", PARAConfig(r=5, pooler="mean", activation="silu"))
@@ -34,7 +34,7 @@ def test_uncached_greedy_equals_cached(arch):
     """use_cache=False re-runs the whole text at every step; the vectors must still be the
     prompt's (the first forward of the generate call), not the prompt + generated tokens'."""
     model = tiny_model(arch)
-    pm = _two_adapters(model)
+    pm = _adapters_a_and_b(model)
     ids, mask = batch_inputs(3, 7, pads=[0, 3, 1], seed=5)
     rows = ["b", None, "a"]
     kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, adapter_names=rows,
@@ -54,7 +54,7 @@ def test_uncached_greedy_equals_cached(arch):
 def test_uncached_equals_cached_beyond_greedy(mode):
     """Beam search, seeded sampling and decoding that feeds several tokens per step."""
     model = tiny_llama(dtype=torch.float64)
-    pm = _two_adapters(model)
+    pm = _adapters_a_and_b(model)
     ids, mask = batch_inputs(2, 8, pads=[2, 0], seed=6)
     kw = dict(attention_mask=mask, max_new_tokens=6, adapter_names=["a", "b"])
     if mode == "beam":
@@ -85,7 +85,7 @@ def test_uncached_equals_cached_beyond_greedy(mode):
 def test_interleaved_requests_keep_their_own_vectors():
     """out = pm(p1); pm(p2); pm(next, past_key_values=out.past_key_values) continues p1 with p1's
     vectors: the same logits as continuing p1 with nothing in between."""
-    pm = _two_adapters(tiny_llama())
+    pm = _adapters_a_and_b(tiny_llama())
     p1, _ = batch_inputs(2, 6, pads=[0, 0], seed=1)
     p2, _ = batch_inputs(2, 9, pads=[0, 0], seed=2)
     nxt = torch.tensor([[5], [7]])
@@ -106,7 +106,7 @@ def test_continuing_an_unknown_cache_is_an_error():
     ids, _ = batch_inputs(2, 6, pads=[0, 0], seed=1)
     with torch.no_grad():
         bare_cache = model(ids, use_cache=True).past_key_values
-    pm = _two_adapters(model)
+    pm = _adapters_a_and_b(model)
     with torch.no_grad(), pytest.raises(RequestStateError, match="no vectors for"):
         pm(torch.tensor([[5], [7]]), past_key_values=bare_cache)
     with torch.no_grad(), pytest.raises(RequestStateError, match="no vectors for"):
@@ -114,7 +114,7 @@ def test_continuing_an_unknown_cache_is_an_error():
 
 
 def test_continuing_with_other_rows_or_adapters_is_an_error():
-    pm = _two_adapters(tiny_llama())
+    pm = _adapters_a_and_b(tiny_llama())
     ids, _ = batch_inputs(2, 6, pads=[0, 0], seed=1)
     with torch.no_grad():
         cache = pm(ids, use_cache=True, adapter_names=["a", "b"]).past_key_values
@@ -130,7 +130,7 @@ def test_continuing_with_other_rows_or_adapters_is_an_error():
 
 def test_a_layer_called_on_its_own_is_an_error():
     model = tiny_llama()
-    pm = _two_adapters(model)
+    pm = _adapters_a_and_b(model)
     layer = model.model.layers[0]
     x = torch.randn(1, 3, model.config.hidden_size)
     with pytest.raises(RequestStateError, match="outside a forward of its PARAModel"):
@@ -140,7 +140,7 @@ def test_a_layer_called_on_its_own_is_an_error():
 
 # ---------------------------------------------------------------------------- 3. multi-turn
 def test_new_turn_keeps_the_first_prompt_vectors_and_reprefill_recomputes():
-    pm = _two_adapters(tiny_llama(dtype=torch.float64))
+    pm = _adapters_a_and_b(tiny_llama(dtype=torch.float64))
     turn1, _ = batch_inputs(1, 6, pads=[0], seed=1)
     cache = DynamicCache()
     with torch.no_grad():
@@ -170,7 +170,7 @@ def test_new_turn_keeps_the_first_prompt_vectors_and_reprefill_recomputes():
 # ---------------------------------------------------------------------------- 4. threads
 def test_threads_get_what_they_get_alone():
     """4 threads x 10 mixed-adapter generates on one PARAModel == the same calls one by one."""
-    pm = _two_adapters(tiny_llama())
+    pm = _adapters_a_and_b(tiny_llama())
     names = [["a", "b"], ["b", None], [None, "a"], ["a", "a"], ["b", "b"]]
     jobs = []
     for t in range(4):
@@ -206,7 +206,7 @@ def test_threads_get_what_they_get_alone():
 
 
 def test_disable_adapter_is_private_to_its_thread():
-    pm = _two_adapters(tiny_llama())
+    pm = _adapters_a_and_b(tiny_llama())
     ids, _ = batch_inputs(1, 6, pads=[0], seed=1)
     with torch.no_grad():
         adapted, bare = pm(ids).logits, pm(ids, adapter_names=[None]).logits
@@ -246,7 +246,7 @@ def test_packed_rows_equal_unpacked_examples(arch, prompt_from):
     block-diagonal mask so that attention separates them on the CPU): every example's logits and
     the adapters' gradients equal running the examples one by one."""
     model = tiny_model(arch, dtype=torch.float64)
-    pm = _two_adapters(model)  # eval mode: no dropout (GPT-2 has some), gradients all the same
+    pm = _adapters_a_and_b(model)  # eval mode: no dropout (GPT-2 has some), gradients all the same
     g = torch.Generator().manual_seed(7)
     lengths = [[5, 8], [4, 6, 3]]  # 13 tokens in each row
     prompts = [[2, 3], [1, 4, 2]]
@@ -286,7 +286,7 @@ def test_packed_rows_per_token_vectors_without_a_block_mask():
     """Without a block-diagonal mask (attention across examples, as eager attention on the CPU
     does with packed position_ids) the vectors are still per example: the pooled prompt of the
     first example and the whole-row scale layout are checked through the request state."""
-    pm = _two_adapters(tiny_llama(dtype=torch.float64))
+    pm = _adapters_a_and_b(tiny_llama(dtype=torch.float64))
     ids, pos, _ = _pack([torch.arange(3, 9), torch.arange(10, 14)])
     seen = {}
     layer = pm.base_model.model.layers[0]
@@ -320,7 +320,7 @@ def test_data_collator_with_flattening_gives_each_example_its_prompt():
     example run alone (layer 0 reads the embeddings, so no attention is involved)."""
     from transformers import DataCollatorWithFlattening
 
-    pm = _two_adapters(tiny_llama(dtype=torch.float64))
+    pm = _adapters_a_and_b(tiny_llama(dtype=torch.float64))
     g = torch.Generator().manual_seed(11)
     shapes = [(7, 3), (5, 2), (9, 6)]  # (tokens, prompt tokens)
     features = []
@@ -338,7 +338,7 @@ def test_data_collator_with_flattening_gives_each_example_its_prompt():
 
 
 def test_packed_prompt_lengths_must_match_the_examples():
-    pm = _two_adapters(tiny_llama())
+    pm = _adapters_a_and_b(tiny_llama())
     ids, pos, _ = _pack([torch.arange(3, 9), torch.arange(10, 14)])
     with pytest.raises(ValueError, match="one integer per packed example: these rows hold 2"):
         pm(ids, position_ids=pos, prompt_lengths=[3])
@@ -347,7 +347,7 @@ def test_packed_prompt_lengths_must_match_the_examples():
 
 
 def test_packed_rows_cannot_be_continued():
-    pm = _two_adapters(tiny_llama())
+    pm = _adapters_a_and_b(tiny_llama())
     ids, pos, _ = _pack([torch.arange(3, 9), torch.arange(10, 14)])
     with torch.no_grad():
         cache = pm(ids, position_ids=pos, use_cache=True).past_key_values
@@ -358,7 +358,7 @@ def test_packed_rows_cannot_be_continued():
 # ---------------------------------------------------------------------------- 6. continuous batching
 def test_continuous_batching_is_a_clear_error():
     model = tiny_llama()
-    pm = _two_adapters(model)
+    pm = _adapters_a_and_b(model)
     if not hasattr(model, "generate_batch"):
         pytest.skip("this transformers has no continuous batching")
     for call in (pm.generate_batch, model.generate_batch, getattr(model, "init_continuous_batching", None)):
@@ -391,7 +391,7 @@ def test_checkpoint_recompute_uses_the_forward_request(wrapped):
     grads = {}
     for ckpt in (False, True):
         model = tiny_llama(dtype=torch.float64)
-        pm = _two_adapters(model)
+        pm = _adapters_a_and_b(model)
         pm.add_adapter("n", PARAConfig(r=3, pool_input="normed", pooler="attn"))
         randomize_adapter(pm, "n", seed=5, std=0.5)
         pm.set_adapter("n")

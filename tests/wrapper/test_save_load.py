@@ -13,18 +13,18 @@ from safetensors.torch import load_file, save_file
 from para_kernels import AdapterFileError, PARAConfig, PARAModel, get_para_model
 from para_kernels.transformers import io as para_io
 
-from kit.models import adapter_params, randomize_adapter, tiny_llama
+from kit.models import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    adapter_params,
+    logits_of,
+    randomize_adapter,
+    tiny_llama,
+    token_ids,
+)
 
 # the single_thread fixture: tests/wrapper/conftest.py
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
-
-
-def _ids(seed=3):
-    return torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(seed))
-
 
 def _saved(tmp_path, **config):
     """A model with adapters 'default' (config) and 'extra' (attn pooler, rational), saved."""
@@ -42,22 +42,17 @@ def _values(pm, name):
             for n, p in adapter_params(pm, name).items()}
 
 
-def _logits(pm, **kwargs):
-    with torch.no_grad():
-        return pm(input_ids=_ids(), **kwargs).logits
-
-
 # ---------------------------------------------------------------- layout
 def test_save_pretrained_writes_peft_layout_without_pickles(tmp_path):
     """As PEFT: the default adapter at the folder root, every other one in its subfolder."""
     pm = _saved(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == sorted([CONFIG, WEIGHTS, "extra"])
+    assert sorted(os.listdir(tmp_path)) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS, "extra"])
     for name, folder in (("default", tmp_path), ("extra", tmp_path / "extra")):
-        assert sorted(f for f in os.listdir(folder) if f != "extra") == [CONFIG, WEIGHTS]
-        doc = json.loads((folder / CONFIG).read_text())
+        assert sorted(f for f in os.listdir(folder) if f != "extra") == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+        doc = json.loads((folder / ADAPTER_CONFIG).read_text())
         assert PARAConfig.from_pretrained(str(folder)) == pm.peft_config[name]
         assert doc["peft_type"] == "PARA" and doc["hidden_size"] == 32 and doc["num_layers"] == 2
-        tensors = load_file(str(folder / WEIGHTS))
+        tensors = load_file(str(folder / ADAPTER_WEIGHTS))
         assert len(tensors) == len(adapter_params(pm, name))
         for n, p in adapter_params(pm, name).items():
             layer = n.split("model.layers.")[1].split(".")[0]
@@ -82,7 +77,7 @@ def test_selected_adapters_are_the_only_ones_saved(tmp_path):
 def test_from_pretrained_round_trips_exactly(tmp_path, name, config):
     pm = _saved(tmp_path, **config)
     pm.set_adapter(name)
-    want_logits = _logits(pm)
+    want_logits = logits_of(pm)
     want = _values(pm, name)
     loaded = PARAModel.from_pretrained(tiny_llama(), str(tmp_path), adapter_name=name)
     assert loaded.active_adapter == name and list(loaded.peft_config) == [name]
@@ -91,22 +86,22 @@ def test_from_pretrained_round_trips_exactly(tmp_path, name, config):
     assert got.keys() == want.keys()
     for k in want:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
-    assert torch.equal(_logits(loaded), want_logits)
+    assert torch.equal(logits_of(loaded), want_logits)
     # the adapter's own folder works as the path too (default: the root, others: their subfolder)
     folder = tmp_path if name == "default" else tmp_path / name
     direct = PARAModel.from_pretrained(tiny_llama(), str(folder), adapter_name=name)
-    assert torch.equal(_logits(direct), want_logits)
+    assert torch.equal(logits_of(direct), want_logits)
 
 
 def test_load_adapter_adds_a_second_adapter_exactly(tmp_path):
     pm = _saved(tmp_path)
-    want_extra = _logits(pm, adapter_names=["extra", "extra"])
-    want_default = _logits(pm)
+    want_extra = logits_of(pm, adapter_names=["extra", "extra"])
+    want_default = logits_of(pm)
     other = PARAModel.from_pretrained(tiny_llama(), str(tmp_path), adapter_name="default")
     other.load_adapter(str(tmp_path), adapter_name="extra")
     assert other.active_adapter == "default"
-    assert torch.equal(_logits(other), want_default)
-    assert torch.equal(_logits(other, adapter_names=["extra", "extra"]), want_extra)
+    assert torch.equal(logits_of(other), want_default)
+    assert torch.equal(logits_of(other, adapter_names=["extra", "extra"]), want_extra)
     with pytest.raises(ValueError, match="already exists"):
         other.load_adapter(str(tmp_path), adapter_name="extra")
 
@@ -137,9 +132,9 @@ def test_unload_after_load_gives_back_the_exact_original(tmp_path):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     hooks = (len(model._forward_pre_hooks), len(model._forward_hooks))
     with torch.no_grad():
-        base = model(input_ids=_ids()).logits
+        base = model(input_ids=token_ids()).logits
     pm = PARAModel.from_pretrained(model, str(tmp_path))
-    assert not torch.equal(_logits(pm), base)
+    assert not torch.equal(logits_of(pm), base)
     back = pm.unload()
     assert back is model
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
@@ -149,7 +144,7 @@ def test_unload_after_load_gives_back_the_exact_original(tmp_path):
     assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == hooks
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.model.layers.modules())
     with torch.no_grad():
-        assert torch.equal(model(input_ids=_ids()).logits, base)
+        assert torch.equal(model(input_ids=token_ids()).logits, base)
     get_para_model(model, PARAConfig(r=2))  # it can be wrapped again
 
 
@@ -215,23 +210,25 @@ def _wrong_dtype(tensors):
 
 
 CORRUPTIONS = {
-    "truncated weights": lambda f: _truncate(f / WEIGHTS),
-    "empty weights": lambda f: _truncate(f / WEIGHTS, 0),
-    "flipped tensor byte": lambda f: _flip_tensor_byte(f / WEIGHTS),
-    "missing weights": lambda f: os.remove(f / WEIGHTS),
-    "truncated config": lambda f: _truncate(f / CONFIG),
-    "invalid json": lambda f: (f / CONFIG).write_text("{not json"),
-    "json list": lambda f: (f / CONFIG).write_text("[1, 2]"),
-    "unknown config field": lambda f: _edit_config(f / CONFIG, lambda d: d.update(lora_alpha=16)),
-    "invalid config value": lambda f: _edit_config(f / CONFIG, lambda d: d.update(pooler="sum")),
-    "no peft_type marker": lambda f: _edit_config(f / CONFIG, lambda d: d.pop("peft_type")),
-    "unknown format version": lambda f: _edit_config(f / CONFIG, lambda d: d.update(format="para_kernels.adapter.v9")),
-    "config r disagrees": lambda f: _edit_config(f / CONFIG, lambda d: d.update(r=5)),
-    "wrong tensor shape": lambda f: _rewrite_tensors(f / WEIGHTS, _wrong_shape),
-    "integer tensor": lambda f: _rewrite_tensors(f / WEIGHTS, _wrong_dtype),
-    "missing tensor": lambda f: _rewrite_tensors(f / WEIGHTS, lambda t: t.pop("layers.0.w_down")),
-    "extra tensor": lambda f: _rewrite_tensors(f / WEIGHTS, lambda t: t.update({"layers.0.w_extra": torch.ones(2)})),
-    "no checksum": lambda f: _rewrite_tensors(f / WEIGHTS, lambda t: None, checksum=False),
+    "truncated weights": lambda f: _truncate(f / ADAPTER_WEIGHTS),
+    "empty weights": lambda f: _truncate(f / ADAPTER_WEIGHTS, 0),
+    "flipped tensor byte": lambda f: _flip_tensor_byte(f / ADAPTER_WEIGHTS),
+    "missing weights": lambda f: os.remove(f / ADAPTER_WEIGHTS),
+    "truncated config": lambda f: _truncate(f / ADAPTER_CONFIG),
+    "invalid json": lambda f: (f / ADAPTER_CONFIG).write_text("{not json"),
+    "json list": lambda f: (f / ADAPTER_CONFIG).write_text("[1, 2]"),
+    "unknown config field": lambda f: _edit_config(f / ADAPTER_CONFIG, lambda d: d.update(lora_alpha=16)),
+    "invalid config value": lambda f: _edit_config(f / ADAPTER_CONFIG, lambda d: d.update(pooler="sum")),
+    "no peft_type marker": lambda f: _edit_config(f / ADAPTER_CONFIG, lambda d: d.pop("peft_type")),
+    "unknown format version": lambda f: _edit_config(f / ADAPTER_CONFIG,
+                                                     lambda d: d.update(format="para_kernels.adapter.v9")),
+    "config r disagrees": lambda f: _edit_config(f / ADAPTER_CONFIG, lambda d: d.update(r=5)),
+    "wrong tensor shape": lambda f: _rewrite_tensors(f / ADAPTER_WEIGHTS, _wrong_shape),
+    "integer tensor": lambda f: _rewrite_tensors(f / ADAPTER_WEIGHTS, _wrong_dtype),
+    "missing tensor": lambda f: _rewrite_tensors(f / ADAPTER_WEIGHTS, lambda t: t.pop("layers.0.w_down")),
+    "extra tensor": lambda f: _rewrite_tensors(f / ADAPTER_WEIGHTS,
+                                               lambda t: t.update({"layers.0.w_extra": torch.ones(2)})),
+    "no checksum": lambda f: _rewrite_tensors(f / ADAPTER_WEIGHTS, lambda t: None, checksum=False),
 }
 
 

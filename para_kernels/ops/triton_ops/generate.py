@@ -300,7 +300,7 @@ def _bwd_down_kernel(p_ptr, wd_ptr, ids_ptr, dh_ptr, d_act_params_ptr, gp_ptr, g
 
 # ---------------------------------------------------------------------- launch configuration
 @dataclass(frozen=True)
-class Config:
+class GenerateTiles:
     """Tile sizes (all >= 16: tl.dot's minimum) and the d split of the down projection."""
     block_b_down: int
     block_d_down: int
@@ -317,11 +317,11 @@ class Config:
 CONFIG_OVERRIDE: dict | None = None
 
 
-def _config(B: int, d: int, N: int, R: int, device: torch.device) -> Config:
+def _generate_tiles(B: int, d: int, N: int, R: int, device: torch.device) -> GenerateTiles:
     if interpreting():  # ~0.5 ms per program instance: few, large tiles; numpy handles the width
         rows = next_pow2(B, lo=16, hi=128)
         features, outputs = next_pow2(d, lo=16, hi=4096), next_pow2(N, lo=16, hi=4096)
-        cfg = Config(block_b_down=rows, block_d_down=features, splits=1, block_b_up=rows, block_n_up=outputs,
+        cfg = GenerateTiles(block_b_down=rows, block_d_down=features, splits=1, block_b_up=rows, block_n_up=outputs,
                      block_b_bwd=rows, block_n_bwd=outputs, block_d_bwd=features)
     else:
         row_blocks = triton.cdiv(B, 16)
@@ -331,7 +331,7 @@ def _config(B: int, d: int, N: int, R: int, device: torch.device) -> Config:
         block_b_up = 16 if B <= 16 else (32 if B <= 32 else 64)
         # tiles shrink as R grows so that the [R, tile] operands and accumulators stay in
         # registers (sm_90 ptxas, R = 16 and 64: spills of at most a few hundred bytes, fp32)
-        cfg = Config(block_b_down=16, block_d_down=max(32, 2048 // R), splits=splits, block_b_up=block_b_up,
+        cfg = GenerateTiles(block_b_down=16, block_d_down=max(32, 2048 // R), splits=splits, block_b_up=block_b_up,
                      block_n_up=None, block_b_bwd=32, block_n_bwd=max(32, 1024 // R), block_d_bwd=max(16, 1024 // R))
     return cfg if CONFIG_OVERRIDE is None else replace(cfg, **CONFIG_OVERRIDE)
 
@@ -349,7 +349,7 @@ _up_kernel_tuned = capture_safe(triton.autotune(configs=_UP_CONFIGS, key=["N", "
                                                 prune_configs_by={"early_config_prune": _prune_up_configs})(_up_kernel))
 
 
-def _down(pooled, w_down, ids, cfg: Config, R: int) -> Tensor:
+def _down(pooled, w_down, ids, cfg: GenerateTiles, R: int) -> Tensor:
     """h partials [S, B, R] (acc dtype)."""
     B, d = pooled.shape
     r = w_down.shape[2]
@@ -381,7 +381,7 @@ def generate(pooled: Tensor, w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up:
     (pooled, w_down, b_down, w_up, b_up, ids), params_arg = _prepare(pooled, w_down, b_down, w_up, b_up,
                                                                      adapter_ids, act_params)
     R = next_pow2(r, lo=16)
-    cfg = _config(B, d, N, R, pooled.device)
+    cfg = _generate_tiles(B, d, N, R, pooled.device)
     acc_tl, _ = acc_dtypes(pooled.dtype)
     with launch_guard(pooled.device):
         hpart = _down(pooled, w_down, ids, cfg, R)
@@ -414,7 +414,7 @@ def generate_backward(grad: Tensor, pooled: Tensor, w_down: Tensor, b_down: Tens
                                                                      adapter_ids, act_params)
     grad = grad.contiguous()
     R = next_pow2(r, lo=16)
-    cfg = _config(B, d, N, R, device)
+    cfg = _generate_tiles(B, d, N, R, device)
     acc_tl, acc_torch = acc_dtypes(dtype)
     prec = dot_precision(dtype)
     act = ACTIVATION_IDS[activation]

@@ -94,7 +94,7 @@ def _pool_generate_kernel(h_ptr, start_ptr, end_ptr, w_ptr, scratch_ptr, wd_ptr,
 
 # ---------------------------------------------------------------------- launch configuration
 @dataclass(frozen=True)
-class Config:
+class PoolGenerateTiles:
     block_b: int   # rows per block (>= 16: tl.dot's minimum)
     splits: int    # S: d-slices per row (1 for attn)
     consumers: int  # C: programs per row block writing output tiles
@@ -107,9 +107,9 @@ class Config:
 CONFIG_OVERRIDE: dict | None = None
 
 
-def _config(B: int, d: int, N: int, R: int, attn: bool, device: torch.device) -> Config:
+def _pool_generate_tiles(B: int, d: int, N: int, R: int, attn: bool, device: torch.device) -> PoolGenerateTiles:
     if interpreting():  # ~0.5 ms per program instance: few, wide programs
-        cfg = Config(block_b=next_pow2(B, lo=16, hi=128), splits=1, consumers=1,
+        cfg = PoolGenerateTiles(block_b=next_pow2(B, lo=16, hi=128), splits=1, consumers=1,
                      block_n=next_pow2(N, lo=16, hi=4096), block_d=next_pow2(d, lo=16, hi=4096), block_t=4)
     else:
         sms = num_sms(device)
@@ -120,7 +120,7 @@ def _config(B: int, d: int, N: int, R: int, attn: bool, device: torch.device) ->
         block_n = max(32, 2048 // R)
         n_blocks = triton.cdiv(B, block_b)
         consumers = max(1, min(triton.cdiv(N, block_n), triton.cdiv(2 * sms, n_blocks)))
-        cfg = Config(block_b=block_b, splits=splits, consumers=consumers, block_n=block_n,
+        cfg = PoolGenerateTiles(block_b=block_b, splits=splits, consumers=consumers, block_n=block_n,
                      block_d=block_d, block_t=8)
     cfg = cfg if CONFIG_OVERRIDE is None else replace(cfg, **CONFIG_OVERRIDE)
     return replace(cfg, splits=1) if attn else cfg
@@ -142,7 +142,7 @@ def pool_generate(hidden, prompt_start, prompt_end, mode, w_sa, w_down, b_down, 
         return out
     R = next_pow2(r, lo=16)
     attn = mode == "attn"
-    cfg = _config(B, d, N, R, attn, device)
+    cfg = _pool_generate_tiles(B, d, N, R, attn, device)
     n_blocks = triton.cdiv(B, cfg.block_b)
     acc_tl, acc_torch = acc_dtypes(torch.float64 if torch.float64 in (hidden.dtype, w_down.dtype) else w_down.dtype)
     start, end, w_down, b_down, w_up, b_up, ids = (
