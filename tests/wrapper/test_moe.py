@@ -35,7 +35,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_moe(arch: str, experts_implementation: str = "eager", seed: int = 0, **overrides):
+def tiny_moe(arch: str, experts_implementation: str = "eager", seed: int = 0, dtype=torch.float32, **overrides):
     cls_name, kwargs = MOE[arch]
     cfg = getattr(transformers, cls_name)(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -44,7 +44,7 @@ def tiny_moe(arch: str, experts_implementation: str = "eager", seed: int = 0, **
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(
-            cfg, attn_implementation="eager", experts_implementation=experts_implementation)
+            cfg, attn_implementation="eager", experts_implementation=experts_implementation, dtype=dtype)
         with torch.no_grad():  # the 3-D expert weights are not covered by initializer_range everywhere
             for layer in model.model.layers:
                 experts = getattr(layer.mlp, "experts", None)
@@ -266,3 +266,23 @@ def test_moe_mixed_dense_and_sparse_layers():
         get_para_model(model, PARAConfig(r=4))
     pm = get_para_model(model, PARAConfig(r=4, layers_to_transform=[0]))
     assert [s.scaled_modules for s in pm.get_layer_status()][0]
+
+
+def test_moe_packed_row_equals_examples_alone():
+    """One row packing two examples (block-diagonal mask): each token's routed experts use its
+    own example's l_u, so every example's logits equal running it alone."""
+    pm = get_para_model(tiny_moe("qwen2_moe", dtype=torch.float64), PARAConfig(r=4))
+    randomize(pm)
+    g = torch.Generator().manual_seed(4)
+    examples, prompts = [torch.randint(3, VOCAB, (n,), generator=g) for n in (5, 6)], [2, 4]
+    ids = torch.cat(examples)[None]
+    pos = torch.cat([torch.arange(len(e)) for e in examples])[None]
+    allowed = torch.block_diag(*[torch.ones(len(e), len(e)).tril() for e in examples]).bool()
+    mask = torch.zeros(1, 1, *allowed.shape, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
+    with torch.no_grad():
+        out = pm(ids, attention_mask=mask, position_ids=pos, prompt_lengths=prompts).logits[0]
+        at = 0
+        for e, p in zip(examples, prompts):
+            alone = pm(e[None], prompt_lengths=[p]).logits[0]
+            assert rel_err(out[at:at + len(e)], alone) < 1e-6
+            at += len(e)
