@@ -173,10 +173,11 @@ def map_layer(layer: nn.Module, hf_config, config: PARAConfig) -> LayerMap:
 
     if config.target_modules is not None:
         for target, path in config.target_modules.items():
+            n = module_out(path)  # checks that the path exists
             kind = "experts" if is_experts(layer.get_submodule(path)) else "output"
             if kind == "experts" and target != "up":
                 raise MappingError(f"target {target!r} is mapped to the experts module {path!r}; only 'up' can be")
-            add(ScaledModule(path, (Segment(target, 0, module_out(path)),), kind))
+            add(ScaledModule(path, (Segment(target, 0, n),), kind))
     else:
         fused = _find_by_name(layer, FUSED_QKV) if {"q", "v"} & set(config.targets) else []
         for target in config.targets:

@@ -286,3 +286,23 @@ def test_moe_packed_row_equals_examples_alone():
             alone = pm(e[None], prompt_lengths=[p]).logits[0]
             assert rel_err(out[at:at + len(e)], alone) < 1e-6
             at += len(e)
+
+
+def test_moe_experts_by_target_modules():
+    """target_modules may name the experts module for 'up' (routed experts only), nothing else."""
+    paths = {"q": "self_attn.q_proj", "v": "self_attn.v_proj", "up": "mlp.experts"}
+    pm = get_para_model(tiny_moe("mixtral"), PARAConfig(r=4, target_modules=paths))
+    auto = get_para_model(tiny_moe("mixtral"), PARAConfig(r=4))
+    randomize(auto)
+    theirs = dict(auto.named_parameters())
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if ".para_generator." in name:
+                p.copy_(theirs[name])
+    ids, mask, pos, lengths, _, _ = prompt()
+    with torch.no_grad():
+        a = pm(ids, attention_mask=mask, position_ids=pos, prompt_lengths=lengths).logits
+        b = auto(ids, attention_mask=mask, position_ids=pos, prompt_lengths=lengths).logits
+    assert torch.equal(a, b)
+    with pytest.raises(MappingError, match="only 'up'"):
+        get_para_model(tiny_moe("mixtral"), PARAConfig(r=4, target_modules={**paths, "q": "mlp.experts"}))
