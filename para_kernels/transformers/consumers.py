@@ -148,3 +148,64 @@ def scale_hook(k: int):
             return scale_packed(output, s, state.token_rows)
         return scale_output(output, s)
     return hook
+
+
+def _token_rows(state, tokens: int, rows: int, device) -> torch.Tensor:
+    """The vector row of each of the ``tokens`` flattened [batch * length] tokens."""
+    if state.token_rows is not None:
+        return state.token_rows
+    if tokens % rows:
+        raise RuntimeError(f"the experts got {tokens} tokens, not a multiple of the request's {rows} rows")
+    return torch.arange(tokens, device=device) // (tokens // rows)
+
+
+def experts_forward(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor, up_scale: torch.Tensor) -> torch.Tensor:
+    """transformers' reference ("eager") experts loop (integrations/moe.py layout: stacked
+    ``gate_up_proj`` [E, 2I, d] or transposed, optional biases, [gate | up] halves) with the up
+    half of each routed expert's output multiplied by ``up_scale`` [tokens, I], its token's l_u."""
+    out = torch.zeros_like(hidden)
+    n_experts = experts.num_experts
+    transposed, bias = experts.is_transposed, experts.has_bias
+    with torch.no_grad():
+        mask = nn.functional.one_hot(top_k_index, num_classes=n_experts + 1).permute(2, 1, 0)
+        hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+    default_gate = getattr(type(experts)._apply_gate, "__name__", "") == "_default_apply_gate"
+    for e in hit:
+        e = e[0]
+        if e == n_experts:
+            continue
+        top_k_pos, token_idx = torch.where(mask[e])
+        x = hidden[token_idx]
+        w = experts.gate_up_proj[e]
+        gate_up = x @ w if transposed else nn.functional.linear(x, w)
+        if bias:
+            gate_up = gate_up + experts.gate_up_proj_bias[e]
+        gate, up = gate_up.chunk(2, dim=-1)
+        up = up * up_scale[token_idx]
+        h = experts.act_fn(gate) * up if default_gate else experts._apply_gate(torch.cat([gate, up], -1))
+        w = experts.down_proj[e]
+        h = h @ w if transposed else nn.functional.linear(h, w)
+        if bias:
+            h = h + experts.down_proj_bias[e]
+        h = h * top_k_weights[token_idx, top_k_pos, None]
+        out.index_add_(0, token_idx, h.to(out.dtype))
+    return out
+
+
+def scaled_experts_forward(experts: nn.Module, k: int):
+    """The experts module's forward with each token's l_u on its routed experts' up halves; with
+    no scale (bare rows only, disabled) transformers' own forward (any experts implementation)."""
+    def make(original):
+        def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+            state = ACTIVE.get()
+            s = None if state is None else state.scales[k]
+            if s is None:
+                return original(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+            if args or kwargs or getattr(experts, "_is_expert_parallel", False):
+                raise RuntimeError("PARA's scaled experts take (hidden_states, top_k_index, top_k_weights) "
+                                   "without expert parallelism")
+            rows = _token_rows(state, hidden_states.shape[0], s.shape[0], hidden_states.device)
+            return experts_forward(experts, hidden_states, top_k_index, top_k_weights, s.to(hidden_states.dtype)[rows])
+        return forward
+    return make

@@ -117,7 +117,10 @@ class PARALayer:
             module = layer.get_submodule(m.path)
             k = self.module_index.setdefault((i, m.path), len(self.module_index))
             glu = consumers.glu_parts(layer, m.path) if m.segments[-1].target == "up" else None
-            if glu is not None:
+            if m.kind == "experts":  # MoE: the routed experts' up halves (mapping.py)
+                once((i, m.path), functools.partial(consumers.ForwardOverride, module,
+                                                    consumers.scaled_experts_forward(module, k)))
+            elif glu is not None:
                 mlp, act = glu
                 once((i, m.path), functools.partial(consumers.ForwardOverride, mlp,
                                                     consumers.scaled_glu_forward(mlp, act, k)))

@@ -4,6 +4,14 @@ modules whose outputs hold Q, V and the FFN's up branch (docs/spec.md §1).
 Separate projections are found by name; fused ones (GPT-2's ``c_attn``, Phi-3's ``qkv_proj``
 and ``gate_up_proj``, GPT-NeoX's per-head interleaved ``query_key_value``) get a layout that
 says which output features belong to q, v or up and which (keys, gate) stay unscaled.
+
+Mixture-of-experts layers (transformers' experts modules: one 3-D ``gate_up_proj`` parameter
+[experts, 2·I, d] for all routed experts, as in Mixtral, Qwen2-MoE, Qwen3-MoE) have "up" =
+the up half of every routed expert, scaled by one l_u of size I (``moe_intermediate_size``) for
+whichever experts a token is routed to (``kind="experts"``, consumers.scaled_experts_forward),
+followed, when the block has a shared expert, by the shared expert's up projection:
+l_u = [routed (I) | shared (shared_expert_intermediate_size)]. A layout that cannot be scaled
+exactly is a MappingError, never a partial adjustment (docs/training.md).
 """
 from __future__ import annotations
 
@@ -43,6 +51,7 @@ class Segment:
 class ScaledModule:
     path: str  # inside the decoder layer
     segments: tuple
+    kind: str = "output"  # "output": the module's output is scaled; "experts": routed experts' up halves
 
     @property
     def out_features(self) -> int:
@@ -61,6 +70,38 @@ def out_features(module: nn.Module) -> int | None:
         if isinstance(getattr(module, attr, None), int):
             return getattr(module, attr)
     return None
+
+
+EXPERTS_FLAGS = ("has_gate", "is_concatenated", "is_transposed", "has_bias", "has_post_expert_norm")
+
+
+def is_experts(module: nn.Module) -> bool:
+    """A transformers experts module: the routed experts' weights stacked in 3-D parameters."""
+    return any(isinstance(getattr(module, name, None), torch.Tensor) and getattr(module, name).dim() == 3
+               for name in ("gate_up_proj", "up_proj"))
+
+
+def experts_intermediate(module: nn.Module, path: str, layer: nn.Module) -> int:
+    """I of an experts module whose routed up projections PARA can scale exactly (gated experts,
+    [gate | up] concatenated, transformers' ``use_experts_implementation`` layout); else a
+    MappingError naming the architecture."""
+    arch = f"{type(layer).__name__} ({type(module).__name__} at {path!r})"
+    flags = {f: getattr(module, f, None) for f in EXPERTS_FLAGS}
+    weight = getattr(module, "gate_up_proj", None)
+    why = None
+    if any(v is None for v in flags.values()) or not isinstance(weight, torch.Tensor):
+        why = "its experts module is not in transformers' stacked gate_up_proj layout"
+    elif not flags["has_gate"] or not flags["is_concatenated"]:
+        why = "its experts are not gated with a [gate | up] concatenated gate_up_proj"
+    elif flags["has_post_expert_norm"]:
+        why = "its experts apply a norm after each expert"
+    elif getattr(module, "_is_expert_parallel", False):
+        why = "its experts are sharded by expert parallelism"
+    if why is not None:
+        raise MappingError(f"PARA cannot scale the routed experts' up projections of {arch}: {why}. "
+                           "PARA never scales only part of an FFN; use PARAConfig(targets=('q', 'v')) on this model")
+    two_i = weight.shape[2] if flags["is_transposed"] else weight.shape[1]
+    return two_i // 2
 
 
 def find_layers(model: nn.Module, config: PARAConfig) -> tuple[str, nn.ModuleList]:
@@ -119,7 +160,10 @@ def map_layer(layer: nn.Module, hf_config, config: PARAConfig) -> LayerMap:
 
     def module_out(path: str) -> int:
         try:
-            n = out_features(layer.get_submodule(path))
+            module = layer.get_submodule(path)
+            if is_experts(module):
+                return experts_intermediate(module, path, layer)
+            n = out_features(module)
         except AttributeError:
             raise MappingError(f"{path!r} is not a module of the decoder layer {type(layer).__name__}; "
                                f"{HOW_TO_MAP}") from None
@@ -129,7 +173,11 @@ def map_layer(layer: nn.Module, hf_config, config: PARAConfig) -> LayerMap:
 
     if config.target_modules is not None:
         for target, path in config.target_modules.items():
-            add(ScaledModule(path, (Segment(target, 0, module_out(path)),)))
+            n = module_out(path)  # checks that the path exists
+            kind = "experts" if is_experts(layer.get_submodule(path)) else "output"
+            if kind == "experts" and target != "up":
+                raise MappingError(f"target {target!r} is mapped to the experts module {path!r}; only 'up' can be")
+            add(ScaledModule(path, (Segment(target, 0, n),), kind))
     else:
         fused = _find_by_name(layer, FUSED_QKV) if {"q", "v"} & set(config.targets) else []
         for target in config.targets:
@@ -142,6 +190,8 @@ def map_layer(layer: nn.Module, hf_config, config: PARAConfig) -> LayerMap:
                     add(_fused_qkv(path, style, module_out(path), hf_config))
                 continue
             paths = _find_by_name(layer, SPLIT_NAMES[target])
+            if target == "up" and _add_experts(layer, paths, add, module_out):
+                continue
             if target == "up" and not paths:
                 gate_up = _find_by_name(layer, FUSED_GATE_UP)
                 if len(gate_up) == 1:  # [gate | up]
@@ -159,6 +209,26 @@ def map_layer(layer: nn.Module, hf_config, config: PARAConfig) -> LayerMap:
         raise MappingError(f"pool_input='normed' needs the layer's input norm, but none of {NORM_NAMES} is in "
                            f"{type(layer).__name__}; use pool_input='residual'")
     return LayerMap(sizes=sizes, modules=tuple(modules.values()), norm=norm)
+
+
+def _add_experts(layer: nn.Module, up_paths: list, add, module_out) -> bool:
+    """Map the 'up' target of a mixture-of-experts layer: the routed experts' up halves, then the
+    shared expert's up projection (if any). False when the layer has no experts module."""
+    experts = [p for p, m in layer.named_modules() if p and (is_experts(m) or p.rsplit(".", 1)[-1] == "experts")]
+    if not experts:
+        return False
+    if len(experts) > 1:
+        raise MappingError(f"several experts modules {experts} in {type(layer).__name__}; {HOW_TO_MAP}")
+    path = experts[0]
+    n_routed = experts_intermediate(layer.get_submodule(path), path, layer)
+    add(ScaledModule(path, (Segment("up", 0, n_routed),), "experts"))
+    shared = [p for p in up_paths if not p.startswith(path + ".")]
+    if len(shared) > 1:
+        raise MappingError(f"several up projections {shared} next to the experts {path!r} in "
+                           f"{type(layer).__name__}; {HOW_TO_MAP}")
+    if shared:  # l_u = [routed experts | shared expert]
+        add(ScaledModule(shared[0], (Segment("up", n_routed, module_out(shared[0])),)))
+    return True
 
 
 def module_scale(module: ScaledModule, pieces: dict, batch: int, like: torch.Tensor) -> torch.Tensor | None:

@@ -181,6 +181,10 @@ class PARAModel(nn.Module):
         maps = [map_layer(layer, hf_config, config) if chosen is None or i in chosen else None
                 for i, layer in enumerate(layers)]
         sizes = next(m.sizes for m in maps if m is not None)
+        uneven = [i for i, m in enumerate(maps) if m is not None and m.sizes != sizes]
+        if uneven:  # e.g. dense and mixture-of-experts layers mixed: one generator size N per adapter
+            raise MappingError(f"decoder layers {uneven} scale {maps[uneven[0]].sizes} features, the first "
+                               f"mapped layer {sizes}; choose layers of one kind with layers_to_transform")
         d = getattr(hf_config, "hidden_size", None)
         if d is None:
             raise MappingError("the model's config has no hidden_size, so the generator's input size is unknown")
