@@ -150,7 +150,7 @@ def test_reentrant_checkpointing_is_refused_with_a_clear_error():
     for enable in (pm.gradient_checkpointing_enable, pm.activation_checkpointing_enable):
         with pytest.raises(ValueError, match="use_reentrant"):
             enable({"use_reentrant": True})
-    assert not any(layer.gradient_checkpointing for layer in pm.base_model.model.layers)
+    assert not any(layer.gradient_checkpointing for layer in pm.get_base_model().model.layers)
 
 
 def test_trainer_with_gradient_checkpointing_trains(tmp_path):
