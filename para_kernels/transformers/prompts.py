@@ -158,8 +158,14 @@ def prompt_ranges(batch: int, length: int, device, attention_mask: Tensor | None
         prompt_end = torch.where(supervised.any(1), supervised.int().argmax(1), end)
         empty = prompt_end <= first
         if bool(empty.any()):
-            raise _row_error("labels", empty, lambda b: "the first attended token is already supervised "
-                             "(label != -100, or marked by the completion mask), so the prompt is empty. "
-                             f"{EMPTY_PROMPT}")
+            every = supervised.sum(1) == end - first
+
+            def detail(b):
+                what = ("every attended token is supervised (labels == input_ids, as DataCollatorForLanguageModeling "
+                        "and a plain-text SFT dataset make them)" if bool(every[b]) else
+                        "the first attended token is already supervised (label != -100, or marked by the "
+                        "completion mask)")
+                return f"{what}, so the prompt is empty. {EMPTY_PROMPT}"
+            raise _row_error("labels", empty, detail)
         return first, prompt_end
     return first, end
