@@ -43,14 +43,15 @@ def _prompt_length(tokens: torch.Tensor) -> int:
     return int(keys[0, 0]) + 1
 
 
-def _trainer(tmp_path, dataset, **config):
+def _trainer(tmp_path, dataset, tokenizer=None, **config):
     from trl import SFTConfig, SFTTrainer
 
     pm = get_para_model(tiny_llama(seed=0, initializer_range=0.3), PARAConfig(r=8))
     args = SFTConfig(output_dir=str(tmp_path), report_to=[], save_strategy="no", use_cpu=True, logging_steps=1,
                      per_device_train_batch_size=8, learning_rate=1e-2, disable_tqdm=True, max_length=32,
                      dataloader_num_workers=0, **config)
-    return pm, SFTTrainer(model=pm, args=args, train_dataset=dataset, processing_class=_tokenizer())
+    return pm, SFTTrainer(model=pm, args=args, train_dataset=dataset,
+                          processing_class=tokenizer or _tokenizer())
 
 
 def _losses(trainer) -> list[float]:
@@ -205,3 +206,29 @@ def test_completion_mask_on_packed_rows():
         with_labels = pm(input_ids=x, position_ids=positions, labels=labels).logits
     assert seen == [([0, 5], [2, 9])] * 2
     torch.testing.assert_close(with_mask, with_labels, rtol=0, atol=0)
+
+
+def test_sft_trainer_assistant_only_loss_pools_the_user_turn(tmp_path, monkeypatch):
+    seen = []
+    real = para_requests.prompt_ranges
+
+    def spy(batch, length, device, attention_mask=None, labels=None, prompt_lengths=None):
+        start, end = real(batch, length, device, attention_mask, labels, prompt_lengths)
+        seen.append((start, end, labels))
+        return start, end
+
+    monkeypatch.setattr(para_requests, "prompt_ranges", spy)
+    rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c.strip()}]}
+            for p, c in _examples(16)]
+    tokenizer = _tokenizer()  # a chat template marking the assistant's tokens ({% generation %})
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{{ eos_token }}"
+        "{% endgeneration %}{% else %}{{ m['content'] }} {% endif %}{% endfor %}")
+    _, trainer = _trainer(tmp_path, datasets.Dataset.from_list(rows), tokenizer, max_steps=2,
+                          assistant_only_loss=True)
+    trainer.train()
+    assert len(seen) == 2 and all(map(torch.isfinite, torch.tensor(_losses(trainer))))
+    for start, end, labels in seen:
+        for b in range(labels.shape[0]):
+            assert (labels[b, :int(end[b])] == -100).all() and labels[b, int(end[b])] >= 100  # the answer
+            assert 3 <= int(end[b] - start[b]) <= 5  # the whole user turn: 2 to 4 noise tokens and the key
