@@ -1,7 +1,7 @@
 """The wrapped model's request hooks: which request each forward belongs to.
 
 Holds :class:`RequestHooks`, one per PARAModel, installed on the backbone itself (so a direct
-``base_model(...)`` or ``base_model.generate(...)`` call is served the same way):
+``get_base_model()(...)`` or ``.generate(...)`` call is served the same way):
 
 - a forward pre-hook that finds the forward's request: a *prefill* (no KV cache, or an empty
   one, outside a running generate session) gets a new :class:`RequestState` (each row's prompt
