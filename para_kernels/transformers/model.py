@@ -172,6 +172,12 @@ class PARAModel(nn.Module):
         """The active adapter as a list (PEFT's name); empty when none is resident."""
         return [] if self.active_adapter is None else [self.active_adapter]
 
+    @property
+    def _hf_peft_config_loaded(self) -> bool:
+        """transformers' flag for "adapters are attached to this model": Trainer reads it to allow
+        training a quantized (or GGUF-dequantized) backbone that carries trainable adapters."""
+        return bool(self.peft_config)
+
     def merge_and_unload(self, *args, **kwargs):
         raise NotImplementedError(MERGE_ERROR)
 

@@ -148,7 +148,14 @@ def test_peft_names_that_trl_and_transformers_read():
     assert pm.config is model.config and pm.get_output_embeddings() is model.lm_head
     assert pm.get_input_embeddings() is model.model.embed_tokens
     assert pm.active_adapters == ["default"] and set(pm.peft_config) == {"default"}
-    assert not getattr(pm, "is_quantized", False) and not getattr(pm, "_hf_peft_config_loaded", False)
+    # transformers' "adapters are attached" flag: Trainer then trains a quantized (e.g. GGUF) backbone
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    assert pm._hf_peft_config_loaded is True
+    model.is_quantized = True
+    validate_quantization_for_training(pm)  # raises for a quantized model with no adapters
+    with pytest.raises(ValueError, match="purely quantized"):
+        validate_quantization_for_training(model)
 
 
 def _vectors(pm, x, **kwargs):
