@@ -98,7 +98,7 @@ def measure(s, decode_delta_s: float | None = None) -> dict:
     device = s.device
     dtype = next(s.bare.parameters()).dtype  # the modules' inputs must be in the model's dtype (bf16 on a GPU)
     bare_layers = decoder_layers(s.bare)
-    para_layers = decoder_layers(s.para.base_model)
+    para_layers = decoder_layers(s.para.get_base_model())
     n_layers = len(bare_layers)
     B = s.input_ids.shape[0]
     g = torch.Generator().manual_seed(1)
@@ -152,18 +152,18 @@ def measure(s, decode_delta_s: float | None = None) -> dict:
             "per_call_s": t1 - t0, "calls": n_layers * (1 if layer_hooks else 0),
             "what": "extra cost of calling a module that has one no-op forward pre-hook (nn.Module slow path)"}
         # 4. hooks on the wrapped model
-        model_hooks = _hooks(s.para.base_model)
+        model_hooks = _hooks(s.para.get_base_model())
         cache = out.past_key_values
         kwargs = {"input_ids": nxt, "attention_mask": mask, "past_key_values": cache}
 
         def run_model_hooks():  # pre then post: the pre-hook enters the request, the post-hook leaves it
             for kind, h, kw in model_hooks:
                 if kind == "pre":
-                    h(s.para.base_model, (), kwargs) if kw else h(s.para.base_model, ())
+                    h(s.para.get_base_model(), (), kwargs) if kw else h(s.para.get_base_model(), ())
                 elif kw:
-                    h(s.para.base_model, (), kwargs, None)
+                    h(s.para.get_base_model(), (), kwargs, None)
                 else:
-                    h(s.para.base_model, (), None)
+                    h(s.para.get_base_model(), (), None)
         pieces["model-level hooks (bodies)"] = {
             "per_call_s": _t(run_model_hooks, device), "calls": 1,
             "what": f"{sum(k == 'pre' for k, _, _ in model_hooks)} pre-hook(s) and "

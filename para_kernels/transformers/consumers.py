@@ -58,8 +58,22 @@ def kernels_run(device: torch.device) -> bool:
     return ops.backend_for("scaled_linear", device) != "reference"
 
 
+def fit(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """s in x's dtype: the scale is applied in the projection's dtype (under autocast a projection
+    of the fp32 residual stream returns bf16 / fp16, while the vectors follow the fp32 generator).
+    The cast is differentiable, so the gradient reaches the fp32 generator weights."""
+    return s if s.dtype == x.dtype else s.to(x.dtype)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast gives a linear on ``device`` (None: autocast is off there)."""
+    kind = device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
 def scale_output(output: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """output [B, ..., n] (or tokens flattened to [B*T, n], as OPT's FFN does) ⊙ s [B, n]."""
+    s = fit(s, output)
     if output.dim() == 2 and output.shape[0] != s.shape[0]:
         return ops.scale(output.reshape(s.shape[0], -1, output.shape[-1]), s).reshape(output.shape)
     return ops.scale(output, s)
@@ -69,14 +83,14 @@ def scale_in_place(output: torch.Tensor, s: torch.Tensor, s3: torch.Tensor) -> t
     """output [B, T, n] *= s3 = s [B, 1, n] (output must be a fresh tensor that only the caller
     holds); other layouts (e.g. OPT's flattened [B*T, n]) take the checked op."""
     if output.dim() == 3 and output.shape[0] == s.shape[0]:
-        return output.mul_(s3)
+        return output.mul_(s3 if s3.dtype == output.dtype else s3.to(output.dtype))
     return scale_output(output, s)
 
 
 def scale_packed(output: torch.Tensor, s: torch.Tensor, token_rows: torch.Tensor) -> torch.Tensor:
     """Packed rows: output [B, T, n] (or [B*T, n]) ⊙ s[token_rows[token]], s [examples, n]."""
     n = output.shape[-1]
-    return ops.scale(output.reshape(-1, n), s, token_rows).reshape(output.shape)
+    return ops.scale(output.reshape(-1, n), fit(s, output), token_rows).reshape(output.shape)
 
 
 def is_fusable_linear(module: nn.Module, scaled: ScaledModule) -> bool:
@@ -97,7 +111,12 @@ def scaled_linear_forward(module: nn.Linear, k: int):
             if state.token_rows is not None:
                 return scale_packed(original(x), s, state.token_rows)
             if x.dim() >= 2 and x.shape[0] == s.shape[0] and kernels_run(x.device):
-                return ops.scaled_linear(x, module.weight, module.bias, s)
+                weight, bias = module.weight, module.bias
+                dtype = autocast_dtype(x.device)
+                if dtype is not None:  # as F.linear under autocast: the matmul in the autocast dtype
+                    x, weight = x.to(dtype), weight.to(dtype)
+                    bias = None if bias is None else bias.to(dtype)
+                return ops.scaled_linear(x, weight, bias, fit(s, x))
             return scale_output(original(x), s)
         return forward
     return make
@@ -131,7 +150,7 @@ def scaled_glu_forward(mlp: nn.Module, activation: str, k: int):
             if state.token_rows is not None:
                 return mlp.down_proj(mlp.act_fn(gate) * scale_packed(up, s, state.token_rows))
             if up.shape[0] == s.shape[0] and kernels_run(x.device):
-                return mlp.down_proj(ops.scaled_glu(gate, up, s, activation))
+                return mlp.down_proj(ops.scaled_glu(gate, up, fit(s, up), activation))
             return mlp.down_proj(mlp.act_fn(gate) * scale_output(up, s))
         return forward
     return make

@@ -164,7 +164,7 @@ def layer_pre_hook(para: PARALayer):
         if state is None:
             raise RequestStateError(
                 "a PARA-transformed decoder layer ran outside a forward of its PARAModel, so PARA does not "
-                "know its prompt: call the wrapped model as a whole (PARAModel or its base_model); for "
+                "know its prompt: call the wrapped model as a whole (the PARAModel or its get_base_model()); for "
                 "activation checkpointing use PARAModel.gradient_checkpointing_enable")
         if not state.ready and state.groups:
             compute(state, args[0] if args else kwargs["hidden_states"], "residual")

@@ -37,7 +37,7 @@ from ..config import PARAConfig
 from . import consumers, io, saved
 from .layer import GENERATOR_ATTR, PARALayer, weight_shapes
 from .mapping import MappingError, find_layers, map_layer
-from .requests import BASE_ROW, RequestHooks, cache_of, empty_cache
+from .requests import BASE_ROW, OPENED, RequestHooks, cache_of, empty_cache
 from .state import DISABLED, RequestState, checkpoint_context_fn
 
 MERGE_ERROR = (
@@ -102,7 +102,8 @@ class PARAModel(nn.Module):
         if any(hasattr(m, GENERATOR_ATTR) for m in model.modules()):
             raise ValueError("this model already carries PARA generators; add adapters to its PARAModel "
                              "with add_adapter(), or unload() it first")
-        self.base_model = model
+        self.base_model = model  # registered as "base_model" (state dict keys); read it as _model
+        self.__dict__["_model"] = model  # not a second registration: a plain reference
         self.peft_config: dict[str, PARAConfig] = {}
         self.active_adapter: str | None = None
         self._plans: dict[str, _Plan] = {}
@@ -123,6 +124,7 @@ class PARAModel(nn.Module):
         self._module_index: dict[tuple, int] = {}  # (layer, module path) -> k
         self._requests = RequestHooks(self)
         self._handles += self._requests.install(model)
+        self._handles += self._requests.install_wrapper(self)
         if hasattr(model, "save_pretrained"):  # the backbone's own files stay the backbone's
             self._handles.append(consumers.MethodOverride(model, "save_pretrained",
                                                            functools.partial(_without_generators, model)))
@@ -138,12 +140,12 @@ class PARAModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_model":
+            if name == "_model":
                 raise
             if self.__dict__.get("_unloaded"):
                 raise AttributeError(f"this PARAModel was unloaded, so it has no {name!r}: use the model "
                                      "unload() returned") from None
-            return getattr(self.base_model, name)
+            return getattr(self._model, name)
 
     def _check_usable(self) -> None:
         if self._unloaded:
@@ -153,12 +155,28 @@ class PARAModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         """The wrapped Hugging Face model (with PARA's hooks in place)."""
         self._check_usable()
-        return self.base_model
+        return self._model
+
+    @property
+    def base_model(self) -> nn.Module:
+        """transformers' ``base_model``: the wrapped model's decoder backbone (``LlamaModel`` of a
+        ``LlamaForCausalLM``; the model itself when it names none), as TRL's fused LM head and
+        transformers' utilities read it. Called inside a call of this PARAModel it runs in that
+        call's request; the whole wrapped model is ``get_base_model()``."""
+        self._check_usable()
+        model = self._model
+        return getattr(model, "base_model", model)
 
     @property
     def active_adapters(self) -> list[str]:
         """The active adapter as a list (PEFT's name); empty when none is resident."""
         return [] if self.active_adapter is None else [self.active_adapter]
+
+    @property
+    def _hf_peft_config_loaded(self) -> bool:
+        """transformers' flag for "adapters are attached to this model": Trainer reads it to allow
+        training a quantized (or GGUF-dequantized) backbone that carries trainable adapters."""
+        return bool(self.peft_config)
 
     def merge_and_unload(self, *args, **kwargs):
         raise NotImplementedError(MERGE_ERROR)
@@ -169,7 +187,7 @@ class PARAModel(nn.Module):
     # ------------------------------------------------------------------ adapters
     def _plan(self, config: PARAConfig) -> _Plan:
         """Map ``config`` onto the model, or raise an error that says what does not fit."""
-        _, layers = find_layers(self.base_model, config)
+        _, layers = find_layers(self._model, config)
         if self._layers is not None and list(layers) != self._layers:
             raise MappingError("this adapter's layers_path selects other layers than the resident adapters'")
         n_layers = len(layers)
@@ -177,7 +195,7 @@ class PARAModel(nn.Module):
         if chosen is not None and chosen[-1] >= n_layers:
             raise MappingError(f"layers_to_transform {chosen} names layer {chosen[-1]}, but the model has "
                                f"{n_layers} decoder layers (0..{n_layers - 1})")
-        hf_config = getattr(self.base_model, "config", None)
+        hf_config = getattr(self._model, "config", None)
         maps = [map_layer(layer, hf_config, config) if chosen is None or i in chosen else None
                 for i, layer in enumerate(layers)]
         sizes = next(m.sizes for m in maps if m is not None)
@@ -188,7 +206,7 @@ class PARAModel(nn.Module):
         d = getattr(hf_config, "hidden_size", None)
         if d is None:
             raise MappingError("the model's config has no hidden_size, so the generator's input size is unknown")
-        to_save = saved.find(self.base_model, config, layers)
+        to_save = saved.find(self._model, config, layers)
         if self._layers is None:
             self._layers = list(layers)
         return _Plan(maps, d, sum(sizes[t] for t in config.targets), to_save)
@@ -197,7 +215,7 @@ class PARAModel(nn.Module):
         shapes = {f"layers.{i}.{k}": s for i, m in enumerate(plan.maps) if m is not None
                   for k, s in weight_shapes(config, plan.d, plan.n).items()}
         for path in plan.saved:
-            for k, p in self.base_model.get_submodule(path).named_parameters():
+            for k, p in self._model.get_submodule(path).named_parameters():
                 shapes[f"{saved.SAVED_PREFIX}.{path}.{k}"] = tuple(p.shape)
         return shapes
 
@@ -214,7 +232,7 @@ class PARAModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
         plan = self._plan(config)
-        base_dtype = next(self.base_model.parameters()).dtype
+        base_dtype = next(self._model.parameters()).dtype
         dtype = torch.float64 if base_dtype == torch.float64 else torch.float32
         for i, (layer, lmap) in enumerate(zip(self._layers, plan.maps)):
             if lmap is None:
@@ -234,7 +252,7 @@ class PARAModel(nn.Module):
         each original module, once, a forward that routes every row to its adapter's copy."""
         copies = nn.ModuleDict()
         for path in paths:
-            module = self.base_model.get_submodule(path)
+            module = self._model.get_submodule(path)
             copies[saved.escape(path)] = saved.frozen_copy(module)
             self._once(("<saved>", path), functools.partial(consumers.ForwardOverride, module,
                                                             saved.routed_forward(self, path)))
@@ -304,7 +322,7 @@ class PARAModel(nn.Module):
             DISABLED.reset(token)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        params = list(self.base_model.parameters()) + list(self.saved_modules.parameters())
+        params = list(self._model.parameters()) + list(self.saved_modules.parameters())
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
     def print_trainable_parameters(self) -> None:
@@ -327,7 +345,7 @@ class PARAModel(nn.Module):
                 delattr(layer, GENERATOR_ATTR)
         for name in list(self.saved_modules):
             del self.saved_modules[name]
-        model = self.base_model
+        model = self._model
         for name, p in model.named_parameters():
             p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
         self.peft_config.clear()
@@ -337,19 +355,24 @@ class PARAModel(nn.Module):
 
     # ------------------------------------------------------------------ running
     def forward(self, input_ids=None, attention_mask=None, labels=None, prompt_lengths=None,
-                adapter_names=None, reprefill: bool = False, **kwargs):
+                adapter_names=None, reprefill: bool = False, completion_mask=None, assistant_masks=None,
+                **kwargs):
         """The wrapped model's forward. prompt_lengths [B]: prompt tokens per row (counted from
-        its first attended token; packed rows: one per example); else the labels' -100 prefix,
-        else all attended tokens. adapter_names: one adapter name or None (or PEFT's "__base__")
-        per row; default: the active adapter. A forward given a KV cache PARA prefilled reuses that request's vectors;
+        its first attended token; packed rows: one per example); else completion_mask [B, T]
+        (1 on the answer's tokens; assistant_masks alike): the prompt is what precedes a row's
+        first marked token; else the labels' -100 prefix; else all attended tokens.
+        adapter_names: one adapter name or None (or PEFT's "__base__") per row; default: the
+        active adapter. A forward given a KV cache PARA prefilled reuses that request's vectors;
         reprefill=True empties the cache first and prefills ``input_ids`` (the whole
-        conversation) as a new prompt."""
+        conversation) as a new prompt. The call's pre-hook (requests.py) reads these arguments
+        and opens the request, so whatever forward runs in this call (this one, accelerate's
+        autocast wrapper of it, TRL's fused LM head) runs in it."""
         self._check_usable()
-        batch = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        if reprefill:
-            empty_cache(cache_of(kwargs))
-        with self._requests.calling(adapter_names, prompt_lengths, None if batch is None else batch.shape[0]):
-            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        if OPENED.get() is not self._requests:  # called as pm.forward(...): go through the call's hooks
+            return self(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                        prompt_lengths=prompt_lengths, adapter_names=adapter_names, reprefill=reprefill,
+                        completion_mask=completion_mask, assistant_masks=assistant_masks, **kwargs)
+        return self._model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 
     def generate(self, *args, adapter_names=None, reprefill: bool = False, **kwargs):
         """The wrapped model's generate(); the vectors come from this call's input (the prompt)
@@ -362,7 +385,7 @@ class PARAModel(nn.Module):
         if reprefill:
             empty_cache(cache_of(kwargs))
         with self._requests.calling(adapter_names, None, None if batch is None else batch.shape[0]):
-            return self.base_model.generate(*args, **kwargs)
+            return self._model.generate(*args, **kwargs)
 
     def request_state(self, past_key_values) -> RequestState | None:
         """The state (vectors) a KV cache was prefilled with through this model; None if none."""
@@ -381,7 +404,7 @@ class PARAModel(nn.Module):
         user_fn = ckpt.get("context_fn")
         if not getattr(user_fn, "para_checkpoint", False):
             ckpt["context_fn"] = checkpoint_context_fn(user_fn)
-        base = self.base_model
+        base = self._model
         if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x: no deprecation warning
             base.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt, **kwargs)
         else:
@@ -393,7 +416,7 @@ class PARAModel(nn.Module):
 
     # ------------------------------------------------------------------ status
     def _layer_names(self) -> list[str]:
-        names = {id(m): n for n, m in self.base_model.named_modules()}
+        names = {id(m): n for n, m in self._model.named_modules()}
         return [names.get(id(layer), str(i)) for i, layer in enumerate(self._layers or [])]
 
     def get_layer_status(self) -> list[LayerStatus]:
@@ -427,7 +450,7 @@ class PARAModel(nn.Module):
             for a, devs in layer.devices.items():
                 devices[a] = sorted(set(devices.get(a, [])) | set(devs))
         return ModelStatus(
-            base_model_type=type(self.base_model).__name__, adapter_model_type=type(self).__name__,
+            base_model_type=type(self._model).__name__, adapter_model_type=type(self).__name__,
             peft_types={a: io.PEFT_TYPE for a in self.peft_config}, trainable_params=trainable, total_params=total,
             num_adapter_layers=len(layers), enabled=not DISABLED.get(), active_adapters=self.active_adapters,
             merged_adapters=[], requires_grad=grads, available_adapters=sorted(self.peft_config), devices=devices)
@@ -507,8 +530,8 @@ class PARAModel(nn.Module):
         (None for a model built from a config: no name identifies its weights)."""
         if config.base_model_name_or_path:
             return config.base_model_name_or_path, config.revision
-        hf_config = getattr(self.base_model, "config", None)
-        name = getattr(self.base_model, "name_or_path", None) or getattr(hf_config, "_name_or_path", None) or None
+        hf_config = getattr(self._model, "config", None)
+        name = getattr(self._model, "name_or_path", None) or getattr(hf_config, "_name_or_path", None) or None
         revision = config.revision or (getattr(hf_config, "_commit_hash", None) if name else None)
         return name, revision
 
@@ -528,7 +551,7 @@ class PARAModel(nn.Module):
             self._check_known(name)
         if not is_main_process:
             return
-        hf_config = getattr(self.base_model, "config", None)
+        hf_config = getattr(self._model, "config", None)
         for name in names:
             config, plan = self.peft_config[name], self._plans[name]
             base_name, revision = self._base_model_name(config)

@@ -1,5 +1,7 @@
-"""Each row's prompt range [start, end) (docs/spec.md §2): from prompt_lengths, else from the
-labels' ignored (-100) prefix, else the whole attended input. Padding may be on either side.
+"""Each row's prompt range [start, end) (docs/spec.md §2): from prompt_lengths, else from a
+completion mask (``completion_mask`` / ``assistant_masks``: the prompt is what precedes the
+first marked token), else from the labels' ignored (-100) prefix, else the whole attended input.
+Padding may be on either side.
 
 Packed rows (several examples in one row, each starting again at position 0, as
 ``DataCollatorWithFlattening`` and TRL's padding-free packing make them) have one prompt per
@@ -10,6 +12,23 @@ import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100
+EMPTY_PROMPT = ("PARA pools each row's prompt, so it must know where the prompt ends: pass prompt_lengths "
+                "(prompt tokens per row, or per packed example), set the prompt's labels to -100 (a -100 "
+                "prefix), or pass completion_mask (1 on the answer's tokens; TRL's completion-only loss, "
+                "assistant_masks alike)")
+
+
+def mask_as_labels(completion_mask: Tensor | None, assistant_masks: Tensor | None = None) -> Tensor | None:
+    """A completion mask (1 = answer token) as labels: 0 where marked, -100 elsewhere (both masks
+    given: a token is marked where both are, as TRL builds its labels), so the prompt is what
+    precedes the first marked token; None when neither mask is given."""
+    masks = [torch.as_tensor(m) for m in (completion_mask, assistant_masks) if m is not None]
+    if not masks:
+        return None
+    marked = masks[0].bool()
+    for m in masks[1:]:
+        marked = marked & m.to(marked.device).bool()
+    return torch.where(marked, 0, IGNORE_INDEX)
 
 
 def _row_error(kind: str, bad: Tensor, detail) -> ValueError:
@@ -110,8 +129,8 @@ def packed_prompts(position_ids: Tensor, batch: int, length: int, device, attent
         empty = prompt_end <= start
         if bool(empty.any()):
             raise _row_error("labels", empty, lambda e: f"the first token of packed example {e} is already "
-                             "supervised (label != -100), so its prompt is empty; set each example's prompt "
-                             "labels to -100 or pass prompt_lengths")
+                             f"supervised (label != -100, or marked by the completion mask), so its prompt is "
+                             f"empty. {EMPTY_PROMPT}")
         return start, prompt_end, token_rows, example_row
     return start, end, token_rows, example_row
 
@@ -139,8 +158,14 @@ def prompt_ranges(batch: int, length: int, device, attention_mask: Tensor | None
         prompt_end = torch.where(supervised.any(1), supervised.int().argmax(1), end)
         empty = prompt_end <= first
         if bool(empty.any()):
-            raise _row_error("labels", empty, lambda b: "the first attended token is already supervised "
-                             "(label != -100), so the prompt is empty; set the prompt's labels to -100 or "
-                             "pass prompt_lengths")
+            every = supervised.sum(1) == end - first
+
+            def detail(b):
+                what = ("every attended token is supervised (labels == input_ids, as DataCollatorForLanguageModeling "
+                        "and a plain-text SFT dataset make them)" if bool(every[b]) else
+                        "the first attended token is already supervised (label != -100, or marked by the "
+                        "completion mask)")
+                return f"{what}, so the prompt is empty. {EMPTY_PROMPT}"
+            raise _row_error("labels", empty, detail)
         return first, prompt_end
     return first, end

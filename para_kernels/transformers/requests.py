@@ -1,7 +1,7 @@
 """The wrapped model's request hooks: which request each forward belongs to.
 
 Holds :class:`RequestHooks`, one per PARAModel, installed on the backbone itself (so a direct
-``base_model(...)`` or ``base_model.generate(...)`` call is served the same way):
+``get_base_model()(...)`` or ``.generate(...)`` call is served the same way):
 
 - a forward pre-hook that finds the forward's request: a *prefill* (no KV cache, or an empty
   one, outside a running generate session) gets a new :class:`RequestState` (each row's prompt
@@ -24,12 +24,13 @@ with no helper call. docs/requests.md gives the rules.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
 from .. import ops
 from . import consumers
-from .prompts import is_packed, packed_prompts, prompt_ranges
+from .prompts import is_packed, mask_as_labels, packed_prompts, prompt_ranges
 from .state import (
     ACTIVE,
     CALL,
@@ -45,6 +46,15 @@ from .state import (
 )
 
 BASE_ROW = "__base__"  # PEFT's adapter_names entry for a row without adapter (as None)
+# PARAModel.forward's own arguments, in its order after input_ids, attention_mask, labels: the
+# wrapper's pre-hook takes them out of the call, so that whatever forward runs (PARA's, accelerate's
+# autocast wrapper, TRL's fused-LM-head forward) never sees them
+PARA_ARGS = ("prompt_lengths", "adapter_names", "reprefill", "completion_mask", "assistant_masks")
+FORWARD_ORDER = ("input_ids", "attention_mask", "labels") + PARA_ARGS
+# The RequestHooks whose PARAModel call is running (its pre-hook opened the request): the wrapped
+# model's own hooks then pass it through, whichever of its modules the forward calls
+OPENED: ContextVar = ContextVar("para_opened", default=None)
+WRAPPER_TOKENS: ContextVar[tuple] = ContextVar("para_wrapper_tokens", default=())
 
 
 class RequestHooks:
@@ -67,10 +77,56 @@ class RequestHooks:
                 handles.append(consumers.MethodOverride(base_model, method, no_continuous_batching))
         return handles
 
-    @contextmanager
-    def calling(self, adapter_names, prompt_lengths, batch_size: int | None):
-        """This call's routing, checked (adapter_names: one adapter name or None per row), as the
-        CALL context variable for the hooks of the forwards it makes."""
+    def install_wrapper(self, wrapper) -> list:
+        """Hook the PARAModel itself: a call of it is one request, opened before its forward runs
+        (so a forward that calls the decoder backbone directly, as TRL's fused LM head does, runs
+        inside it) and closed after; returns the handles."""
+        return [wrapper.register_forward_pre_hook(self.before_wrapper, with_kwargs=True),
+                wrapper.register_forward_hook(self.after_wrapper, always_call=True)]
+
+    def before_wrapper(self, module, args, kwargs):
+        """PARAModel.__call__: take PARA's arguments out of the call, set its routing (CALL) and
+        open its request with everything the call says about the prompt (labels, masks)."""
+        kwargs = dict(kwargs)
+        for name, value in zip(FORWARD_ORDER, args):
+            if name in kwargs:
+                raise TypeError(f"PARAModel.forward() got multiple values for argument {name!r}")
+            kwargs[name] = value
+        para = {name: kwargs.pop(name, None) for name in PARA_ARGS}
+        entry = [None, None, False]  # CALL's token, OPENED's token, whether before_model ran
+        try:
+            if para["reprefill"]:
+                empty_cache(cache_of(kwargs))
+            x = kwargs.get("input_ids")
+            x = kwargs.get("inputs_embeds") if x is None else x
+            entry[0] = CALL.set(self.options(para["adapter_names"], para["prompt_lengths"],
+                                             None if x is None else x.shape[0]))
+            prompt_mask = mask_as_labels(para["completion_mask"], para["assistant_masks"])
+            seen = kwargs if prompt_mask is None else dict(kwargs, prompt_mask=prompt_mask)
+            entry[2] = True  # before_model pushes onto TOKENS even when it raises
+            self.before_model(module, (), seen)
+            entry[1] = OPENED.set(self)
+        except Exception:
+            WRAPPER_TOKENS.set(WRAPPER_TOKENS.get() + (tuple(entry),))
+            raise
+        WRAPPER_TOKENS.set(WRAPPER_TOKENS.get() + (tuple(entry),))
+        return (), kwargs
+
+    def after_wrapper(self, module, args, output):
+        tokens = WRAPPER_TOKENS.get()
+        if not tokens:
+            return
+        WRAPPER_TOKENS.set(tokens[:-1])
+        call_token, opened_token, opened = tokens[-1]
+        if opened_token is not None:
+            OPENED.reset(opened_token)
+        if opened:
+            self.after_model(module, args, output)
+        if call_token is not None:
+            CALL.reset(call_token)
+
+    def options(self, adapter_names, prompt_lengths, batch_size: int | None) -> CallOptions:
+        """A call's routing, checked (adapter_names: one adapter name or None per row)."""
         if adapter_names is not None:
             if isinstance(adapter_names, str) or not hasattr(adapter_names, "__len__"):
                 raise ValueError(f"adapter_names must be a list with one adapter name (or None) per row, "
@@ -82,7 +138,13 @@ class RequestHooks:
             for name in adapter_names:
                 if name is not None:
                     self.model._check_known(name)
-        token = CALL.set(CallOptions(adapter_names, prompt_lengths))
+        return CallOptions(adapter_names, prompt_lengths)
+
+    @contextmanager
+    def calling(self, adapter_names, prompt_lengths, batch_size: int | None):
+        """This call's routing, checked, as the CALL context variable for the hooks of the
+        forwards it makes."""
+        token = CALL.set(self.options(adapter_names, prompt_lengths, batch_size))
         try:
             yield
         finally:
@@ -125,8 +187,11 @@ class RequestHooks:
         return groups
 
     def new_state(self, kwargs: dict, call: CallOptions, batch: int, length: int, device) -> RequestState:
-        """A prefill's state: each row's (or packed example's) prompt range and adapter."""
+        """A prefill's state: each row's (or packed example's) prompt range and adapter. A
+        completion mask (``prompt_mask``, set by the wrapper's pre-hook) takes the labels' place."""
         mask, labels, positions = kwargs.get("attention_mask"), kwargs.get("labels"), kwargs.get("position_ids")
+        if kwargs.get("prompt_mask") is not None:
+            labels = kwargs["prompt_mask"].to(device)
         rows = self.route(call, batch)
         token_rows = None
         if is_packed(positions, mask, batch, length):
@@ -163,6 +228,9 @@ class RequestHooks:
         # Runs at every forward, decode steps included: the path that continues a request is
         # written out here, without helper calls, because its Python cost is what PARA adds to
         # every generated token.
+        if OPENED.get() is self:  # inside this model's PARAModel call, which opened the request
+            TOKENS.set(TOKENS.get() + (None,))
+            return
         try:
             cache = kwargs.get("past_key_values")  # cache_of, written out (per-token path)
             if cache is None:
@@ -211,6 +279,9 @@ class RequestHooks:
     def after_model(self, module, args, output):
         tokens = TOKENS.get()
         if not tokens:
+            return
+        if tokens[-1] is None:  # passed through (the PARAModel call's hooks own the request)
+            TOKENS.set(tokens[:-1])
             return
         state = ACTIVE.get()
         ACTIVE.reset(tokens[-1])

@@ -18,9 +18,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from kit.models import randomize_adapter, tiny_llama
 
 from para_kernels import PARAConfig, get_para_model
+
+from kit.models import randomize_adapter, tiny_llama
 
 WORLD = 2
 ROWS, LENGTH, PROMPT, STEPS = 4, 8, 3, 3
@@ -81,9 +82,9 @@ def run_variant(kind: str, rank: int) -> dict:
     if kind == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
-        for layer in pm.base_model.model.layers:
+        for layer in pm.get_base_model().model.layers:
             fully_shard(layer)
-        fully_shard(pm.base_model)
+        fully_shard(pm.get_base_model())
         net = pm
     else:
         # find_unused_parameters=True: what Trainer passes for a model that is not a PreTrainedModel

@@ -13,10 +13,11 @@ import copy
 import pytest
 import torch
 import transformers
-from kit import rel_err
-from kit.models import PAD, VOCAB, batch_inputs
 
 from para_kernels import MappingError, PARAConfig, get_para_model
+
+from kit import rel_err
+from kit.models import PAD, VOCAB, batch_inputs
 
 MOE = {
     "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=48, moe_intermediate_size=24, num_experts=4,

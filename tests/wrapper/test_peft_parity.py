@@ -367,7 +367,7 @@ def test_unloaded_wrapper_refuses_every_call():
 def test_backbone_save_pretrained_holds_no_generator_tensors(tmp_path):
     from transformers import AutoModelForCausalLM
     pm = _default_and_extra()
-    pm.base_model.save_pretrained(str(tmp_path))
+    pm.get_base_model().save_pretrained(str(tmp_path))
     reloaded, info = AutoModelForCausalLM.from_pretrained(str(tmp_path), output_loading_info=True)
     assert not info["unexpected_keys"] and not info["missing_keys"]
     with torch.no_grad(), pm.disable_adapter():

@@ -289,7 +289,7 @@ def test_packed_rows_per_token_vectors_without_a_block_mask():
     pm = _adapters_a_and_b(tiny_llama(dtype=torch.float64))
     ids, pos, _ = _pack([torch.arange(3, 9), torch.arange(10, 14)])
     seen = {}
-    layer = pm.base_model.model.layers[0]
+    layer = pm.get_base_model().model.layers[0]
     h = layer.register_forward_pre_hook(lambda m, a, k: seen.setdefault("state", ACTIVE.get()) and None,
                                         with_kwargs=True)
     with torch.no_grad():
@@ -304,7 +304,7 @@ def test_packed_rows_per_token_vectors_without_a_block_mask():
 def _layer0_scales(pm, run):
     """{module index: scale} of layer 0 from the request state of the forward ``run()`` makes."""
     seen = {}
-    layer = pm.base_model.model.layers[0]
+    layer = pm.get_base_model().model.layers[0]
     h = layer.register_forward_hook(lambda m, a, out: seen.setdefault("state", ACTIVE.get()) and None)
     try:
         with torch.no_grad():

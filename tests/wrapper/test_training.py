@@ -77,12 +77,12 @@ def test_hf_trainer_passes_prompt_lengths_to_forward(tmp_path, monkeypatch):
         data.append({"input_ids": ids, "labels": list(ids), "prompt_lengths": 2 + i % 4})
 
     forwards, ends = [], []
-    real_forward = PARAModel.forward
+    real_call = PARAModel.__call__  # the call's pre-hook takes prompt_lengths out before forward runs
 
-    @functools.wraps(real_forward)
-    def spy_forward(self, *args, **kwargs):
+    @functools.wraps(real_call)
+    def spy_call(self, *args, **kwargs):
         forwards.append(kwargs.get("prompt_lengths"))
-        return real_forward(self, *args, **kwargs)
+        return real_call(self, *args, **kwargs)
 
     real_ranges = para_model.prompt_ranges
 
@@ -91,7 +91,7 @@ def test_hf_trainer_passes_prompt_lengths_to_forward(tmp_path, monkeypatch):
         ends.append(end_.tolist())
         return start_, end_
 
-    monkeypatch.setattr(PARAModel, "forward", spy_forward)
+    monkeypatch.setattr(PARAModel, "__call__", spy_call)
     monkeypatch.setattr(para_model, "prompt_ranges", spy_ranges)
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], save_strategy="no", use_cpu=True,
                              max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
@@ -150,7 +150,7 @@ def test_reentrant_checkpointing_is_refused_with_a_clear_error():
     for enable in (pm.gradient_checkpointing_enable, pm.activation_checkpointing_enable):
         with pytest.raises(ValueError, match="use_reentrant"):
             enable({"use_reentrant": True})
-    assert not any(layer.gradient_checkpointing for layer in pm.base_model.model.layers)
+    assert not any(layer.gradient_checkpointing for layer in pm.get_base_model().model.layers)
 
 
 def test_trainer_with_gradient_checkpointing_trains(tmp_path):
