@@ -89,8 +89,8 @@ def scale_in_place(output: torch.Tensor, s: torch.Tensor, s3: torch.Tensor) -> t
 
 def scale_packed(output: torch.Tensor, s: torch.Tensor, token_rows: torch.Tensor) -> torch.Tensor:
     """Packed rows: output [B, T, n] (or [B*T, n]) ⊙ s[token_rows[token]], s [examples, n]."""
-    n = output.shape[-1]
-    return ops.scale(output.reshape(-1, n), fit(s, output), token_rows).reshape(output.shape)
+    n = output.shape[-1]  # token_rows: on the input's device (a no-op move unless split by device_map)
+    return ops.scale(output.reshape(-1, n), fit(s, output), token_rows.to(output.device)).reshape(output.shape)
 
 
 def is_fusable_linear(module: nn.Module, scaled: ScaledModule) -> bool:

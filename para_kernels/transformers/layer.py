@@ -37,6 +37,34 @@ GENERATOR_ATTR = "para_generator"
 WEIGHT_NAMES = ("w_down", "b_down", "w_up", "b_up", "w_sa", "act_params")
 
 
+def _hook_device(hook) -> torch.device | None:
+    """The execution device of an accelerate hook (AlignDevicesHook, or one inside a SequentialHook)."""
+    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        device = getattr(h, "execution_device", None)
+        if device is not None and not isinstance(device, dict):
+            return torch.device(device)
+    return None
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: the execution device of accelerate's hook when the model was
+    dispatched (``device_map``: the weights of an offloaded module are on meta, onloaded by the
+    hook for each forward), else the device of its first parameter not on meta, else a hooked
+    submodule's execution device."""
+    device = _hook_device(getattr(module, "_hf_hook", None))
+    if device is not None:
+        return device
+    params = list(module.parameters())
+    for p in params:
+        if p.device.type != "meta":
+            return p.device
+    for m in module.modules():
+        device = _hook_device(getattr(m, "_hf_hook", None))
+        if device is not None:
+            return device
+    return params[0].device if params else torch.device("cpu")
+
+
 def weight_shapes(config: PARAConfig, d: int, n: int) -> dict[str, tuple]:
     """Shape of each of one adapter's tensors in one layer (d: hidden size, n: N = n_q+n_v+n_u)."""
     shapes = {"w_down": (d, config.r), "b_down": (config.r,), "w_up": (config.r, n), "b_up": (n,)}
@@ -91,15 +119,17 @@ class PARALayer:
     def __init__(self, index: int, layer: nn.Module, plans: dict, module_index: dict):
         self.index, self.layer = index, layer
         self.plans, self.module_index = plans, module_index
+        self.device = None  # the layer's execution device (set by add_adapter): the generators live there
+        self.module_devices: dict[int, torch.device] = {}  # k -> where scaled module k computes
 
     def add_adapter(self, adapter_name: str, config: PARAConfig, lmap: LayerMap, d: int, n: int,
                     dtype: torch.dtype, once) -> None:
-        """A fresh (frozen) generator for ``adapter_name`` in this layer, on the layer's device,
-        and the hooks its modules need."""
+        """A fresh (frozen) generator for ``adapter_name`` in this layer, on the layer's execution
+        device (offloaded layers included), and the hooks its modules need."""
         layer = self.layer
         if not hasattr(layer, GENERATOR_ATTR):
             setattr(layer, GENERATOR_ATTR, PARAGenerator())
-        device = next(layer.parameters()).device
+        device = self.device = execution_device(layer)
         weights = AdapterWeights(config, d, n, dtype, device).requires_grad_(False)
         getattr(layer, GENERATOR_ATTR).adapters[adapter_name] = weights
         self.install(lmap, config, once)
@@ -116,6 +146,7 @@ class PARALayer:
         for m in lmap.modules:
             module = layer.get_submodule(m.path)
             k = self.module_index.setdefault((i, m.path), len(self.module_index))
+            self.module_devices[k] = execution_device(module)
             glu = consumers.glu_parts(layer, m.path) if m.segments[-1].target == "up" else None
             if m.kind == "experts":  # MoE: the routed experts' up halves (mapping.py)
                 once((i, m.path), functools.partial(consumers.ForwardOverride, module,
@@ -138,21 +169,27 @@ class PARALayer:
         generator = getattr(self.layer, GENERATOR_ATTR)
         if state.token_rows is not None:  # packed: ranges index the flattened tokens
             hidden = hidden.reshape(-1, hidden.shape[-1])
-        for group in state.groups:
+        # a layer's forward pre-hooks run before accelerate's hook moves its input, so under a
+        # device_map the hidden states may still be on the previous layer's device
+        device = self.device or hidden.device
+        hidden = hidden.to(device)
+        start, end, ids = state.on(device)  # moved once per device per request
+        for group, group_ids in zip(state.groups, ids):
             config, lmap = group.config, self.plans[group.names[0]].maps[i]
             if config.pool_input != source or lmap is None:
                 continue
             bank = generator.bank(group.names)
-            w_sa = bank["w_sa"][group.ids.clamp(min=0)].to(hidden.dtype) if "w_sa" in bank else None
-            v = ops.pool_generate(hidden, state.start, state.end, config.pooler, w_sa, bank["w_down"],
-                                  bank["b_down"], bank["w_up"], bank["b_up"], group.ids, config.activation,
+            w_sa = bank["w_sa"][group_ids.clamp(min=0)].to(hidden.dtype) if "w_sa" in bank else None
+            v = ops.pool_generate(hidden, start, end, config.pooler, w_sa, bank["w_down"],
+                                  bank["b_down"], bank["w_up"], bank["b_up"], group_ids, config.activation,
                                   bank.get("act_params")).to(hidden.dtype)
             sizes = [lmap.sizes[t] for t in config.targets]
             pieces = dict(zip(config.targets, v.split(sizes, dim=1)))
             for m in lmap.modules:
                 s = module_scale(m, pieces, v.shape[0], v)
                 if s is not None:
-                    state.put(self.module_index[(i, m.path)], s)
+                    k = self.module_index[(i, m.path)]
+                    state.put(k, s.to(self.module_devices.get(k, device)))  # where the module computes
 
 
 def layer_pre_hook(para: PARALayer):

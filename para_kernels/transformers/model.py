@@ -102,6 +102,7 @@ class PARAModel(nn.Module):
         if any(hasattr(m, GENERATOR_ATTR) for m in model.modules()):
             raise ValueError("this model already carries PARA generators; add adapters to its PARAModel "
                              "with add_adapter(), or unload() it first")
+        refuse_reentrant_checkpointing(model)
         self.base_model = model  # registered as "base_model" (state dict keys); read it as _model
         self.__dict__["_model"] = model  # not a second registration: a plain reference
         self.peft_config: dict[str, PARAConfig] = {}
@@ -125,6 +126,9 @@ class PARAModel(nn.Module):
         self._requests = RequestHooks(self)
         self._handles += self._requests.install(model)
         self._handles += self._requests.install_wrapper(self)
+        # checkpointing the backbone already had on (e.g. prepare_model_for_kbit_training's) recomputes
+        # in backward, after the forward's request state was popped: give it PARA's context_fn
+        self._handles += [CheckpointContext(m) for m in model.modules() if _checkpoint_func(m) is not None]
         if hasattr(model, "save_pretrained"):  # the backbone's own files stay the backbone's
             self._handles.append(consumers.MethodOverride(model, "save_pretrained",
                                                            functools.partial(_without_generators, model)))
@@ -322,8 +326,11 @@ class PARAModel(nn.Module):
             DISABLED.reset(token)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) counted as PEFT counts them: a bitsandbytes 4-bit weight (two values
+        per stored byte) counts numel * 2 * its storage's element size."""
         params = list(self._model.parameters()) + list(self.saved_modules.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        counts = [(_n_params(p), p.requires_grad) for p in params]
+        return sum(n for n, grad in counts if grad), sum(n for n, _ in counts)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
@@ -628,6 +635,80 @@ class PARAModel(nn.Module):
             para.unload()
             raise
         return para
+
+
+def _n_params(p: torch.Tensor) -> int:
+    """A parameter's count as PEFT's get_nb_trainable_parameters gives it (Params4bit packs two
+    4-bit values per byte of its storage)."""
+    n = p.numel()
+    if type(p).__name__ == "Params4bit":
+        size = p.element_size() if hasattr(p, "element_size") else getattr(p, "quant_storage", torch.uint8).itemsize
+        n *= 2 * size
+    return n
+
+
+_REENTRANT_ERROR = (
+    "{where} has reentrant activation checkpointing on (use_reentrant=True, or no use_reentrant, which "
+    "torch.utils.checkpoint takes as True; PEFT's prepare_model_for_kbit_training passes none unless told). "
+    "PARA's vectors reach each layer's projections through hooks, not as checkpoint inputs, so a reentrant "
+    "recompute would backpropagate through them a second time. Use non-reentrant checkpointing: "
+    "prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={{'use_reentrant': False}}), "
+    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={{'use_reentrant': False}}) (the "
+    "default of transformers 5's activation_checkpointing_enable()), or enable it after wrapping with "
+    "PARAModel.gradient_checkpointing_enable()")
+
+
+def _checkpoint_func(module: nn.Module):
+    """The checkpoint function of a module transformers checkpoints (None if it does not)."""
+    if not getattr(module, "gradient_checkpointing", False):
+        return None
+    return module.__dict__.get("_gradient_checkpointing_func")
+
+
+def _is_reentrant(func) -> bool:
+    """Whether transformers' checkpoint function ``func`` (torch.utils.checkpoint.checkpoint, or a
+    functools.partial of it or of transformers' offloading wrapper, with the kwargs) is reentrant."""
+    from torch.utils.checkpoint import checkpoint
+
+    keywords = {}
+    while isinstance(func, functools.partial):
+        keywords = {**func.keywords, **keywords}
+        func = func.func
+    if func is not checkpoint and getattr(func, "__name__", "") != "checkpoint_func":
+        return False  # a function of the user's: it says what it does
+    use_reentrant = keywords.get("use_reentrant")
+    return True if use_reentrant is None else bool(use_reentrant)  # torch's default when not passed
+
+
+def refuse_reentrant_checkpointing(model: nn.Module, where: str = "the model") -> None:
+    """Raise ValueError if any module of ``model`` is checkpointed reentrantly."""
+    for module in model.modules():
+        func = _checkpoint_func(module)
+        if func is not None and _is_reentrant(func):
+            raise ValueError(_REENTRANT_ERROR.format(where=where))
+
+
+class CheckpointContext:
+    """A handle: a module's (non-reentrant) checkpoint function, set by the backbone before it
+    was wrapped, with PARA's context_fn added (its recompute sees the forward's request state);
+    ``remove()`` puts the original back."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.original = module, module.__dict__["_gradient_checkpointing_func"]
+        keywords = {}
+        func = self.original
+        while isinstance(func, functools.partial):
+            keywords = {**func.keywords, **keywords}
+            func = func.func
+        user_fn = keywords.get("context_fn")
+        self.installed = self.original
+        if not getattr(user_fn, "para_checkpoint", False):
+            self.installed = functools.partial(self.original, context_fn=checkpoint_context_fn(user_fn))
+            module._gradient_checkpointing_func = self.installed
+
+    def remove(self) -> None:
+        if self.module.__dict__.get("_gradient_checkpointing_func") is self.installed:  # not set again since
+            self.module._gradient_checkpointing_func = self.original
 
 
 def _without_generators(model: nn.Module, original):

@@ -63,6 +63,18 @@ class RequestState:
     disabled: bool = False  # prefilled under disable_adapter(): continued under it only
     ready: bool = False
     plain: bool = False  # this forward is eager inference on the reference backend
+    moved: dict = field(default_factory=dict)  # device -> (start, end, [ids per group]) there
+
+    def on(self, device) -> tuple:
+        """(start, end, [each group's ids]) on ``device``, where a layer of a model split across
+        devices (device_map) computes; copied once per device per request, at its prefill."""
+        if self.start is None or self.start.device == device:
+            return self.start, self.end, [g.ids for g in self.groups]
+        moved = self.moved.get(device)
+        if moved is None:
+            moved = self.moved[device] = (self.start.to(device), self.end.to(device),
+                                          [g.ids.to(device) for g in self.groups])
+        return moved
 
     def put(self, k: int, s: Tensor) -> None:
         """Multiply s into module k's scale (adapter groups of other signatures multiply in)."""
@@ -84,7 +96,8 @@ class RequestState:
         still empty in the snapshot) or only its ``forward`` (the hook outside, so the recompute
         reads the forward's own scale tensors), the recompute repeats the forward exactly."""
         return RequestState(self.batch, self.requested, self.groups, self.start, self.end, self.token_rows,
-                            list(self.scales), list(self.scales3), self.disabled, ready=False, plain=False)
+                            list(self.scales), list(self.scales3), self.disabled, ready=False, plain=False,
+                            moved=self.moved)
 
     def vectors(self):
         """(module index, scale [rows, n]) of every scaled module: for inspection."""
