@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,7 +38,15 @@ from ..config import PARAConfig
 from . import consumers, io, saved
 from .layer import GENERATOR_ATTR, PARALayer, weight_shapes
 from .mapping import MappingError, find_layers, map_layer
-from .requests import BASE_ROW, OPENED, RequestHooks, cache_of, empty_cache
+from .requests import (
+    BASE_ROW,
+    OPENED,
+    RequestHooks,
+    cache_of,
+    checkpoint_func,
+    empty_cache,
+    refuse_reentrant_checkpointing,
+)
 from .state import DISABLED, RequestState, checkpoint_context_fn
 
 MERGE_ERROR = (
@@ -102,7 +111,7 @@ class PARAModel(nn.Module):
         if any(hasattr(m, GENERATOR_ATTR) for m in model.modules()):
             raise ValueError("this model already carries PARA generators; add adapters to its PARAModel "
                              "with add_adapter(), or unload() it first")
-        refuse_reentrant_checkpointing(model)
+        refuse_reentrant_checkpointing(model.modules(), "the model")
         self.base_model = model  # registered as "base_model" (state dict keys); read it as _model
         self.__dict__["_model"] = model  # not a second registration: a plain reference
         self.peft_config: dict[str, PARAConfig] = {}
@@ -128,7 +137,10 @@ class PARAModel(nn.Module):
         self._handles += self._requests.install_wrapper(self)
         # checkpointing the backbone already had on (e.g. prepare_model_for_kbit_training's) recomputes
         # in backward, after the forward's request state was popped: give it PARA's context_fn
-        self._handles += [CheckpointContext(m) for m in model.modules() if _checkpoint_func(m) is not None]
+        self._handles += [CheckpointContext(m) for m in model.modules() if checkpoint_func(m) is not None]
+        if "bitsandbytes" in sys.modules:  # 4-bit layers keep the layout training needs (_cpu_packed_4bit)
+            self._handles += [consumers.MethodOverride(m, "support_avx512bf16_for_cpu", lambda _: False)
+                              for m in _cpu_packed_4bit(model)]
         if hasattr(model, "save_pretrained"):  # the backbone's own files stay the backbone's
             self._handles.append(consumers.MethodOverride(model, "save_pretrained",
                                                            functools.partial(_without_generators, model)))
@@ -637,6 +649,28 @@ class PARAModel(nn.Module):
         return para
 
 
+def _cpu_packed_4bit(model: nn.Module) -> list:
+    """The bitsandbytes Linear4bit modules that may repack their weight for CPU inference. On CPU
+    with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place at its first forward in eval mode
+    without grad: the packed matmul has no backward (a model trained after an evaluation gets no
+    gradient through its 4-bit layers: every generator's gradient is zero) and the quantization
+    state's absmax is rounded to bf16 (the frozen weights change). PARA switches that repacking off
+    while it wraps the model (unload() restores it) and puts a weight already repacked back in the
+    layout training uses, as bitsandbytes' own state_dict() and .cuda() do."""
+    found = []
+    for module in model.modules():
+        if not module.__dict__.get("support_avx512bf16_for_cpu", False):
+            continue
+        weight = module.weight
+        state = getattr(weight, "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+        found.append(module)
+    return found
+
+
 def _n_params(p: torch.Tensor) -> int:
     """A parameter's count as PEFT's get_nb_trainable_parameters gives it (Params4bit packs two
     4-bit values per byte of its storage)."""
@@ -645,47 +679,6 @@ def _n_params(p: torch.Tensor) -> int:
         size = p.element_size() if hasattr(p, "element_size") else getattr(p, "quant_storage", torch.uint8).itemsize
         n *= 2 * size
     return n
-
-
-_REENTRANT_ERROR = (
-    "{where} has reentrant activation checkpointing on (use_reentrant=True, or no use_reentrant, which "
-    "torch.utils.checkpoint takes as True; PEFT's prepare_model_for_kbit_training passes none unless told). "
-    "PARA's vectors reach each layer's projections through hooks, not as checkpoint inputs, so a reentrant "
-    "recompute would backpropagate through them a second time. Use non-reentrant checkpointing: "
-    "prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={{'use_reentrant': False}}), "
-    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={{'use_reentrant': False}}) (the "
-    "default of transformers 5's activation_checkpointing_enable()), or enable it after wrapping with "
-    "PARAModel.gradient_checkpointing_enable()")
-
-
-def _checkpoint_func(module: nn.Module):
-    """The checkpoint function of a module transformers checkpoints (None if it does not)."""
-    if not getattr(module, "gradient_checkpointing", False):
-        return None
-    return module.__dict__.get("_gradient_checkpointing_func")
-
-
-def _is_reentrant(func) -> bool:
-    """Whether transformers' checkpoint function ``func`` (torch.utils.checkpoint.checkpoint, or a
-    functools.partial of it or of transformers' offloading wrapper, with the kwargs) is reentrant."""
-    from torch.utils.checkpoint import checkpoint
-
-    keywords = {}
-    while isinstance(func, functools.partial):
-        keywords = {**func.keywords, **keywords}
-        func = func.func
-    if func is not checkpoint and getattr(func, "__name__", "") != "checkpoint_func":
-        return False  # a function of the user's: it says what it does
-    use_reentrant = keywords.get("use_reentrant")
-    return True if use_reentrant is None else bool(use_reentrant)  # torch's default when not passed
-
-
-def refuse_reentrant_checkpointing(model: nn.Module, where: str = "the model") -> None:
-    """Raise ValueError if any module of ``model`` is checkpointed reentrantly."""
-    for module in model.modules():
-        func = _checkpoint_func(module)
-        if func is not None and _is_reentrant(func):
-            raise ValueError(_REENTRANT_ERROR.format(where=where))
 
 
 class CheckpointContext:

@@ -23,6 +23,7 @@ with no helper call. docs/requests.md gives the rules.
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -263,6 +264,8 @@ class RequestHooks:
                     state.fit(len(self.module_index))
             else:  # a prefill: a new request
                 refuse_paged(cache)
+                if module.training and torch.is_grad_enabled():  # checkpointing switched on after wrapping
+                    refuse_reentrant_checkpointing(self.model._layers or (), "the wrapped model")
                 state = self.new_state(kwargs, call, x.shape[0], x.shape[1], x.device)
                 if cache is not None:
                     self.cache_states.put(cache, state)
@@ -313,6 +316,47 @@ def empty_cache(cache) -> None:
         return
     if cache.get_seq_length() > 0:
         cache.reset()
+
+
+_REENTRANT_ERROR = (
+    "{where} has reentrant activation checkpointing on (use_reentrant=True, or no use_reentrant, which "
+    "torch.utils.checkpoint takes as True; PEFT's prepare_model_for_kbit_training passes none unless told). "
+    "PARA's vectors reach each layer's projections through hooks, not as checkpoint inputs, so a reentrant "
+    "recompute would backpropagate through them a second time. Use non-reentrant checkpointing: "
+    "prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={{'use_reentrant': False}}), "
+    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={{'use_reentrant': False}}) (the "
+    "default of transformers 5's activation_checkpointing_enable()), or enable it after wrapping with "
+    "PARAModel.gradient_checkpointing_enable()")
+
+
+def checkpoint_func(module):
+    """The checkpoint function of a module transformers checkpoints (None if it does not)."""
+    if not getattr(module, "gradient_checkpointing", False):
+        return None
+    return module.__dict__.get("_gradient_checkpointing_func")
+
+
+def _is_reentrant(func) -> bool:
+    """Whether transformers' checkpoint function ``func`` (torch.utils.checkpoint.checkpoint, or a
+    functools.partial of it or of transformers' offloading wrapper, with the kwargs) is reentrant."""
+    from torch.utils.checkpoint import checkpoint
+
+    keywords = {}
+    while isinstance(func, functools.partial):
+        keywords = {**func.keywords, **keywords}
+        func = func.func
+    if func is not checkpoint and getattr(func, "__name__", "") != "checkpoint_func":
+        return False  # a function of the user's: it says what it does
+    use_reentrant = keywords.get("use_reentrant")
+    return True if use_reentrant is None else bool(use_reentrant)  # torch's default when not passed
+
+
+def refuse_reentrant_checkpointing(modules, where: str) -> None:
+    """Raise ValueError if any of ``modules`` is checkpointed reentrantly (``where``: whose they are)."""
+    for module in modules:
+        func = checkpoint_func(module)
+        if func is not None and _is_reentrant(func):
+            raise ValueError(_REENTRANT_ERROR.format(where=where))
 
 
 def refuse_paged(cache) -> None:
