@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from kit.models import adapter_params, tiny_llama
+from kit.models import adapter_params, randomize_adapter, tiny_llama
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from para_kernels import PARAConfig, get_para_model
@@ -168,3 +168,65 @@ def test_prepare_model_for_kbit_training_composes(saved_llama):
     for n in without:
         assert without[n].abs().sum() > 0 or n.endswith(("w_down", "b_down")), n  # W_up = 0: no grad below it
         torch.testing.assert_close(with_ckpt[n], without[n], msg=n)
+
+
+# ------------------------------------------------- checkpointing switched on before (or after) wrapping
+def _grads(pm, x, labels):
+    pm.zero_grad(set_to_none=True)
+    pm(input_ids=x, labels=labels).loss.backward()
+    return {n: p.grad.clone() for n, p in adapter_params(pm).items()}
+
+
+def test_backbone_checkpointing_set_before_wrapping_is_adopted():
+    """transformers 5's gradient_checkpointing_enable() with no kwargs is non-reentrant: the
+    wrapper gives its recompute the request's state (the gradients equal those without
+    checkpointing) and unload() puts the backbone's checkpoint function back."""
+    model = tiny_llama(dtype=torch.float64)
+    model.gradient_checkpointing_enable()
+    assert model.model.layers[0]._gradient_checkpointing_func.keywords == {"use_reentrant": False}
+    pm = get_para_model(model, PARAConfig(r=4))
+    randomize_adapter(pm)
+    x, labels = _toy_rows(torch.Generator().manual_seed(4), 3)
+    pm.train()
+    with_ckpt = _grads(pm, x, labels)
+    model.gradient_checkpointing_disable()
+    without = _grads(pm, x, labels)
+    for n in without:
+        assert without[n].abs().sum() > 0, n
+        torch.testing.assert_close(with_ckpt[n], without[n], rtol=1e-10, atol=1e-14, msg=n)
+    # unload() restores the backbone's own checkpoint function
+    model = tiny_llama()
+    model.gradient_checkpointing_enable()
+    original = model.model.layers[0]._gradient_checkpointing_func
+    pm = get_para_model(model, PARAConfig(r=4))
+    assert model.model.layers[0]._gradient_checkpointing_func is not original
+    pm.unload()
+    assert all(layer._gradient_checkpointing_func is original for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("kwargs", [{"use_reentrant": True}, {}], ids=["use_reentrant=True", "no use_reentrant"])
+def test_reentrant_backbone_checkpointing_is_refused_at_wrap_time(kwargs):
+    # {}: torch.utils.checkpoint takes a missing use_reentrant as True
+    model = tiny_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    with pytest.raises(ValueError, match=r"use_reentrant': False"):
+        get_para_model(model, PARAConfig(r=4))
+    assert not hasattr(model.model.layers[0], "para_generator")
+    assert all(p.requires_grad for p in model.parameters())  # the model as it was
+
+
+def test_reentrant_checkpointing_switched_on_after_wrapping_is_refused_at_the_training_forward():
+    # without the check, the reentrant checkpoint's recompute gives the generators no gradient
+    model = tiny_llama()
+    pm = get_para_model(model, PARAConfig(r=4))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    x, labels = _toy_rows(torch.Generator().manual_seed(4), 2)
+    with torch.no_grad():
+        pm(input_ids=x)  # inference is not affected
+    pm.train()
+    with pytest.raises(ValueError, match="reentrant"):
+        pm(input_ids=x, labels=labels)
+    with pytest.raises(ValueError, match="use_reentrant"):
+        pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    pm.gradient_checkpointing_enable()  # non-reentrant, with PARA's context: trains
+    assert all(g.abs().sum() > 0 for n, g in _grads(pm, x, labels).items() if n.endswith("w_up"))
