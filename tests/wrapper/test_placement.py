@@ -129,9 +129,10 @@ def test_para_trainer_saves_and_loads_a_split_model(saved_llama, tmp_path):
     assert not any("para_generator" in n for n, _ in reloaded.named_parameters())
 
 
-def test_max_memory_forces_offload(saved_llama, tmp_path):
-    # a CPU budget below the model's size: accelerate sends the last layers to disk
-    whole, split = _pair(saved_llama, tmp_path, device_map="auto", max_memory={"cpu": 120_000})
+@pytest.mark.parametrize("budget", [120_000, 1_000])
+def test_max_memory_forces_offload(saved_llama, tmp_path, budget):
+    # a CPU budget below the model's size: accelerate sends the last layers (or everything) to disk
+    whole, split = _pair(saved_llama, tmp_path, device_map="auto", max_memory={"cpu": budget})
     assert "disk" in set(split.base_model.hf_device_map.values())
     x, mask = _inputs()
     with torch.no_grad():
