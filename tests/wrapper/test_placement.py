@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kit.models import adapter_params, randomize_adapter, tiny_llama
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from para_kernels import PARAConfig, PARAModel, get_para_model
 from para_kernels.transformers.layer import execution_device
 from para_kernels.transformers.state import AdapterGroup, RequestState
 from para_kernels.transformers.trainer import PARATrainer
+
+from kit.models import adapter_params, randomize_adapter, tiny_llama
 
 pytest.importorskip("accelerate")
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -124,7 +125,7 @@ def test_para_trainer_saves_and_loads_a_split_model(saved_llama, tmp_path):
             loaded = PARAModel.from_pretrained(base, str(tmp_path / "adapter"))
             torch.testing.assert_close(loaded(input_ids=x, attention_mask=mask).logits, ref, rtol=0, atol=1e-6)
     # the backbone's own files stay the backbone's (no generator tensors)
-    split.base_model.save_pretrained(str(tmp_path / "backbone"))
+    split.get_base_model().save_pretrained(str(tmp_path / "backbone"))
     reloaded = _whole(str(tmp_path / "backbone"))
     assert not any("para_generator" in n for n, _ in reloaded.named_parameters())
 
@@ -133,7 +134,7 @@ def test_para_trainer_saves_and_loads_a_split_model(saved_llama, tmp_path):
 def test_max_memory_forces_offload(saved_llama, tmp_path, budget):
     # a CPU budget below the model's size: accelerate sends the last layers (or everything) to disk
     whole, split = _pair(saved_llama, tmp_path, device_map="auto", max_memory={"cpu": budget})
-    assert "disk" in set(split.base_model.hf_device_map.values())
+    assert "disk" in set(split.get_base_model().hf_device_map.values())
     x, mask = _inputs()
     with torch.no_grad():
         torch.testing.assert_close(split(input_ids=x, attention_mask=mask).logits,

@@ -9,11 +9,12 @@ import math
 
 import pytest
 import torch
-from kit.models import adapter_params, randomize_adapter, tiny_llama
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from para_kernels import PARAConfig, get_para_model
 from para_kernels.transformers.trainer import PARATrainer
+
+from kit.models import adapter_params, randomize_adapter, tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes")
 pytestmark = [pytest.mark.usefixtures("single_thread"),
