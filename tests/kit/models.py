@@ -146,3 +146,26 @@ def logits_of(pm, **kwargs) -> torch.Tensor:
     """The model's logits on token_ids(), without gradients."""
     with torch.no_grad():
         return pm(input_ids=token_ids(), **kwargs).logits
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer whose ids fit the tiny models' vocabulary (pad 0, bos 1,
+    eos 2, then newline and printable ASCII), for tests that need real text (the README's)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    assert len(vocab) <= VOCAB
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<pad>")
+
+
+def save_tiny_checkpoint(folder: str) -> str:
+    """tiny_llama() and char_tokenizer() saved as a model folder (what a Hub id resolves to)."""
+    tiny_llama().save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder

@@ -1,8 +1,10 @@
-"""The README's Python blocks run as written, top to bottom, in one namespace.
+"""The README's Python blocks run as written, top to bottom, in one namespace per section.
 
-The only substitutions (the names the README leaves to the reader): ``hf_model`` is a tiny random
-Llama (nothing downloaded) and ``ids`` / ``mask`` / ``labels`` / ``lengths`` a 3-row batch for it.
-The blocks run in an empty folder, so their relative paths (``"adapters"``) land there.
+The only substitutions (the names the README leaves to the reader): in "Use", ``hf_model`` is a
+tiny random Llama (nothing downloaded) and ``ids`` / ``mask`` / ``labels`` / ``lengths`` a 3-row
+batch for it; in "Training", the Hub id ``MODEL_ID`` becomes a folder holding a tiny random Llama
+and a character-level tokenizer. The blocks run in an empty folder, so their relative paths
+(``"adapters"``, ``"para-run"``) land there.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from kit import ROOT
-from kit.models import tiny_llama
+from kit.models import save_tiny_checkpoint, tiny_llama
 
 # the single_thread fixture: tests/wrapper/conftest.py
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -22,9 +24,26 @@ README = os.path.join(ROOT, "README.md")
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 
-def python_blocks() -> list[str]:
+MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+TRAINING = "## Training"
+
+
+def python_blocks(section: str | None = None) -> list[str]:
+    """The Python blocks of the README's ``section`` ('## Training'), or of every other section."""
     with open(README) as f:
-        return BLOCK.findall(f.read())
+        text = f.read()
+    start = text.index(TRAINING)
+    end = text.index("\n## ", start + len(TRAINING))
+    return BLOCK.findall(text[start:end] if section == TRAINING else text[:start] + text[end:])
+
+
+def run_blocks(blocks: list[str], namespace: dict, what: str) -> None:
+    for i, block in enumerate(blocks):
+        try:
+            exec(compile(block, f"README.md {what} python block {i + 1}", "exec"), namespace)
+        except Exception as e:
+            raise AssertionError(f"README.md {what} python block {i + 1} failed: {type(e).__name__}: {e}\n"
+                                 f"{block}") from e
 
 
 def reader_supplied_names() -> dict:
@@ -46,12 +65,19 @@ def test_readme_has_the_blocks_this_test_expects():
 def test_every_readme_python_block_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = reader_supplied_names()
-    for i, block in enumerate(python_blocks()):
-        try:
-            exec(compile(block, f"README.md python block {i + 1}", "exec"), namespace)
-        except Exception as e:
-            raise AssertionError(f"README.md python block {i + 1} failed: {type(e).__name__}: {e}\n{block}") from e
+    run_blocks(python_blocks(), namespace, "Use")
     # what the Use block's comments say about the files is true
     assert (tmp_path / "adapters" / "adapter_config.json").is_file()
     assert (tmp_path / "adapters" / "b" / "adapter_config.json").is_file()
     assert namespace["model"].active_adapters == ["mix"]
+
+
+def test_readme_training_blocks_run(tmp_path, monkeypatch):
+    """PARATrainer (bf16), TRL, autocast generation, a 4-bit backbone and device_map, as written."""
+    monkeypatch.chdir(tmp_path)
+    folder = save_tiny_checkpoint(str(tmp_path / "tiny"))
+    blocks = python_blocks(TRAINING)
+    assert len(blocks) >= 4 and sum(MODEL_ID in b for b in blocks) == 1
+    run_blocks([b.replace(MODEL_ID, folder) for b in blocks], {}, "Training")
+    for adapter in ("para-run/adapter", "qlora-adapter"):
+        assert (tmp_path / adapter / "adapter_config.json").is_file()
