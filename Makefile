@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.para-installed
 PYTEST_ARGS ?=
 
-.PHONY: install wheel lint lint-only test test-fast bench demo info clean
+.PHONY: install wheel lint lint-only test test-fast reliability bench demo info clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ test: install wheel lint
 # While working: no wheel build, no SmolLM2 (a few minutes on 2 cores).
 test-fast: install
 	$(BIN)/python -m pytest -m "not wheel and not real_model" $(PYTEST_ARGS)
+
+# The reliability campaign at 20x make test's size; writes docs/reliability.md (scripts/reliability.py).
+RELIABILITY_SCALE ?= 20
+reliability: install
+	$(BIN)/python scripts/reliability.py --scale $(RELIABILITY_SCALE)
 
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
