@@ -77,6 +77,10 @@ def render(result: dict, elapsed: float, categories: dict, findings: list[dict])
         tests = "<br>".join(f"`{f['test']}`" for f in fixed) or "—"
         lines.append(f"| {title} | {what} | {result['tried'].get(key, 0)} | {len(mine)} | {len(fixed)}: {tests} | "
                      f"{'; '.join(f['left'] for f in left) or '—'} |")
+    if result.get("measured"):
+        lines += ["", "## Measured in this run", "", "| what | value | note |", "| --- | --- | --- |"]
+        for name, m in result["measured"].items():
+            lines.append(f"| {name} | {m['value']:.4g} {m['unit']} | {m['note']} |")
     lines += ["", "## Findings", ""]
     if not findings:
         lines.append("None.")

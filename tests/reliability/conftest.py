@@ -18,6 +18,7 @@ from findings import CATEGORIES
 
 SCALE = max(1, int(os.environ.get("PARA_RELIABILITY_SCALE", "1")))
 _tried: Counter = Counter()
+_measured: dict = {}
 
 
 class Campaign:
@@ -31,6 +32,10 @@ class Campaign:
         if category not in CATEGORIES:
             raise KeyError(f"unknown reliability category {category!r}; known: {sorted(CATEGORIES)}")
         _tried[category] += n
+
+    def measured(self, name: str, value: float, unit: str, note: str = "") -> None:
+        """A number the table reports as measured by this run (throughput, RSS growth, ...)."""
+        _measured[name] = {"value": value, "unit": unit, "note": note}
 
 
 @pytest.fixture
@@ -51,4 +56,5 @@ def pytest_sessionfinish(session, exitstatus):
     path = os.environ.get("PARA_RELIABILITY_REPORT")
     if path:
         with open(path, "w") as f:
-            json.dump({"scale": SCALE, "tried": dict(_tried), "exitstatus": int(exitstatus)}, f, indent=1)
+            json.dump({"scale": SCALE, "tried": dict(_tried), "measured": _measured, "exitstatus": int(exitstatus)},
+                      f, indent=1)

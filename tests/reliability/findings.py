@@ -18,4 +18,8 @@ CATEGORIES = {
 }
 
 # Each: {"category": ..., "found": what failed, "fix": what changed, "test": node id, "left": "" or why not fixed}
-FINDINGS: list[dict] = []
+FINDINGS: list[dict] = [
+    # --- files (test_files.py)
+    # --- calls and numerics (test_calls.py, test_numerics.py)
+    # --- long runs and concurrency (test_long_runs.py, test_concurrency.py)
+]
