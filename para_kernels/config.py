@@ -7,6 +7,7 @@ The fields PEFT's own configs carry (``base_model_name_or_path``, ``revision``, 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .ops.activations import ACTIVATIONS
@@ -68,6 +69,8 @@ class PARAConfig:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.pool_input not in POOL_INPUTS:
             raise ValueError(f"pool_input must be one of {POOL_INPUTS}, got {self.pool_input!r}")
+        if not isinstance(self.targets, (str, list, tuple, set, frozenset)):
+            raise ValueError(f"targets must be names from {TARGETS}, got {self.targets!r}")
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         unknown = [t for t in targets if t not in TARGETS]
         if unknown or not targets or len(set(targets)) != len(targets):
@@ -85,18 +88,25 @@ class PARAConfig:
             self.target_modules = {t: str(self.target_modules[t]) for t in self.targets}
         if self.layers_to_transform is not None:
             layers = self.layers_to_transform
-            layers = [layers] if isinstance(layers, int) else list(layers)
-            if not layers or any(not isinstance(i, int) or i < 0 for i in layers):
+            layers = [layers] if isinstance(layers, int) else list(layers) if isinstance(layers, (list, tuple)) \
+                else None
+            if not layers or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
                 raise ValueError(f"layers_to_transform must be non-negative layer indices, got {layers!r}")
             self.layers_to_transform = sorted(set(layers))
-        if not self.init_scale > 0:
-            raise ValueError(f"init_scale must be positive, got {self.init_scale!r}")
+        if self.layers_path is not None and not isinstance(self.layers_path, str):
+            raise ValueError(f"layers_path must be a dotted module path (str) or None, got {self.layers_path!r}")
+        if isinstance(self.init_scale, bool) or not isinstance(self.init_scale, (int, float)) \
+                or not 0 < self.init_scale < math.inf:
+            raise ValueError(f"init_scale must be a positive finite number, got {self.init_scale!r}")
         if self.modules_to_save is not None:
             names = [self.modules_to_save] if isinstance(self.modules_to_save, str) else self.modules_to_save
             if not isinstance(names, (list, tuple)) or not names or any(not isinstance(n, str) or not n for n in names):
                 raise ValueError(f"modules_to_save must be a list of module names, e.g. ['lm_head'], got "
                                  f"{self.modules_to_save!r}")
             self.modules_to_save = sorted(set(names))
+        for name in ("base_model_name_or_path", "revision"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a str or None, got {getattr(self, name)!r}")
         if self.task_type not in TASK_TYPES + (None,):
             raise ValueError(f"task_type must be one of {TASK_TYPES} (or None), got {self.task_type!r}: PARA "
                              "adapts decoder-only causal LMs")
@@ -110,6 +120,8 @@ class PARAConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PARAConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"PARAConfig.from_dict takes a dict of fields, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

@@ -25,6 +25,7 @@ API; docs/requests.md gives the request rules.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 import tempfile
@@ -108,6 +109,10 @@ class PARAModel(nn.Module):
     def __init__(self, model: nn.Module, config: PARAConfig | None = None, adapter_name: str = "default"):
         super().__init__()
         self._unloaded = False
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module (a Hugging Face causal LM), got {type(model).__name__}")
+        if config is not None and not isinstance(config, PARAConfig):
+            raise TypeError(f"config must be a PARAConfig or None, got {type(config).__name__}")
         if any(hasattr(m, GENERATOR_ATTR) for m in model.modules()):
             raise ValueError("this model already carries PARA generators; add adapters to its PARAModel "
                              "with add_adapter(), or unload() it first")
@@ -241,12 +246,7 @@ class PARAModel(nn.Module):
         self._check_usable()
         if not isinstance(config, PARAConfig):
             raise TypeError(f"config must be a PARAConfig, got {type(config).__name__}")
-        if not isinstance(adapter_name, str) or not adapter_name or any(c in adapter_name for c in "./\\"):
-            raise ValueError(f"adapter_name must be a non-empty string without '.', '/' or '\\', got {adapter_name!r}")
-        if adapter_name == BASE_ROW:
-            raise ValueError(f"adapter_name {BASE_ROW!r} is reserved: in adapter_names it means the bare backbone")
-        if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
+        _check_new_name(adapter_name, self.peft_config)
         plan = self._plan(config)
         base_dtype = next(self._model.parameters()).dtype
         dtype = torch.float64 if base_dtype == torch.float64 else torch.float32
@@ -287,9 +287,12 @@ class PARAModel(nn.Module):
             if adapters is not None and adapter_name in adapters.adapters:
                 yield i, adapters.adapters[adapter_name]
 
-    def _check_known(self, adapter_name: str) -> None:
+    def _check_known(self, adapter_name: str, argument: str = "adapter_name") -> None:
+        if not isinstance(adapter_name, str):
+            raise TypeError(f"{argument}: an adapter name must be a str, got {adapter_name!r}")
         if adapter_name not in self.peft_config:
-            raise ValueError(f"unknown adapter {adapter_name!r}; resident adapters: {sorted(self.peft_config)}")
+            raise ValueError(f"{argument}: unknown adapter {adapter_name!r}; resident adapters: "
+                             f"{sorted(self.peft_config)}")
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         """Make ``adapter_name`` the one every row uses by default, and the one that trains
@@ -304,6 +307,8 @@ class PARAModel(nn.Module):
             adapter_name = adapter_name[0]
         if not isinstance(adapter_name, str):
             raise TypeError(f"adapter_name must be a str, got {type(adapter_name).__name__}")
+        if not isinstance(inference_mode, bool):
+            raise TypeError(f"inference_mode must be a bool, got {inference_mode!r}")
         self._check_known(adapter_name)
         self.active_adapter = adapter_name
         for name in self.peft_config:
@@ -401,6 +406,8 @@ class PARAModel(nn.Module):
         empties that cache and prefills the whole ``input_ids`` as the prompt instead."""
         self._check_usable()
         batch = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if not isinstance(reprefill, bool):
+            raise TypeError(f"reprefill must be a bool, got {reprefill!r}")
         if reprefill:
             empty_cache(cache_of(kwargs))
         with self._requests.calling(adapter_names, None, None if batch is None else batch.shape[0]):
@@ -415,6 +422,9 @@ class PARAModel(nn.Module):
         """As the wrapped model's, but always non-reentrant: the PARA vectors reach a layer's
         projections through hooks, not as checkpoint inputs, and a reentrant checkpoint's
         recompute would backpropagate through them a second time."""
+        if gradient_checkpointing_kwargs is not None and not isinstance(gradient_checkpointing_kwargs, dict):
+            raise TypeError("gradient_checkpointing_kwargs must be a dict or None, got "
+                            f"{gradient_checkpointing_kwargs!r}")
         ckpt = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
         if ckpt["use_reentrant"]:
             raise ValueError("PARA needs non-reentrant activation checkpointing: pass "
@@ -483,6 +493,12 @@ class PARAModel(nn.Module):
         everything but r (and the attn pooler's w_sa, the rational activation's parameters must
         be equal). The new adapter is resident, not active, frozen unless made trainable."""
         self._check_usable()
+        if not isinstance(adapters, (list, tuple)):
+            raise TypeError(f"adapters must be a list of adapter names, got {adapters!r}")
+        if not isinstance(weights, (list, tuple)) or any(
+                isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) for w in weights):
+            raise ValueError(f"weights must be a list of finite numbers (one per adapter), got {weights!r}")
+        _check_new_name(adapter_name, self.peft_config)
         adapters, weights = list(adapters), [float(w) for w in weights]
         if combination_type != "cat":
             raise ValueError(f"combination_type must be 'cat' (the exact combination PARA supports), got "
@@ -492,9 +508,7 @@ class PARAModel(nn.Module):
             raise ValueError(f"adapters and weights must be non-empty and of equal length, got {len(adapters)} "
                              f"adapters and {len(weights)} weights")
         for name in adapters:
-            self._check_known(name)
-        if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
+            self._check_known(name, "adapters")
         configs = [self.peft_config[a] for a in adapters]
         with_copies = [a for a, c in zip(adapters, configs) if c.modules_to_save]
         if with_copies:
@@ -565,9 +579,14 @@ class PARAModel(nn.Module):
         if not safe_serialization:
             raise ValueError("safe_serialization=False asks for pickled weights; para_kernels writes safetensors "
                              "only (nothing it loads is unpickled)")
+        if not isinstance(save_directory, (str, os.PathLike)):
+            raise TypeError(f"save_directory must be a folder path (str or os.PathLike), got {save_directory!r}")
+        if selected_adapters is not None and not (isinstance(selected_adapters, (list, tuple)) and selected_adapters):
+            raise TypeError(f"selected_adapters must be a non-empty list of adapter names (or None: all), got "
+                            f"{selected_adapters!r}")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
-            self._check_known(name)
+            self._check_known(name, "selected_adapters")
         if not is_main_process:
             return
         hf_config = getattr(self._model, "config", None)
@@ -604,8 +623,15 @@ class PARAModel(nn.Module):
         ``path``: a folder or a Hub repo id; the adapter is read from its ``adapter_name``
         subfolder when there is one (save_pretrained's layout), else from the folder itself."""
         self._check_usable()
-        if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be an adapter folder or a Hub repo id (str), got {path!r}")
+        _check_new_name(adapter_name, self.peft_config)
+        for arg, value in (("is_trainable", is_trainable), ("local_files_only", local_files_only)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{arg} must be a bool, got {value!r}")
+        for arg, value in (("subfolder", subfolder), ("revision", revision), ("cache_dir", cache_dir)):
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise TypeError(f"{arg} must be a str or None, got {value!r}")
         folder = io.resolve_adapter(path, adapter_name, subfolder, revision=revision, token=token,
                                     cache_dir=cache_dir, local_files_only=local_files_only)
         config, info, tensors = io.read_adapter(folder)
@@ -671,6 +697,16 @@ def _cpu_packed_4bit(model: nn.Module) -> list:
     return found
 
 
+def _check_new_name(adapter_name, resident) -> None:
+    """Raise unless ``adapter_name`` may name a new adapter (add_adapter, load_adapter, add_weighted_adapter)."""
+    if not isinstance(adapter_name, str) or not adapter_name or any(c in adapter_name for c in "./\\"):
+        raise ValueError(f"adapter_name must be a non-empty string without '.', '/' or '\\', got {adapter_name!r}")
+    if adapter_name == BASE_ROW:
+        raise ValueError(f"adapter_name {BASE_ROW!r} is reserved: in adapter_names it means the bare backbone")
+    if adapter_name in resident:
+        raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
+
+
 def _n_params(p: torch.Tensor) -> int:
     """A parameter's count as PEFT's get_nb_trainable_parameters gives it (Params4bit packs two
     4-bit values per byte of its storage)."""
@@ -722,6 +758,8 @@ def get_para_model(model: nn.Module, config: PARAConfig, adapter_name: str = "de
     """Freeze ``model`` and give it a trainable PARA adapter ``adapter_name`` (active; frozen if
     config.inference_mode). revision: the backbone's revision, recorded in the saved config (PEFT's
     get_peft_model argument)."""
+    if not isinstance(config, PARAConfig):
+        raise TypeError(f"config must be a PARAConfig, got {type(config).__name__}")
     if revision is not None:
         config = io.with_fields(config, revision=revision)
     return PARAModel(model, config, adapter_name)

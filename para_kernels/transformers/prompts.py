@@ -18,11 +18,22 @@ EMPTY_PROMPT = ("PARA pools each row's prompt, so it must know where the prompt 
                 "assistant_masks alike)")
 
 
-def mask_as_labels(completion_mask: Tensor | None, assistant_masks: Tensor | None = None) -> Tensor | None:
+def mask_as_labels(completion_mask: Tensor | None, assistant_masks: Tensor | None = None,
+                   shape: tuple | None = None) -> Tensor | None:
     """A completion mask (1 = answer token) as labels: 0 where marked, -100 elsewhere (both masks
     given: a token is marked where both are, as TRL builds its labels), so the prompt is what
     precedes the first marked token; None when neither mask is given."""
-    masks = [torch.as_tensor(m) for m in (completion_mask, assistant_masks) if m is not None]
+    masks = []
+    for name, m in (("completion_mask", completion_mask), ("assistant_masks", assistant_masks)):
+        if m is None:
+            continue
+        try:
+            m = torch.as_tensor(m)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{name} must be a [batch, seq_len] tensor of 0 / 1, got {type(m).__name__}") from None
+        if shape is not None and tuple(m.shape) != shape:
+            raise ValueError(f"{name} must be [batch, seq_len] = {list(shape)} (the input's), got {list(m.shape)}")
+        masks.append(m)
     if not masks:
         return None
     marked = masks[0].bool()
@@ -38,7 +49,10 @@ def _row_error(kind: str, bad: Tensor, detail) -> ValueError:
 
 def _lengths(prompt_lengths, count: int, device, expected: str) -> Tensor:
     """prompt_lengths as ``count`` int64s on ``device``; else ValueError 'prompt_lengths must <expected>'."""
-    lengths = torch.as_tensor(prompt_lengths, device=device)
+    try:
+        lengths = torch.as_tensor(prompt_lengths, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"prompt_lengths must {expected}, got {prompt_lengths!r}") from None
     if lengths.dim() != 1 or lengths.shape[0] != count or lengths.is_floating_point():
         raise ValueError(f"prompt_lengths must {expected}, got {list(lengths.shape)} {lengths.dtype}")
     return lengths.long()

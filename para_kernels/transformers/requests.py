@@ -96,13 +96,16 @@ class RequestHooks:
         para = {name: kwargs.pop(name, None) for name in PARA_ARGS}
         entry = [None, None, False]  # CALL's token, OPENED's token, whether before_model ran
         try:
+            if not isinstance(para["reprefill"] or False, bool):
+                raise TypeError(f"reprefill must be a bool, got {para['reprefill']!r}")
             if para["reprefill"]:
                 empty_cache(cache_of(kwargs))
             x = kwargs.get("input_ids")
             x = kwargs.get("inputs_embeds") if x is None else x
             entry[0] = CALL.set(self.options(para["adapter_names"], para["prompt_lengths"],
                                              None if x is None else x.shape[0]))
-            prompt_mask = mask_as_labels(para["completion_mask"], para["assistant_masks"])
+            prompt_mask = mask_as_labels(para["completion_mask"], para["assistant_masks"],
+                                         None if x is None else tuple(x.shape[:2]))
             seen = kwargs if prompt_mask is None else dict(kwargs, prompt_mask=prompt_mask)
             entry[2] = True  # before_model pushes onto TOKENS even when it raises
             self.before_model(module, (), seen)
@@ -132,13 +135,16 @@ class RequestHooks:
             if isinstance(adapter_names, str) or not hasattr(adapter_names, "__len__"):
                 raise ValueError(f"adapter_names must be a list with one adapter name (or None) per row, "
                                  f"got {adapter_names!r}")
+            bad = [name for name in adapter_names if name is not None and not isinstance(name, str)]
+            if bad:
+                raise TypeError(f"adapter_names must hold one adapter name (str) or None per row, got {bad[0]!r}")
             adapter_names = [None if name == BASE_ROW else name for name in adapter_names]
             if batch_size is not None and len(adapter_names) != batch_size:
                 raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has "
                                  f"{batch_size} rows; give one adapter name (or None) per row")
             for name in adapter_names:
                 if name is not None:
-                    self.model._check_known(name)
+                    self.model._check_known(name, "adapter_names")
         return CallOptions(adapter_names, prompt_lengths)
 
     @contextmanager

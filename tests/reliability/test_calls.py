@@ -18,11 +18,12 @@ import random
 
 import pytest
 import torch
-from kit import rel_err
-from kit.models import PAD, VOCAB, randomize_adapter, tiny_llama, tiny_model
 
 from para_kernels import PARAConfig
 from para_kernels.transformers import PARAModel, get_para_model
+
+from kit import rel_err
+from kit.models import PAD, VOCAB, randomize_adapter, tiny_llama, tiny_model
 
 FUZZ_ARCHS = ("llama", "qwen3", "gemma2", "phi3", "gpt2", "gpt_neox", "opt")
 DTYPES = (torch.float32, torch.bfloat16, torch.float64)
@@ -44,12 +45,13 @@ def _random_config(rng: random.Random, r: int | None = None, like: PARAConfig | 
                       layers_to_transform=layers)
 
 
-def _inputs(rng: random.Random, batch: int, length: int, side: str):
-    """ids, mask with random per-row lengths (1 and the full row included), padded on ``side``."""
+def _inputs(rng: random.Random, batch: int, length: int, side: str, pad: bool = True):
+    """ids, mask with random per-row lengths (1 and the full row included), padded on ``side``
+    (``pad=False``: every row full)."""
     g = torch.Generator().manual_seed(rng.randrange(1 << 30))
     ids = torch.randint(3, VOCAB, (batch, length), generator=g)
-    lengths = [length] + [rng.randint(1, length) for _ in range(batch - 1)]
-    if batch > 2:
+    lengths = [length] + [rng.randint(1, length) if pad else length for _ in range(batch - 1)]
+    if batch > 2 and pad:
         lengths[1] = 1
     rng.shuffle(lengths)
     mask = torch.zeros(batch, length, dtype=torch.long)
@@ -79,7 +81,7 @@ def _fuzz_case(k: int) -> dict:
     rng = random.Random(1000 + k)
     arch = FUZZ_ARCHS[k % len(FUZZ_ARCHS)]
     dtype = DTYPES[(k // len(FUZZ_ARCHS)) % len(DTYPES)] if k >= len(FUZZ_ARCHS) else torch.float32
-    side = rng.choice(("left", "right"))
+    side = "left" if k % 3 == 0 else rng.choice(("left", "right"))
     model = tiny_model(arch, dtype=dtype, seed=k)
     model.generation_config.eos_token_id = None
     first = _random_config(rng)
@@ -90,7 +92,9 @@ def _fuzz_case(k: int) -> dict:
     for j, name in enumerate(configs):
         randomize_adapter(pm, name, seed=100 * k + j, std=0.5)
     batch, length = rng.randint(2, 5), rng.choice((1, 2, 5, 8))
-    ids, mask, lengths = _inputs(rng, batch, length, side)
+    # fp64 and left padding: transformers' eager mask overflows (finfo.min + finfo.min = -inf), so a
+    # left-padded row is NaN in the bare backbone already; fp64 rows are right-padded or full
+    ids, mask, lengths = _inputs(rng, batch, length, side, pad=not (dtype == torch.float64 and side == "left"))
     mode, rows = _assignment(rng, list(configs), batch)
     prompt_lengths = None
     if rng.random() < 0.4:  # a prompt shorter than the attended tokens
@@ -112,7 +116,7 @@ def _fuzz_case(k: int) -> dict:
             err = rel_err(out[b, keep], alone[keep])
             assert err < tol, (k, arch, dtype, side, mode, rows, b, err)
         generated = False
-        if side == "left" and dtype != torch.bfloat16 and k % 2 == 0:  # greedy tokens: no bf16 near-ties
+        if side == "left" and dtype != torch.bfloat16:  # greedy tokens: no bf16 near-ties
             generated = True
             steps = 3
             seqs = pm.generate(input_ids=ids, attention_mask=mask, adapter_names=rows, max_new_tokens=steps,
@@ -131,7 +135,7 @@ def _fuzz_case(k: int) -> dict:
 
 
 def test_mixed_batches_equal_rows_alone(campaign):
-    n = campaign.cases(14)
+    n = campaign.cases(42)
     counts = {"generate": 0}
     for k in range(n):
         result = _fuzz_case(k)
