@@ -569,10 +569,12 @@ class PARAModel(nn.Module):
         return name, revision
 
     def save_pretrained(self, save_directory: str, selected_adapters=None, is_main_process: bool = True,
-                        safe_serialization: bool = True, **kwargs) -> None:
+                        safe_serialization: bool = True, allow_non_finite: bool = False, **kwargs) -> None:
         """As PEFT: adapter ``default`` at ``save_directory`` itself, any other in
         ``save_directory/<name>/``; each folder: adapter_model.safetensors + adapter_config.json.
-        Only the main process writes (is_main_process=False: nothing is written)."""
+        Only the main process writes (is_main_process=False: nothing is written). An adapter with a
+        NaN / Inf weight (a diverged training step) is refused, nothing written, unless
+        ``allow_non_finite``."""
         self._check_usable()
         if kwargs:
             raise TypeError(f"save_pretrained() got arguments PARA does not support: {sorted(kwargs)}")
@@ -587,6 +589,12 @@ class PARAModel(nn.Module):
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             self._check_known(name, "selected_adapters")
+        if not allow_non_finite:
+            for name in names:
+                for key, t in self._adapter_tensors(name).items():
+                    if not bool(torch.isfinite(t.detach()).all()):
+                        raise ValueError(f"adapter {name!r} has non-finite values (NaN / Inf) in tensor {key}: it "
+                                         "diverged; nothing was saved (pass allow_non_finite=True to save it anyway)")
         if not is_main_process:
             return
         hf_config = getattr(self._model, "config", None)

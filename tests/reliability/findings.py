@@ -21,5 +21,73 @@ CATEGORIES = {
 FINDINGS: list[dict] = [
     # --- files (test_files.py)
     # --- calls and numerics (test_calls.py, test_numerics.py)
+    {"category": "calls",
+     "found": 'PARAConfig: targets / layers_to_transform of a non-list type and a non-number '
+              "init_scale raised Python's raw TypeError ('int' object is not iterable, '>' not "
+              'supported) without naming the field; layers_to_transform=True or [True] was taken as '
+              'layer 1; init_scale=inf was accepted (W_down infinite: NaN vectors); layers_path, '
+              'base_model_name_or_path and revision of any type were accepted',
+     "fix": "PARAConfig.__post_init__ checks each field's type (bools are not layer indices, "
+            'init_scale finite) and raises ValueError naming it',
+     "test": 'tests/reliability/test_calls.py::test_wrong_argument_is_refused_by_name', "left": ""},
+    {"category": "calls",
+     "found": "PARAModel / get_para_model given a non-module model raised AttributeError ('NoneType' "
+              "object has no attribute 'modules'); get_para_model(model, None) silently wrapped "
+              "without an adapter; PARAConfig.from_dict('r') raised 'argument after ** must be a "
+              "mapping'",
+     "fix": 'TypeError naming model / config / from_dict before anything is hooked',
+     "test": 'tests/reliability/test_calls.py::test_wrong_argument_is_refused_by_name', "left": ""},
+    {"category": "calls",
+     "found": 'unknown adapter names (set_adapter, delete_adapter, adapter_names, '
+              "add_weighted_adapter's adapters, save_pretrained's selected_adapters) gave 'unknown "
+              "adapter ...' without the argument; a list or dict entry raised 'unhashable type' from "
+              'the dict lookup',
+     "fix": '_check_known names the argument (adapter_names: ... / selected_adapters: ...), TypeError'
+            ' for a non-str name',
+     "test": 'tests/reliability/test_calls.py::test_wrong_argument_is_refused_by_name', "left": ""},
+    {"category": "calls",
+     "found": "set_adapter(inference_mode='yes') and load_adapter(is_trainable='yes') were taken as "
+              "truthy; load_adapter checked adapter_name ('a/b', '__base__', 5) only after reading "
+              'the files, so a bad name showed up as a file error; subfolder / revision / cache_dir '
+              'of any type reached the path code',
+     "fix": 'bool / str checks first; load_adapter and add_weighted_adapter validate the new name '
+            "with add_adapter's rule (_check_new_name) before anything else",
+     "test": 'tests/reliability/test_calls.py::test_wrong_argument_is_refused_by_name', "left": ""},
+    {"category": "calls",
+     "found": "add_weighted_adapter: adapters='default' iterated its characters (unknown adapter "
+              "'d'), weights=None / 1.0 / ['x'] raised raw TypeError / 'could not convert string to "
+              "float', and NaN or Inf weights were accepted (an adapter with non-finite vectors)",
+     "fix": 'adapters must be a list of names, weights a list of finite numbers, checked before the '
+            'new adapter is added',
+     "test": 'tests/reliability/test_calls.py::test_wrong_argument_is_refused_by_name', "left": ""},
+    {"category": "calls",
+     "found": "save_pretrained: selected_adapters='default' iterated its characters, 5 raised 'int "
+              "object is not iterable', [] silently wrote nothing; save_directory=None raised "
+              "os.path's 'expected str, bytes or os.PathLike'",
+     "fix": 'TypeError naming selected_adapters (a non-empty list) / save_directory, before any file '
+            'is written',
+     "test": 'tests/reliability/test_calls.py::test_wrong_argument_is_refused_by_name', "left": ""},
+    {"category": "calls",
+     "found": "forward: prompt_lengths='ab' or [None, 1] raised torch's 'new(): invalid data type' / "
+              "'Could not infer dtype'; completion_mask / assistant_masks of the wrong shape raised "
+              "'labels must be [batch, seq_len]' (an argument the caller did not pass) or a raw size-"
+              "mismatch RuntimeError; completion_mask='x' raised torch's TypeError; reprefill='yes' "
+              '(forward and generate) was taken as True',
+     "fix": "prompts._lengths and mask_as_labels (given the input's shape) name prompt_lengths / "
+            "completion_mask / assistant_masks; reprefill must be a bool; all in the call's pre-hook,"
+            ' before any layer runs',
+     "test": 'tests/reliability/test_calls.py::test_wrong_argument_is_refused_by_name', "left": ""},
+    {"category": "calls",
+     "found": "gradient_checkpointing_enable(gradient_checkpointing_kwargs='x') raised 'str object is"
+              " not a mapping'",
+     "fix": 'TypeError naming gradient_checkpointing_kwargs',
+     "test": 'tests/reliability/test_calls.py::test_wrong_argument_is_refused_by_name', "left": ""},
+    {"category": "numerics",
+     "found": 'save_pretrained wrote an adapter whose weights had gone NaN / Inf (a diverged step) '
+              'without a word: the file loads and every row routed to it gives NaN logits',
+     "fix": 'save_pretrained checks every tensor of the selected adapters first and raises ValueError'
+            ' naming the adapter and the tensor, writing nothing; allow_non_finite=True (docs/api.md)'
+            ' saves it anyway',
+     "test": "tests/reliability/test_numerics.py::test_diverged_adapter_is_not_saved", "left": ""},
     # --- long runs and concurrency (test_long_runs.py, test_concurrency.py)
 ]
