@@ -74,7 +74,7 @@ def _case(k: int):
 
 
 def test_non_finite_row_stays_in_its_row(campaign):
-    n = campaign.cases(16)
+    n = campaign.cases(32)
     reached = sum(_case(k) for k in range(n))
     campaign.tried("numerics", n)
     assert reached > 0  # the poison did reach its own row's outputs (it is not silently dropped)
