@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
+import weakref
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -91,6 +94,19 @@ class AdapterWeights(nn.Module):
         # makes the attention pooler start as the mean.
 
 
+# Stacked banks of mixed batches, per generator: {names: (key, bank)}, least recently used first.
+# Kept outside the modules (weakly keyed by the generator) so that pickling, deepcopy and the
+# state dict of the model never see them. BANK_CACHE_SIZE bounds the entries per layer: each holds
+# a copy of its adapters' weights in that layer; 0 switches the cache off.
+BANK_CACHE_SIZE = 8
+_BANKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_BANKS_LOCK = threading.Lock()  # the LRU's dict operations (threads serving one model); never held while stacking
+
+
+def _stack(tensors: list) -> torch.Tensor:
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
 class PARAGenerator(nn.Module):
     """Attached to a decoder layer as ``para_generator``: the adapters resident in that layer."""
 
@@ -100,14 +116,50 @@ class PARAGenerator(nn.Module):
 
     def bank(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The named adapters' weights stacked along a leading adapter axis A (a view when A=1),
-        in the layout of ``para::generate``: w_down [A,d,r], b_down [A,r], w_up [A,r,N], ..."""
+        in the layout of ``para::generate``: w_down [A,d,r], b_down [A,r], w_up [A,r,N], ...
+
+        A stack of several adapters (a mixed batch's prefill) is a copy of their weights: it is
+        cached (``BANK_CACHE_SIZE`` per layer) and rebuilt when any of its tensors changed (another
+        parameter object: delete / load / add; another ``_version``: an optimizer step or any
+        in-place edit; another storage: ``.to()``, ``.data =``). A forward that records autograd
+        for these weights (grad enabled and one of them requires grad) stacks afresh, so that the
+        gradient reaches the parameters; a cached stack never carries autograd history."""
         weights = [self.adapters[n] for n in names]
-        out = {}
-        for key in WEIGHT_NAMES:
-            tensors = [getattr(w, key, None) for w in weights]
-            if tensors[0] is not None:
-                out[key] = tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+        tensors = {key: [getattr(w, key) for w in weights] for key in WEIGHT_NAMES if hasattr(weights[0], key)}
+        if len(weights) == 1 or BANK_CACHE_SIZE <= 0 or torch.compiler.is_compiling() or (
+                torch.is_grad_enabled() and any(t.requires_grad for ts in tensors.values() for t in ts)):
+            return {key: _stack(ts) for key, ts in tensors.items()}
+        flat = [t for ts in tensors.values() for t in ts]
+        versions = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in flat)
+        names = tuple(names)
+        cache = _BANKS.get(self)
+        entry = None if cache is None else cache.get(names)
+        if entry is not None and entry[1] == versions and all(r() is t for r, t in zip(entry[0], flat)):
+            with _BANKS_LOCK:
+                if names in cache:
+                    cache.move_to_end(names)
+            return entry[2]
+        with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable in any later mode
+            out = {key: _stack(ts) for key, ts in tensors.items()}
+        with _BANKS_LOCK:
+            cache = _BANKS.setdefault(self, OrderedDict())
+            cache[names] = ([weakref.ref(t) for t in flat], versions, out)
+            cache.move_to_end(names)
+            while len(cache) > BANK_CACHE_SIZE:
+                cache.popitem(last=False)
         return out
+
+    def cached_banks(self) -> int:
+        """How many stacked banks this layer keeps (for tests and memory accounting)."""
+        return len(_BANKS.get(self, ()))
+
+    def drop_banks(self, name: str | None = None) -> None:
+        """Forget the cached stacks (those holding adapter ``name``, or all)."""
+        with _BANKS_LOCK:
+            cache = _BANKS.get(self)
+            if cache:
+                for names in [n for n in cache if name is None or name in n]:
+                    del cache[names]
 
 
 class PARALayer:

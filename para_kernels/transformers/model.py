@@ -322,7 +322,9 @@ class PARAModel(nn.Module):
         self._check_usable()
         self._check_known(adapter_name)
         for i, _ in list(self._adapter_weights(adapter_name)):
-            del getattr(self._layers[i], GENERATOR_ATTR).adapters[adapter_name]
+            generator = getattr(self._layers[i], GENERATOR_ATTR)
+            del generator.adapters[adapter_name]
+            generator.drop_banks(adapter_name)  # its cached stacks (layer.py) go with it
         if adapter_name in self.saved_modules:
             del self.saved_modules[adapter_name]
         del self.peft_config[adapter_name], self._plans[adapter_name], self._trainable[adapter_name]
