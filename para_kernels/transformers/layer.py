@@ -124,26 +124,31 @@ class PARAGenerator(nn.Module):
         in-place edit; another storage: ``.to()``, ``.data =``). A forward that records autograd
         for these weights (grad enabled and one of them requires grad) stacks afresh, so that the
         gradient reaches the parameters; a cached stack never carries autograd history."""
-        weights = [self.adapters[n] for n in names]
-        tensors = {key: [getattr(w, key) for w in weights] for key in WEIGHT_NAMES if hasattr(weights[0], key)}
-        if len(weights) == 1 or BANK_CACHE_SIZE <= 0 or torch.compiler.is_compiling() or (
-                torch.is_grad_enabled() and any(t.requires_grad for ts in tensors.values() for t in ts)):
-            return {key: _stack(ts) for key, ts in tensors.items()}
-        flat = [t for ts in tensors.values() for t in ts]
-        versions = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in flat)
+        modules = self.adapters._modules
+        params = [modules[n]._parameters for n in names]  # in WEIGHT_NAMES order (weight_shapes)
+        if len(params) == 1:
+            return {key: p.unsqueeze(0) for key, p in params[0].items()}
+        flat = [p for ps in params for p in ps.values()]
+        if BANK_CACHE_SIZE <= 0 or torch.compiler.is_compiling() or (
+                torch.is_grad_enabled() and any(p.requires_grad for p in flat)):
+            return {key: _stack([ps[key] for ps in params]) for key in params[0]}
         names = tuple(names)
         cache = _BANKS.get(self)
         entry = None if cache is None else cache.get(names)
-        if entry is not None and entry[1] == versions and all(r() is t for r, t in zip(entry[0], flat)):
-            with _BANKS_LOCK:
-                if names in cache:
-                    cache.move_to_end(names)
+        if entry is not None and len(entry[0]) == len(flat) and all(
+                r() is p and p._version == v and p.data_ptr() == ptr
+                for r, (v, ptr), p in zip(entry[0], entry[1], flat)):
+            try:
+                cache.move_to_end(names)  # least recently used last out
+            except KeyError:  # evicted meanwhile by another thread: still valid for this forward
+                pass
             return entry[2]
         with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable in any later mode
-            out = {key: _stack(ts) for key, ts in tensors.items()}
+            out = {key: _stack([ps[key] for ps in params]) for key in params[0]}
+        entry = ([weakref.ref(p) for p in flat], [(p._version, p.data_ptr()) for p in flat], out)
         with _BANKS_LOCK:
             cache = _BANKS.setdefault(self, OrderedDict())
-            cache[names] = ([weakref.ref(t) for t in flat], versions, out)
+            cache[names] = entry
             cache.move_to_end(names)
             while len(cache) > BANK_CACHE_SIZE:
                 cache.popitem(last=False)
