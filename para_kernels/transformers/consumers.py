@@ -103,7 +103,10 @@ def scaled_linear_forward(module: nn.Linear, k: int):
     def make(original):
         def forward(x):
             state = ACTIVE.get()
-            s = None if state is None else state.scales[k]
+            try:
+                s = None if state is None else state.scales[k]
+            except IndexError:  # hooked after this request began (an adapter added meanwhile): not scaled
+                s = None
             if s is None:
                 return original(x)
             if state.plain:
@@ -141,7 +144,10 @@ def scaled_glu_forward(mlp: nn.Module, activation: str, k: int):
     def make(original):
         def forward(x):
             state = ACTIVE.get()
-            s = None if state is None else state.scales[k]
+            try:
+                s = None if state is None else state.scales[k]
+            except IndexError:  # hooked after this request began (an adapter added meanwhile): not scaled
+                s = None
             if s is None:
                 return original(x)
             gate, up = mlp.gate_proj(x), mlp.up_proj(x)
@@ -160,7 +166,10 @@ def scale_hook(k: int):
     """A forward hook rescaling a module's output (modules no fused consumer fits)."""
     def hook(module, args, output):  # not in place: other hooks may hold this output
         state = ACTIVE.get()
-        s = None if state is None else state.scales[k]
+        try:
+            s = None if state is None else state.scales[k]
+        except IndexError:  # hooked after this request began (an adapter added meanwhile): not scaled
+            s = None
         if s is None:
             return None
         if state.token_rows is not None:
@@ -218,7 +227,10 @@ def scaled_experts_forward(experts: nn.Module, k: int):
     def make(original):
         def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
             state = ACTIVE.get()
-            s = None if state is None else state.scales[k]
+            try:
+                s = None if state is None else state.scales[k]
+            except IndexError:  # hooked after this request began (an adapter added meanwhile): not scaled
+                s = None
             if s is None:
                 return original(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
             if args or kwargs or getattr(experts, "_is_expert_parallel", False):

@@ -232,10 +232,16 @@ class PARALayer:
         hidden = hidden.to(device)
         start, end, ids = state.on(device)  # moved once per device per request
         for group, group_ids in zip(state.groups, ids):
-            config, lmap = group.config, self.plans[group.names[0]].maps[i]
-            if config.pool_input != source or lmap is None:
-                continue
-            bank = generator.bank(group.names)
+            try:
+                config, lmap = group.config, self.plans[group.names[0]].maps[i]
+                if config.pool_input != source or lmap is None:
+                    continue
+                bank = generator.bank(group.names)
+            except KeyError as e:  # another thread deleted it mid-prefill: no vectors, not a cryptic KeyError
+                raise RequestStateError(
+                    f"adapter {e.args[0]!r} was deleted while a request using it was being prefilled (e.g. by another "
+                    "thread): the request has no vectors for it; delete an adapter only when no request uses it, "
+                    "or run the request again") from None
             w_sa = bank["w_sa"][group_ids.clamp(min=0)].to(hidden.dtype) if "w_sa" in bank else None
             v = ops.pool_generate(hidden, start, end, config.pooler, w_sa, bank["w_down"],
                                   bank["b_down"], bank["w_up"], bank["b_up"], group_ids, config.activation,

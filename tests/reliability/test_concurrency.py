@@ -9,10 +9,10 @@ import random
 import threading
 import time
 
+import pytest
 import torch
 from serving import (
     ROUTES,
-    SAME,
     References,
     generate_mixed,
     left_padded,
@@ -20,6 +20,9 @@ from serving import (
     resources,
     served_model,
 )
+
+from para_kernels import PARAConfig
+from para_kernels.transformers.state import RequestStateError
 
 THREADS = 4
 SECONDS = 2.0  # per scale unit, for the threaded run
@@ -73,10 +76,14 @@ def run(pm, prompts, spec) -> torch.Tensor:
     return generate_mixed(pm, prompts, spec["picks"], spec["names"], use_cache=kind != "uncached")
 
 
+# scales k_proj, which no served adapter does: adding it hooks modules in the middle of others' requests
+NEW_MODULES = PARAConfig(r=4, target_modules={"q": "self_attn.k_proj", "v": "self_attn.v_proj", "up": "mlp.up_proj"})
+
+
 def _admin_cycle(pm, prompts, ref, saved: str) -> None:
     """Load a's file as x, add y, serve a batch on them, delete both: while others serve."""
     pm.load_adapter(saved, adapter_name="x")
-    pm.add_adapter("y", SAME)  # W_up = b_up = 0: the bare backbone's tokens
+    pm.add_adapter("y", NEW_MODULES)  # W_up = b_up = 0: the bare backbone's tokens
     got = generate_mixed(pm, prompts, [0, 1], ["x", "y"])
     assert torch.equal(got[0], ref(0, "a")) and torch.equal(got[1], ref(1, None))
     pm.delete_adapter("x")
@@ -97,6 +104,7 @@ def test_threads_serving_one_model_equal_sequential(campaign, tmp_path):
     saved = str(tmp_path / "a")
     for p in (0, 1):
         ref(p, "a"), ref(p, None)
+    _admin_cycle(pm, prompts, ref, saved)  # its hooks on k_proj are installed once, before `before`
     start = time.perf_counter()
     for s in specs:
         run(pm, prompts, s)
@@ -193,3 +201,52 @@ def test_asyncio_tasks_interleaving_decode_loops_equal_sequential(campaign):
         assert torch.equal(g, w), (i, specs[i], disabled[i])
     campaign.tried("concurrency", len(specs))
     assert resources(pm)["cache_states"] == 0
+
+
+# ------------------------------------------------------------------ interleavings, made deterministic
+def _during_forward(pm, action):
+    """Run ``action`` once from inside the next forward, between layer 0's pre-hook and its
+    attention: the point another thread's add / delete may land in a running request."""
+    done = []
+
+    def hook(module, args):
+        if not done:
+            done.append(1)
+            action()
+    return pm._layers[0].self_attn.register_forward_pre_hook(hook)
+
+
+def test_adapter_added_mid_request_leaves_it_alone(campaign):
+    """add_adapter hooks modules no resident adapter scaled (k_proj here) while another request is
+    in its forward: that request has no scale for them (its scales list predates them)."""
+    pm = served_model()
+    ids, mask = left_padded(prompt_pool()[:2])
+    with torch.no_grad():
+        want = pm(input_ids=ids, attention_mask=mask, adapter_names=["a", "c"], use_cache=True)
+    handle = _during_forward(pm, lambda: pm.add_adapter("y", NEW_MODULES))
+    with torch.no_grad():
+        got = pm(input_ids=ids, attention_mask=mask, adapter_names=["a", "c"], use_cache=True)
+    handle.remove()
+    assert torch.equal(got.logits, want.logits)
+    nxt = want.logits[:, -1:].argmax(-1)
+    steps = []
+    for out in (want, got):  # both caches continue (the earlier one: prefilled before y existed)
+        with torch.no_grad():
+            steps.append(pm(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1),
+                            past_key_values=out.past_key_values, adapter_names=["a", "c"]).logits)
+    assert torch.equal(steps[0], steps[1])
+    campaign.tried("concurrency", 2)
+
+
+def test_adapter_deleted_mid_prefill_raises_a_request_error(campaign):
+    pm = served_model()
+    ids, mask = left_padded(prompt_pool()[:2])
+    handle = _during_forward(pm, lambda: pm.delete_adapter("b"))
+    with torch.no_grad(), pytest.raises(RequestStateError, match="'b' was deleted while a request using it"):
+        pm(input_ids=ids, attention_mask=mask, adapter_names=["a", "b"])
+    handle.remove()
+    after = resources(pm)
+    assert after["cache_states"] == 0 and after["request_states"] == 0
+    with torch.no_grad():  # the model serves on
+        pm(input_ids=ids, attention_mask=mask, adapter_names=["a", "d"])
+    campaign.tried("concurrency", 1)

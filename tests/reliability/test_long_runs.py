@@ -143,6 +143,48 @@ def test_add_delete_load_cycles_stay_flat_and_use_the_new_weights(campaign, tmp_
     assert growth < RSS_BOUND_KIB
 
 
+def test_failing_calls_in_a_long_run_leave_no_state_behind(campaign):
+    """Calls that raise (bad arguments, a cache continued with other rows, an error inside the
+    backbone's forward, a layer called alone) restore every context variable and leave nothing in
+    the maps; the next call is served right."""
+    from para_kernels.transformers import requests as req
+    from para_kernels.transformers import state as st
+
+    pm = served_model()
+    prompts = prompt_pool()
+    ref = References(pm, prompts)
+    ids, mask = left_padded(prompts[:2])
+
+    def prefilled():
+        return pm(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+
+    failing = [
+        lambda: pm(input_ids=ids, adapter_names=["zz", "a"]),
+        lambda: pm(input_ids=ids, adapter_names=["a"]),
+        lambda: pm.generate(ids, adapter_names=["zz", "a"], max_new_tokens=2),
+        lambda: pm(input_ids=ids + 1000),
+        lambda: pm.generate(ids + 1000, max_new_tokens=2),
+        lambda: pm(input_ids=ids[:1, :1], past_key_values=prefilled()),
+        lambda: pm.get_base_model()(input_ids=ids[:1, :1], past_key_values=prefilled()),
+        lambda: pm.get_base_model()(input_ids=ids + 1000),
+        lambda: pm._layers[0](torch.zeros(1, 2, 32, dtype=torch.float64)),
+    ]
+    rng = random.Random(1)
+    before = resources(pm)
+    n = campaign.cases(20)
+    for i in range(n):
+        with torch.no_grad(), pytest.raises((ValueError, IndexError, RuntimeError)):
+            failing[i % len(failing)]()
+        assert (st.TOKENS.get(), req.WRAPPER_TOKENS.get(), st.ACTIVE.get(), req.OPENED.get(), st.SESSION.get(),
+                st.CALL.get(), st.DISABLED.get()) == ((), (), None, None, None, st.NO_CALL, False), i
+        picks, names = _random_call(rng, len(prompts))
+        got = generate_mixed(pm, prompts, picks, names)
+        for b, (p, name) in enumerate(zip(picks, names)):
+            assert torch.equal(got[b], ref(p, name)), (i, b)
+    campaign.tried("long_runs", n)
+    _assert_flat(before, resources(pm))
+
+
 # ------------------------------------------------------------------ the cache of stacked banks
 def _mixed_logits(pm, names=("a", "b", "d", "c")) -> torch.Tensor:
     ids, mask = left_padded(prompt_pool()[:len(names)])
