@@ -185,7 +185,11 @@ class RequestHooks:
         peft_config = self.model.peft_config
         by_signature: dict[tuple, list] = {}
         for name in dict.fromkeys(r for r in rows if r is not None):
-            by_signature.setdefault(peft_config[name].generator_signature(), []).append(name)
+            config = peft_config.get(name)
+            if config is None:  # deleted by another thread after this call checked its names
+                raise RequestStateError(f"adapter {name!r} was deleted while this request was starting; "
+                                        "no row was computed with it")
+            by_signature.setdefault(config.generator_signature(), []).append(name)
         groups = []
         for names in by_signature.values():
             index = {n: k for k, n in enumerate(names)}

@@ -115,4 +115,11 @@ FINDINGS: list[dict] = [
             "it; the model serves on)",
      "test": "tests/reliability/test_concurrency.py::test_adapter_deleted_mid_prefill_raises_a_request_error",
      "left": ""},
+    {"category": "concurrency",
+     "found": "an adapter deleted by another thread after a call checked its adapter_names but before the prefill "
+              "grouped its rows failed that call with a bare KeyError in requests.make_groups",
+     "fix": "requests.py: the grouping raises RequestStateError naming the deleted adapter",
+     "test": "tests/reliability/test_concurrency.py::"
+             "test_adapter_deleted_after_the_names_were_checked_raises_a_request_error",
+     "left": ""},
 ]

@@ -250,3 +250,28 @@ def test_adapter_deleted_mid_prefill_raises_a_request_error(campaign):
     with torch.no_grad():  # the model serves on
         pm(input_ids=ids, attention_mask=mask, adapter_names=["a", "d"])
     campaign.tried("concurrency", 1)
+
+
+def test_adapter_deleted_after_the_names_were_checked_raises_a_request_error(campaign):
+    """The window between a call's name check and its prefill's grouping: another thread deletes
+    one of the call's adapters there. The grouping refuses with RequestStateError, not KeyError."""
+    pm = served_model()
+    ids, mask = left_padded(prompt_pool()[:2])
+    route = pm._requests.route
+
+    def route_then_delete(call, batch):
+        rows = route(call, batch)
+        pm.delete_adapter("b")
+        return rows
+
+    pm._requests.route = route_then_delete
+    try:
+        with torch.no_grad(), pytest.raises(RequestStateError, match="'b' was deleted while this request was starting"):
+            pm(input_ids=ids, attention_mask=mask, adapter_names=["a", "b"])
+    finally:
+        del pm._requests.route
+    after = resources(pm)
+    assert after["cache_states"] == 0 and after["request_states"] == 0
+    with torch.no_grad():  # the model serves on
+        pm(input_ids=ids, attention_mask=mask, adapter_names=["a", "d"])
+    campaign.tried("concurrency", 1)
