@@ -234,7 +234,10 @@ def _no_constant(name: str):
 
 
 def _strict_json(raw: bytes):
-    return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def _is_int(v) -> bool:
