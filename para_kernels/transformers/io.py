@@ -74,6 +74,16 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def config_digest(config: PARAConfig) -> str:
+    """The checksum of the config fields that decide what the weights compute, kept in the weights'
+    header: a config and weights from different saves (a save that died between its two renames, a
+    config edited or bit-flipped to another valid value) are refused. Where the modules are found
+    (layers_path, target_modules), init_scale and the recorded names may be edited."""
+    doc = config.to_dict()
+    keep = ("r", "pooler", "activation", "targets", "pool_input", "layers_to_transform", "modules_to_save")
+    return hashlib.sha256(json.dumps({k: doc[k] for k in keep}, sort_keys=True).encode()).hexdigest()
+
+
 def adapter_subfolder(adapter_name: str) -> str:
     """Where save_pretrained puts ``adapter_name`` inside its folder ('' = the folder itself)."""
     return "" if adapter_name == DEFAULT_ADAPTER else adapter_name
@@ -115,7 +125,8 @@ def write_config(folder: str, config: PARAConfig, info: dict) -> None:
 
 def save_adapter(folder: str, config: PARAConfig, tensors: dict[str, torch.Tensor], info: dict) -> None:
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
-    metadata = {"format": "pt", "para_format": FORMAT, "sha256": _digest(tensors)}
+    metadata = {"format": "pt", "para_format": FORMAT, "sha256": _digest(tensors),
+                "config_sha256": config_digest(config)}
     _replace_all(folder, {WEIGHTS_NAME: lambda path: save_file(tensors, path, metadata=metadata),
                           CONFIG_NAME: lambda path: _write_config_file(path, config, info)})
 
@@ -336,13 +347,17 @@ def read_header(weights_path: str) -> tuple[dict, dict]:
     return doc, metadata
 
 
-def read_weights(folder: str, expected: dict[str, tuple]) -> dict[str, torch.Tensor]:
+def read_weights(folder: str, expected: dict[str, tuple], config: PARAConfig | None = None) -> dict[str, torch.Tensor]:
     """The tensors saved in ``folder``, which must be exactly ``expected`` ({name: shape}, float
-    dtypes): the header is checked against it before any tensor is read, then the checksum."""
+    dtypes): the header is checked against it (and against ``config``'s checksum, for files that
+    carry one) before any tensor is read, then the tensors' checksum."""
     weights_path = os.path.join(folder, WEIGHTS_NAME)
     header, metadata = read_header(weights_path)
     if metadata.get("para_format") != FORMAT or "sha256" not in metadata:
         raise AdapterFileError(f"{weights_path} was not written by para_kernels (no {FORMAT} checksum)")
+    if config is not None and metadata.get("config_sha256", config_digest(config)) != config_digest(config):
+        raise AdapterFileError(f"{weights_path} was saved with another config than {CONFIG_NAME} in {folder} (the two "
+                               "files come from different saves, or the config was edited)")
     missing, extra = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
     if missing or extra:
         raise AdapterFileError(f"the adapter in {folder} does not match this model: missing tensors "
@@ -369,7 +384,7 @@ def read_adapter(folder: str) -> tuple[PARAConfig, dict, dict[str, torch.Tensor]
     which first checks them against the model)."""
     config, info = read_config(folder)
     header, _ = read_header(os.path.join(folder, WEIGHTS_NAME))
-    return config, info, read_weights(folder, {k: tuple(v["shape"]) for k, v in header.items()})
+    return config, info, read_weights(folder, {k: tuple(v["shape"]) for k, v in header.items()}, config)
 
 
 def with_fields(config: PARAConfig, **changes) -> PARAConfig:

@@ -655,7 +655,7 @@ class PARAModel(nn.Module):
                                       f"and {info.get('num_layers')} layers; this model has {plan.d} and "
                                       f"{len(plan.maps)}")
         # names, shapes and dtypes checked against the model before any tensor is read
-        tensors = io.read_weights(folder, self._expected_tensors(config, plan))
+        tensors = io.read_weights(folder, self._expected_tensors(config, plan), config)
         self.add_adapter(adapter_name, config)
         try:
             with torch.no_grad():

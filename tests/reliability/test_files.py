@@ -114,7 +114,9 @@ class Bench:
             result = "refused"
         else:
             config, saved = self.pm.peft_config["new"], PARAConfig.from_pretrained(str(self.sources[source]))
-            assert dataclasses.replace(config, init_scale=saved.init_scale) == saved, f"{what}: loaded another config"
+            where = dict(init_scale=saved.init_scale, layers_path=saved.layers_path,
+                         target_modules=saved.target_modules)
+            assert dataclasses.replace(config, **where) == saved, f"{what}: loaded another config"
             self.pm.set_adapter("new")
             assert torch.equal(logits_of(self.pm), self.ref[source]), f"{what}: loaded, but not the saved adapter"
             self.pm.set_adapter("default")
@@ -249,9 +251,30 @@ def test_lying_safetensors_headers(bench, campaign):
 
 
 # ---------------------------------------------------------------- adapter_config.json
+# the JSON type of each field of a saved config (pinned here: the file format is a contract)
+_STR, _INT, _NUM, _NULL, _LIST, _OBJ, _BOOL = "str", "int", "num", "null", "list", "obj", "bool"
+JSON_TYPES = {
+    "r": {_INT}, "pooler": {_STR}, "activation": {_STR}, "targets": {_LIST, _STR}, "target_modules": {_NULL, _OBJ},
+    "pool_input": {_STR}, "layers_to_transform": {_NULL, _LIST, _INT}, "layers_path": {_NULL, _STR},
+    "init_scale": {_NUM, _INT}, "modules_to_save": {_NULL, _LIST, _STR}, "base_model_name_or_path": {_NULL, _STR},
+    "revision": {_NULL, _STR}, "task_type": {_NULL, _STR}, "inference_mode": {_BOOL}, "model_type": {_NULL, _STR},
+    "hidden_size": {_NULL, _INT}, "num_layers": {_NULL, _INT}, "generator_outputs": {_NULL, _INT},
+    "para_kernels_version": {_NULL, _STR},
+}
+
+
+def _json_type(value) -> str:
+    if value is None or isinstance(value, bool):
+        return _NULL if value is None else _BOOL
+    for kind, t in ((_INT, int), (_NUM, float), (_STR, str), (_LIST, list), (_OBJ, dict)):
+        if isinstance(value, t):
+            return kind
+    raise TypeError(value)
+
+
 WRONG_VALUES = ["4", 4.5, True, False, None, -1, 0, 2 ** 40, 2 ** 70, [], [4], {}, {"r": 4}, "", "../x", "/etc/passwd",
                 "sum", "swish", "nope", ["q", "q"], ["k"], {"q": 1}, [True], [-1], [0, 99], 1e308, -0.0]
-FIELDS = [f for f in para_io.FIELD_TYPES] + ["peft_type", "format", "lora_alpha", "subfolder", "config", ""]
+FIELDS = list(JSON_TYPES) + ["peft_type", "format", "lora_alpha", "subfolder", "config", ""]
 
 
 def test_config_fields_fuzzed(bench, campaign):
@@ -268,7 +291,9 @@ def test_config_fields_fuzzed(bench, campaign):
         field, value = rng.choice(FIELDS), rng.choice(WRONG_VALUES)
         doc[field] = value
         path.write_text(json.dumps(doc))
-        bench.outcome(folder, f"case {i}: {field}={value!r} in {source}", source)
+        what = f"case {i}: {field}={value!r} in {source}"
+        if bench.outcome(folder, what, source) == "loaded":  # then the value was of the field's type
+            assert _json_type(value) in JSON_TYPES.get(field, ()), f"{what}: a value of the wrong type was loaded"
     campaign.tried("files", n)
 
 
@@ -305,10 +330,13 @@ ESCAPING_SUBFOLDERS = ["../outside", "/abs", "a/../../outside", "..", "sub/../..
 
 
 def test_paths_that_escape_the_folder(bench, campaign, tmp_path):
-    """adapter_name / subfolder that would leave the folder are refused before anything is read:
-    next to the folder lies a valid adapter, which must not be loaded."""
+    """adapter_name / subfolder that would leave the folder are refused, naming the argument,
+    before anything is read: next to the folder lies an adapter whose config is not JSON, so a
+    read of it would raise another error."""
     inner = tmp_path / "inner"
     shutil.copytree(bench.sources["plain"], tmp_path / "outside")
+    (tmp_path / "outside" / ADAPTER_CONFIG).write_text("{not json")
+    (tmp_path / ADAPTER_CONFIG).write_text("{not json")  # for '..'
     shutil.copytree(bench.sources["plain"], inner / "sub" / "deeper")
     bench.n += 1
     cases = [("adapter_name", v) for v in ESCAPING_NAMES + [str(tmp_path / "outside"), 5, None]] + \
@@ -401,6 +429,33 @@ def test_extra_files_are_ignored(bench, campaign):
     campaign.tried("files", n)
 
 
+SWAPS = {"pooler": ["mean", "max"], "activation": ["relu", "silu", "tanh", "identity"], "pool_input": ["normed"],
+         "modules_to_save": [["model.norm"]]}
+
+
+def test_config_edited_to_another_valid_value(bench, campaign):
+    """A config edited (or bit-flipped) to another valid setting that needs the same tensors would
+    load the weights into another computation: refused, the weights carry their config's checksum.
+    Where the modules are (layers_path) and init_scale may be edited."""
+    n = 0
+    for field, values in SWAPS.items():
+        for value in values:
+            folder = bench.copy()
+            doc = json.loads((folder / ADAPTER_CONFIG).read_text())
+            doc[field] = value
+            (folder / ADAPTER_CONFIG).write_text(json.dumps(doc))
+            bench.refused(folder, f"{field}={value!r}")
+            n += 1
+    for field, value in (("layers_path", "model.layers"), ("init_scale", 0.5)):
+        folder = bench.copy()
+        doc = json.loads((folder / ADAPTER_CONFIG).read_text())
+        doc[field] = value
+        (folder / ADAPTER_CONFIG).write_text(json.dumps(doc))
+        assert bench.outcome(folder, f"{field}={value!r}") == "loaded"
+        n += 1
+    campaign.tried("files", n)
+
+
 def test_huge_r_fails_before_allocating(bench, campaign):
     """r of 2^40 (or a shape product past 2^63) in the config: refused from the expected shapes,
     nothing allocated."""
@@ -416,7 +471,8 @@ def test_huge_r_fails_before_allocating(bench, campaign):
 # ---------------------------------------------------------------- failed saves
 def _failing_at(rng, monkeypatch, where):
     """Make save_pretrained fail ``where``: inside safetensors' writer after part of the file is
-    written, inside the JSON write (a full disk), or when the first file is moved into place."""
+    written, inside the JSON write (a full disk), when the first file is moved into place, or
+    (a crash between the two) when the second is."""
     real_save = para_io.save_file
 
     def save_then_fail(tensors, path, metadata=None):
@@ -435,17 +491,24 @@ def _failing_at(rng, monkeypatch, where):
     elif where == "config":
         monkeypatch.setattr(para_io, "_write_config_file", config_fails)
     else:
+        real_replace, calls = os.replace, []
+
         def refuse(*args):
-            raise PermissionError(13, "Permission denied")
+            calls.append(args)
+            if where == "rename" or len(calls) == 2:
+                raise PermissionError(13, "Permission denied")
+            real_replace(*args)
         monkeypatch.setattr(para_io.os, "replace", refuse)
 
 
 def test_failed_save_leaves_old_files_intact(bench, campaign, tmp_path, monkeypatch):
     """A save_pretrained that fails midway (a full disk while writing the weights or the config,
-    a refused rename) leaves the folder's old files byte for byte, and no temporary file."""
+    a refused rename) leaves the folder's old files byte for byte, and no temporary file. A save
+    that dies between its two renames leaves one new file beside one old one: that pair is
+    refused (the weights carry their config's checksum), never loaded as a mix."""
     rng = random.Random(5)
-    n = campaign.cases(12)
-    pm = get_para_model(tiny_llama(), PARAConfig(r=4))
+    n, seen = campaign.cases(12), set()
+    pm = get_para_model(tiny_llama(), PARAConfig(r=4, pooler="mean"))  # the same shapes as the old files
     pm.add_adapter("extra", PARAConfig(r=2))
     randomize_adapter(pm, seed=11)
     randomize_adapter(pm, "extra", seed=12)
@@ -454,14 +517,20 @@ def test_failed_save_leaves_old_files_intact(bench, campaign, tmp_path, monkeypa
         shutil.copytree(bench.sources["plain"], folder)
         shutil.copytree(bench.sources["plain"], folder / "extra")
         before = {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-        where = rng.choice(["weights", "config", "rename"])
+        where = rng.choice(["weights", "config", "rename", "second rename"])
+        seen.add(where)
         with monkeypatch.context() as m:
             _failing_at(rng, m, where)
             with pytest.raises(OSError):
                 pm.save_pretrained(str(folder))
         after = {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+        if where == "second rename":
+            assert sorted(p.name for p in after) == sorted(p.name for p in before), f"case {i}: temporaries left"
+            bench.refused(folder, f"case {i}: one file of a save that died between its renames")
+            continue
         assert after == before, f"case {i}: failing at {where} changed the old files"
         assert bench.outcome(folder, f"case {i}: the old adapter after a failed save") == "loaded"
+    assert len(seen) == 4
     campaign.tried("files", n)
 
 
