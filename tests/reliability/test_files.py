@@ -29,7 +29,15 @@ import torch
 from para_kernels import AdapterFileError, PARAConfig, PARAModel, get_para_model
 from para_kernels.transformers import io as para_io
 
-from kit.models import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_params, logits_of, randomize_adapter, tiny_llama
+from kit.models import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    adapter_params,
+    logits_of,
+    randomize_adapter,
+    tiny_llama,
+    token_ids,
+)
 
 SOURCES = {
     "plain": {},
@@ -88,6 +96,9 @@ class Bench:
             self.pm.set_adapter("default")
             self.pm.delete_adapter("new")
         self.base = logits_of(self.pm)
+        self.bare = tiny_llama()
+        with torch.no_grad():
+            self.bare_logits = self.bare(input_ids=token_ids()).logits
         self.rss0 = _maxrss_mb()
         self.n = 0
 
@@ -131,6 +142,18 @@ class Bench:
     def refused(self, folder, what: str, **kwargs) -> None:
         assert self.outcome(folder, what, **kwargs) == "refused", f"{what}: loaded"
 
+    def bare_refused(self, folder, what: str) -> None:
+        """PARAModel.from_pretrained on a bare backbone refuses ``folder`` and leaves the backbone
+        as it was: no generator, hook or forward override left, the same logits."""
+        model = self.bare
+        with pytest.raises(AdapterFileError):
+            PARAModel.from_pretrained(model, str(folder))
+        for name, m in model.named_modules():
+            assert not hasattr(m, "para_generator") and "forward" not in m.__dict__, f"{what}: {name} changed"
+            assert not (m._forward_hooks or m._forward_pre_hooks), f"{what}: hooks left on {name}"
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=token_ids()).logits, self.bare_logits), what
+
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
@@ -153,7 +176,7 @@ def test_truncated_and_bit_flipped_files(bench, campaign):
     """Random truncations, bit flips, zeroed and random runs of bytes in either file."""
     rng = random.Random(1)
     counts = {"refused": 0, "loaded": 0}
-    for i in range(campaign.cases(60)):
+    for i in range(campaign.cases(200)):
         source = rng.choice(list(SOURCES))
         folder = bench.copy(source)
         path = folder / rng.choice([ADAPTER_WEIGHTS, ADAPTER_CONFIG])
@@ -170,7 +193,11 @@ def test_truncated_and_bit_flipped_files(bench, campaign):
             end = min(len(data), start + rng.randint(1, 64))
             data[start:end] = bytes(end - start) if mode == "zero" else rng.randbytes(end - start)
         path.write_bytes(bytes(data))
-        counts[bench.outcome(folder, f"case {i}: {mode} {path.name} of {source}", source)] += 1
+        what = f"case {i}: {mode} {path.name} of {source}"
+        result = bench.outcome(folder, what, source)
+        if result == "refused" and i % 5 == 0:
+            bench.bare_refused(folder, what)
+        counts[result] += 1
     campaign.tried("files", sum(counts.values()))
     assert counts["refused"] > counts["loaded"]
 
@@ -193,9 +220,9 @@ def _lie(rng, header: dict, data: bytes, path) -> str:
         entry["shape"] = rng.choice([[2 ** 40], [2 ** 20, 2 ** 20], [2 ** 63], [2 ** 64], [2 ** 31, 2 ** 31, 4]])
     elif kind == "offsets":
         a, b = entry["data_offsets"]
-        entry["data_offsets"] = rng.choice([[b, a], [a, b + 4], [a, 2 ** 40], [0, b - a], [a, None],
-                                            [a - 4, b - 4] if a else [4, b], [a], None, [-4, b],
-                                            [2 ** 64, 2 ** 64 + b - a]])
+        lies = [[b, a], [a, b + 4], [a, 2 ** 40], [0, b - a], [a, None], [a - 4, b - 4] if a else [4, b], [a], None,
+                [-4, b], [2 ** 64, 2 ** 64 + b - a]]
+        entry["data_offsets"] = rng.choice([lie for lie in lies if lie != [a, b]])
     elif kind == "duplicate":
         text = json.dumps(header)
         twin = dict(entry) if rng.random() < 0.5 else dict(entry, shape=[1])
@@ -240,13 +267,15 @@ def test_lying_safetensors_headers(bench, campaign):
     length, duplicate keys, unexpected tensors backed by gigabytes of sparse file: refused from the
     header, before any tensor is read."""
     rng = random.Random(2)
-    n = campaign.cases(40)
+    n = campaign.cases(100)
     for i in range(n):
         folder = bench.copy()
         path = folder / ADAPTER_WEIGHTS
         header, data = _header(path)
         what = _lie(rng, header, data, path)
         bench.refused(folder, f"case {i}: {what}")
+        if i % 5 == 0:
+            bench.bare_refused(folder, f"case {i}: {what}")
     campaign.tried("files", n)
 
 
@@ -282,7 +311,7 @@ def test_config_fields_fuzzed(bench, campaign):
     AdapterFileError naming the file, or (a value that is valid and changes nothing: a recorded
     name, null for a default) an exact load of the same config."""
     rng = random.Random(3)
-    n = campaign.cases(60)
+    n = campaign.cases(150)
     for i in range(n):
         source = rng.choice(list(SOURCES))
         folder = bench.copy(source)
@@ -398,6 +427,7 @@ def test_special_files(bench, campaign, tmp_path, file):
         folder = bench.copy()
         _special(kind, tmp_path, folder / file)
         bench.refused(folder, f"{file} is a {kind}")
+        bench.bare_refused(folder, f"{file} is a {kind}")
     campaign.tried("files", len(SPECIAL))
 
 
@@ -419,7 +449,7 @@ def test_extra_files_are_ignored(bench, campaign):
     rng = random.Random(4)
     names = ["adapter_model.bin", "pytorch_model.bin", "model.safetensors", "README.md", ".para_tmp.x.json",
              "adapter_config.json.bak", "training_args.bin", "tokenizer.json", "sub/adapter_config.json"]
-    n = campaign.cases(10)
+    n = campaign.cases(20)
     for i in range(n):
         folder = bench.copy()
         for name in rng.sample(names, rng.randint(1, 4)):
@@ -507,7 +537,7 @@ def test_failed_save_leaves_old_files_intact(bench, campaign, tmp_path, monkeypa
     that dies between its two renames leaves one new file beside one old one: that pair is
     refused (the weights carry their config's checksum), never loaded as a mix."""
     rng = random.Random(5)
-    n, seen = campaign.cases(12), set()
+    n, seen = campaign.cases(16), set()
     pm = get_para_model(tiny_llama(), PARAConfig(r=4, pooler="mean"))  # the same shapes as the old files
     pm.add_adapter("extra", PARAConfig(r=2))
     randomize_adapter(pm, seed=11)
