@@ -370,6 +370,8 @@ def read_weights(folder: str, expected: dict[str, tuple], config: PARAConfig | N
                                    f"({', '.join(FLOAT_DTYPES)})")
     try:
         with safe_open(weights_path, framework="pt") as f:  # validates the offsets against the file
+            if any(tuple(f.get_slice(k).get_shape()) != tuple(shape) for k, shape in expected.items()):
+                raise AdapterFileError(f"{weights_path} changed while it was read")  # replaced since read_header
             tensors = {k: f.get_tensor(k) for k in expected}
     except (OSError, SafetensorError) as e:
         raise AdapterFileError(f"cannot read {weights_path} (truncated or corrupted?): {e}") from None

@@ -279,6 +279,24 @@ def test_lying_safetensors_headers(bench, campaign):
     campaign.tried("files", n)
 
 
+def test_weights_swapped_after_their_header_was_read(bench, campaign, monkeypatch):
+    """A weights file replaced (by a huge one) between the header check and the read: the shapes
+    are checked again on the file safetensors opened, before any tensor is read."""
+    folder = bench.copy()
+    path = folder / ADAPTER_WEIGHTS
+    checked = para_io.read_header(str(path))
+    header, data = _header(path)
+    key = next(k for k in header if k != "__metadata__")
+    end = len(data)
+    header[key] = {"dtype": "F32", "shape": [2 ** 28], "data_offsets": [end, end + 4 * 2 ** 28]}
+    _write(path, json.dumps(header), data)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) + 4 * 2 ** 28)
+    monkeypatch.setattr(para_io, "read_header", lambda weights_path: checked)
+    bench.refused(folder, "swapped weights")
+    campaign.tried("files", 1)
+
+
 # ---------------------------------------------------------------- adapter_config.json
 # the JSON type of each field of a saved config (pinned here: the file format is a contract)
 _STR, _INT, _NUM, _NULL, _LIST, _OBJ, _BOOL = "str", "int", "num", "null", "list", "obj", "bool"
