@@ -203,12 +203,27 @@ def test_truncated_and_bit_flipped_files(bench, campaign):
 
 
 # ---------------------------------------------------------------- lying safetensors headers
+def _huge(path, header: dict, data: bytes, key: str, n: int = 2 ** 28) -> None:
+    """Rewrite ``path`` as a valid safetensors file in which tensor ``key`` (new or not) has ``n``
+    float32s, backed by a sparse stretch of file (it reads as zeros): only its name or shape can
+    give it away, and reading it allocates 4 n bytes."""
+    kept, offset = b"", 0
+    entries = sorted((k, e) for k, e in header.items() if k not in ("__metadata__", key))
+    for _, entry in entries:
+        a, b = entry["data_offsets"]
+        entry["data_offsets"] = [offset, offset + b - a]
+        kept, offset = kept + data[a:b], offset + b - a
+    header[key] = {"dtype": "F32", "shape": [n], "data_offsets": [offset, offset + 4 * n]}
+    _write(path, json.dumps(header), kept)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) + 4 * n)
+
+
 def _lie(rng, header: dict, data: bytes, path) -> str:
     """Rewrite ``path`` with a header that lies in one way; returns what was done."""
     keys = [k for k in header if k != "__metadata__"]
     key = rng.choice(keys)
     entry = header[key]
-    end = len(data)
     kind = rng.choice(["dtype", "shape", "huge shape", "offsets", "duplicate", "extra huge", "sparse huge",
                        "metadata", "length", "not an object", "deep", "not utf-8"])
     if kind == "dtype":
@@ -229,16 +244,8 @@ def _lie(rng, header: dict, data: bytes, path) -> str:
         _write(path, text[:-1] + f", {json.dumps(key)}: {json.dumps(twin)}}}", data)
         return f"{kind} {key}"
     elif kind in ("extra huge", "sparse huge"):
-        # a tensor that is not expected, declared huge: backed by a sparse file (it reads as zeros),
-        # so that its offsets are valid and only the name gives it away
-        size = 4 * 2 ** 28
-        header[f"{key}.extra"] = {"dtype": "F32", "shape": [2 ** 28], "data_offsets": [end, end + size]}
-        if kind == "sparse huge":  # the expected tensor itself declared huge
-            del header[f"{key}.extra"]
-            header[key] = {"dtype": "F32", "shape": [2 ** 28], "data_offsets": [end, end + size]}
-        _write(path, json.dumps(header), data)
-        with open(path, "r+b") as f:
-            f.truncate(os.path.getsize(path) + size)
+        # an unexpected tensor, or an expected one, declared huge in a valid file
+        _huge(path, header, data, f"{key}.extra" if kind == "extra huge" else key)
         return f"{kind} {key}"
     elif kind == "metadata":
         header["__metadata__"] = rng.choice([None, [], {"sha256": 5}, {"para_format": "x", "sha256": "0"},
@@ -287,11 +294,7 @@ def test_weights_swapped_after_their_header_was_read(bench, campaign, monkeypatc
     checked = para_io.read_header(str(path))
     header, data = _header(path)
     key = next(k for k in header if k != "__metadata__")
-    end = len(data)
-    header[key] = {"dtype": "F32", "shape": [2 ** 28], "data_offsets": [end, end + 4 * 2 ** 28]}
-    _write(path, json.dumps(header), data)
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) + 4 * 2 ** 28)
+    _huge(path, header, data, key)
     monkeypatch.setattr(para_io, "read_header", lambda weights_path: checked)
     bench.refused(folder, "swapped weights")
     campaign.tried("files", 1)
