@@ -36,11 +36,12 @@ FINDINGS: list[dict] = [
      "test": "tests/reliability/test_files.py::test_special_files",
      "left": ""},
     {"category": "files",
-     "found": "adapter_name '../x' or an absolute path was joined into the path and the files outside the folder "
-              "read before the name was refused; subfolder '../x' or an absolute path loaded an adapter from "
-              'outside the folder (load_adapter and PARAConfig.from_pretrained).',
-     "fix": 'load_adapter checks adapter_name before resolving; io refuses adapter_name / subfolder that are '
-            "absolute or contain '..' (ValueError naming the argument).",
+     "found": "subfolder '../x', 'a/../../x' or an absolute path loaded an adapter from outside the folder "
+              "(load_adapter, PARAConfig.from_pretrained, and the Hub snapshot's folder); adapter_name '../x' "
+              'read the files outside the folder before the name was refused (also found by the calls campaign, '
+              'whose _check_new_name now runs before resolving).',
+     "fix": "io refuses a subfolder / adapter_name that is absolute or contains '..' (adapter_name: any "
+            'separator) before any path is joined: ValueError naming the argument.',
      "test": "tests/reliability/test_files.py::test_paths_that_escape_the_folder",
      "left": ""},
     {"category": "files",
