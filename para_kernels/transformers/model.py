@@ -644,29 +644,26 @@ class PARAModel(nn.Module):
                 raise TypeError(f"{arg} must be a str or None, got {value!r}")
         folder = io.resolve_adapter(path, adapter_name, subfolder, revision=revision, token=token,
                                     cache_dir=cache_dir, local_files_only=local_files_only)
-        config, info, tensors = io.read_adapter(folder)
+        config, info = io.read_config(folder)
         config = io.with_fields(config, inference_mode=not is_trainable)
         try:
             plan = self._plan(config)
         except MappingError as e:
             raise io.AdapterFileError(f"the adapter in {folder} does not fit this model: {e}") from None
-        expected = self._expected_tensors(config, plan)
         if info.get("hidden_size") not in (None, plan.d) or info.get("num_layers") not in (None, len(plan.maps)):
             raise io.AdapterFileError(f"the adapter in {folder} was saved for hidden size {info.get('hidden_size')} "
                                       f"and {info.get('num_layers')} layers; this model has {plan.d} and "
                                       f"{len(plan.maps)}")
-        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        if missing or extra:
-            raise io.AdapterFileError(f"the adapter in {folder} does not match this model: missing tensors "
-                                      f"{missing[:4]}, unexpected tensors {extra[:4]}")
-        for key, shape in expected.items():
-            if tuple(tensors[key].shape) != shape or not tensors[key].is_floating_point():
-                raise io.AdapterFileError(f"tensor {key} in {folder} has shape {list(tensors[key].shape)} "
-                                          f"({tensors[key].dtype}); this model needs {list(shape)} floats")
+        # names, shapes and dtypes checked against the model before any tensor is read
+        tensors = io.read_weights(folder, self._expected_tensors(config, plan), config)
         self.add_adapter(adapter_name, config)
-        with torch.no_grad():
-            for key, p in self._adapter_tensors(adapter_name).items():
-                p.copy_(tensors[key])
+        try:
+            with torch.no_grad():
+                for key, p in self._adapter_tensors(adapter_name).items():
+                    p.copy_(tensors[key])
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
         self._trainable[adapter_name] = is_trainable
         if self.active_adapter is None:
             self.set_adapter(adapter_name)

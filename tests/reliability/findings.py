@@ -20,6 +20,67 @@ CATEGORIES = {
 # Each: {"category": ..., "found": what failed, "fix": what changed, "test": node id, "left": "" or why not fixed}
 FINDINGS: list[dict] = [
     # --- files (test_files.py)
+    {"category": "files",
+     "found": 'a safetensors header declaring a huge tensor (2^28 floats, valid offsets into a sparse file), '
+              'expected or not, was read in full (get_tensor of every key) before its name and shape were checked: '
+              '~1 GiB allocated per case, seconds per load; duplicate keys in the header were accepted (last one '
+              'wins).',
+     "fix": 'io.read_header reads the JSON header alone (bounded, duplicate keys refused); io.read_weights '
+            'checks tensor names, shapes and float dtypes against the model before any tensor is read.',
+     "test": "tests/reliability/test_files.py::test_lying_safetensors_headers",
+     "left": ""},
+    {"category": "files",
+     "found": 'a weights file that is a named pipe (or a symlink to one) blocked load_adapter forever.',
+     "fix": 'files are opened O_NONBLOCK and fstat-ed: a directory, device or pipe where a file should be raises '
+            'AdapterFileError without being read.',
+     "test": "tests/reliability/test_files.py::test_special_files",
+     "left": ""},
+    {"category": "files",
+     "found": "subfolder '../x', 'a/../../x' or an absolute path loaded an adapter from outside the folder "
+              "(load_adapter, PARAConfig.from_pretrained, and the Hub snapshot's folder); adapter_name '../x' "
+              'read the files outside the folder before the name was refused (also found by the calls campaign, '
+              'whose _check_new_name now runs before resolving).',
+     "fix": "io refuses a subfolder / adapter_name that is absolute or contains '..' (adapter_name: any "
+            'separator) before any path is joined: ValueError naming the argument.',
+     "test": "tests/reliability/test_files.py::test_paths_that_escape_the_folder",
+     "left": ""},
+    {"category": "files",
+     "found": 'adapter_config.json: duplicate keys accepted (last wins: "r": 4, "r": 8), NaN / Infinity / 1e999 '
+              'accepted (init_scale=inf then raised RuntimeError inside add_adapter, not AdapterFileError), deeply '
+              'nested JSON raised RecursionError, and the file was read whatever its size.',
+     "fix": 'strict JSON reader (duplicate keys, NaN / Infinity refused, RecursionError -> AdapterFileError), 1 '
+            'MiB cap; load_adapter removes the adapter again if copying its tensors fails.',
+     "test": "tests/reliability/test_files.py::test_config_texts",
+     "left": ""},
+    {"category": "files",
+     "found": "config fields of the wrong JSON type loaded silently: revision ['q', 'q'], base_model_name_or_path "
+              '5, model_type 5, targets as an object, init_scale true.',
+     "fix": "io.FIELD_TYPES: every field's JSON type checked in read_config; AdapterFileError names the file and "
+            'the field.',
+     "test": "tests/reliability/test_files.py::test_config_fields_fuzzed",
+     "left": ""},
+    {"category": "files",
+     "found": 'a config edited (or bit-flipped) to another valid value that needs the same tensors (pooler last -> '
+              'mean, activation gelu -> relu, pool_input) loaded the weights into another computation without a '
+              'word.',
+     "fix": "the weights' header carries config_sha256 (the fields that decide the computation); a mismatch "
+            'raises AdapterFileError (files without it still load).',
+     "test": "tests/reliability/test_files.py::test_config_edited_to_another_valid_value",
+     "left": ""},
+    {"category": "files",
+     "found": "a save_pretrained that failed midway (a full disk in safetensors' writer or in the JSON write) left "
+              'a half-written adapter_model.safetensors / adapter_config.json in place of the old files.',
+     "fix": 'io._replace_all: each file written under a temporary name in its folder, then os.replace-d; '
+            'temporaries removed on failure; a save that dies between the two renames leaves a pair refused by '
+            'config_sha256.',
+     "test": "tests/reliability/test_files.py::test_failed_save_leaves_old_files_intact",
+     "left": ""},
+    {"category": "files",
+     "found": 'save_pretrained wrote through a symlink in the target folder, overwriting the file it pointed to '
+              '(outside the folder).',
+     "fix": 'os.replace of a temporary replaces the link itself.',
+     "test": "tests/reliability/test_files.py::test_save_replaces_a_symlink_never_writes_through_it",
+     "left": ""},
     # --- calls and numerics (test_calls.py, test_numerics.py)
     {"category": "calls",
      "found": 'PARAConfig: targets / layers_to_transform of a non-list type and a non-number '
