@@ -74,7 +74,7 @@ def render(result: dict, elapsed: float, categories: dict, findings: list[dict])
         mine = [f for f in findings if f["category"] == key]
         fixed = [f for f in mine if not f.get("left")]
         left = [f for f in mine if f.get("left")]
-        tests = "<br>".join(f"`{f['test']}`" for f in fixed) or "—"
+        tests = "<br>".join(dict.fromkeys(f"`{f['test']}`" for f in fixed)) or "—"
         lines.append(f"| {title} | {what} | {result['tried'].get(key, 0)} | {len(mine)} | {len(fixed)}: {tests} | "
                      f"{'; '.join(f['left'] for f in left) or '—'} |")
     if result.get("measured"):
