@@ -7,7 +7,6 @@ The fields PEFT's own configs carry (``base_model_name_or_path``, ``revision``, 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 from .ops.activations import ACTIVATIONS
@@ -16,6 +15,8 @@ from .ops.checks import POOL_MODES
 TARGETS = ("q", "v", "up")  # the order of the generator's output: [l_q | l_v | l_u]
 POOL_INPUTS = ("residual", "normed")
 TASK_TYPES = ("CAUSAL_LM",)  # PARA rescales a decoder's activations: causal LMs only
+# far past any useful initialisation, and small enough that ±init_scale/sqrt(d) fits every float dtype
+MAX_INIT_SCALE = 1e4
 
 
 @dataclass
@@ -96,8 +97,9 @@ class PARAConfig:
         if self.layers_path is not None and not isinstance(self.layers_path, str):
             raise ValueError(f"layers_path must be a dotted module path (str) or None, got {self.layers_path!r}")
         if isinstance(self.init_scale, bool) or not isinstance(self.init_scale, (int, float)) \
-                or not 0 < self.init_scale < math.inf:
-            raise ValueError(f"init_scale must be a positive finite number, got {self.init_scale!r}")
+                or not 0 < self.init_scale <= MAX_INIT_SCALE:
+            raise ValueError(f"init_scale must be a positive number at most {MAX_INIT_SCALE:g} (W_down starts "
+                             f"uniform in ±init_scale/sqrt(d)), got {self.init_scale!r}")
         if self.modules_to_save is not None:
             names = [self.modules_to_save] if isinstance(self.modules_to_save, str) else self.modules_to_save
             if not isinstance(names, (list, tuple)) or not names or any(not isinstance(n, str) or not n for n in names):

@@ -82,6 +82,14 @@ FINDINGS: list[dict] = [
      "test": "tests/reliability/test_files.py::test_save_replaces_a_symlink_never_writes_through_it",
      "left": ""},
     # --- calls and numerics (test_calls.py, test_numerics.py)
+    {"category": "files",
+     "found": "found at scale 20 only: an adapter_config.json with a finite but huge init_scale (1e300) passed the "
+              "config checks and failed inside the generator's initialisation with a RuntimeError ('from is out of "
+              "bounds for float'), not an AdapterFileError",
+     "fix": "config.py: init_scale must be at most MAX_INIT_SCALE = 1e4, so ±init_scale/sqrt(d) fits every float "
+            "dtype; the file is refused naming the field",
+     "test": "tests/reliability/test_calls.py::test_wrong_argument_is_refused_by_name",
+     "left": ""},
     {"category": "calls",
      "found": 'PARAConfig: targets / layers_to_transform of a non-list type and a non-number '
               "init_scale raised Python's raw TypeError ('int' object is not iterable, '>' not "

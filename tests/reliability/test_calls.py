@@ -183,7 +183,8 @@ def _config_cases():
            ("layers_to_transform", []), ("layers_to_transform", ["0"]), ("layers_to_transform", 1.5),
            ("layers_to_transform", [True]), ("layers_to_transform", True), ("layers_path", 5),
            ("init_scale", 0), ("init_scale", -1.0), ("init_scale", "1"), ("init_scale", math.nan),
-           ("init_scale", math.inf), ("init_scale", None), ("modules_to_save", [""]), ("modules_to_save", 5),
+           ("init_scale", math.inf), ("init_scale", 1e300), ("init_scale", None),
+           ("modules_to_save", [""]), ("modules_to_save", 5),
            ("modules_to_save", []), ("base_model_name_or_path", 5), ("revision", 5), ("task_type", "SEQ_CLS"),
            ("inference_mode", "yes"), ("inference_mode", 1)]
     for field, value in bad:

@@ -229,8 +229,9 @@ def _lie(rng, header: dict, data: bytes, path) -> str:
     if kind == "dtype":
         entry["dtype"] = rng.choice(["F16", "BF16", "F64", "I32", "U8", "BOOL", "F8_E4M3", "X99", "", 5, None])
     elif kind == "shape":
-        entry["shape"] = rng.choice([[], [0], [-1, 4], [4.0], ["4"], list(reversed(entry["shape"])),
-                                     [d + 1 for d in entry["shape"]], None, 4])
+        lies = [[], [0], [-1, 4], [4.0], ["4"], list(reversed(entry["shape"])), [d + 1 for d in entry["shape"]],
+                None, 4]
+        entry["shape"] = rng.choice([lie for lie in lies if lie != entry["shape"]])  # a 1-D shape reversed is itself
     elif kind == "huge shape":
         entry["shape"] = rng.choice([[2 ** 40], [2 ** 20, 2 ** 20], [2 ** 63], [2 ** 64], [2 ** 31, 2 ** 31, 4]])
     elif kind == "offsets":
