@@ -1,0 +1,107 @@
+"""The quality report, drawn from the run's JSON only (run.py writes it first).
+
+Contract: ``write(json_path)`` writes ``<same name>.md`` (date, commit, machine, set-up, the
+method table, per-family scores, ablations, skipped units) and ``<same name>.png`` (score vs
+trainable parameters, mean with min-max bars over seeds). A plot that fails is reported on
+stderr and skipped; the Markdown always gets written.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _ms(s, digits=2, pct=False):
+    if not s:
+        return "–"
+    k = 100 if pct else 1
+    spread = f" ± {k * s['std']:.{digits}f}" if s["n"] > 1 else ""
+    return f"{k * s['mean']:.{digits}f}{spread}"
+
+
+def markdown(res: dict) -> str:
+    env, cfg = res["environment"], res["config"]
+    git = env.get("git") or {}
+    lines = [f"# Quality: does PARA learn as well as LoRA? ({res['mode']})", "",
+             f"- Date (UTC): {env['date_utc']}; commit {git.get('commit')}{' (dirty)' if git.get('dirty') else ''}",
+             f"- Machine: {env['device_name']}, {env['cpu_count']} CPUs, torch {env['torch']} ({env['torch_threads']}"
+             f" threads), transformers {env['transformers']}, peft {env['peft']}, para_kernels {env['para_kernels']}",
+             f"- Backbone: {res['backbone']} (fp32, CPU). Families: {', '.join(res['families'])}; one adapter per "
+             "method serves their mixture, the prompt alone says which task.",
+             f"- Per family: {cfg['sizes']} examples (splits share no prompt). {cfg['steps']} steps of batch "
+             f"{cfg['batch']}, AdamW, linear schedule (10 % warm-up), same batches for every method; "
+             f"{cfg['seeds']} seed(s). Learning rate from the grid {res['grids']} on seed 0's validation loss: "
+             f"{res['picked_lr']}.",
+             f"- Wall time {res['wall_s'] / 60:.1f} min (budget {cfg['budget_s'] / 60:.0f} min).", "",
+             "Score: mean over families of accuracy (label tasks) or exact match (the rest), held-out test split, "
+             "greedy decoding; mean ± standard deviation over seeds.", "",
+             "| method | trainable | lr | score % | exact match % | test loss | s / step |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    main = {n: r for n, r in res["methods"].items() if not r["ablation"]}
+    for name, r in main.items():
+        lr = r["runs"][0]["lr"] if r["runs"] else None
+        lines.append(f"| {name} | {r['trainable'] or 0:,} | {lr if lr is not None else '–'} | "
+                     f"{_ms(r['summary']['score'], 1, True)} | {_ms(r['summary']['exact_match'], 1, True)} | "
+                     f"{_ms(r['summary']['test_loss'], 3)} | {_ms(r['summary']['step_s'], 3)} |")
+    fams = res["families"]
+    lines += ["", "Per family (exact match %; accuracy % for label tasks in brackets):", "",
+              "| method | " + " | ".join(fams) + " |", "|---|" + "---:|" * len(fams)]
+    for name, r in res["methods"].items():
+        cells = []
+        for f in fams:
+            s = r["families"].get(f, {})
+            acc = f" ({_ms(s['accuracy'], 0, True)})" if s.get("accuracy") else ""
+            cells.append(_ms(s.get("exact_match"), 0, True) + acc)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    abl = {n: r for n, r in res["methods"].items() if r["ablation"]}
+    if abl:
+        lines += ["", "Ablations (PARA, at PARA's learning rate):", "", "| variant | trainable | score % | test loss |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {n} | {r['trainable'] or 0:,} | {_ms(r['summary']['score'], 1, True)} | "
+                  f"{_ms(r['summary']['test_loss'], 3)} |" for n, r in abl.items()]
+    if res["skipped"]:
+        lines += ["", "Skipped (time budget): " + ", ".join(f"{s['method']} seed {s['seed']}" for s in res["skipped"])]
+    lines += ["", "![score vs trainable parameters](" + res.get("png_name", "") + ")", ""]
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in res["methods"].items():
+        s = r["summary"]["score"]
+        if not s or not r["trainable"]:
+            continue
+        y = 100 * s["mean"]
+        ax.errorbar(r["trainable"], y, yerr=[[y - 100 * s["min"]], [100 * s["max"] - y]], fmt="o", capsize=3)
+        ax.annotate(name, (r["trainable"], y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    bare = res["methods"].get("bare", {}).get("summary", {}).get("score")
+    if bare:
+        ax.axhline(100 * bare["mean"], ls="--", c="grey", label="bare model, zero-shot")
+        ax.legend()
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("score on held-out test (%)")
+    ax.set_title(f"{res['backbone']}: score vs trainable parameters")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(json_path: str) -> tuple[str, str]:
+    with open(json_path) as f:
+        res = json.load(f)
+    base = json_path[:-5] if json_path.endswith(".json") else json_path
+    png, md = base + ".png", base + ".md"
+    res["png_name"] = png.rsplit("/", 1)[-1]
+    try:
+        plot(res, png)
+    except Exception as e:  # noqa: BLE001 - the numbers matter more than the picture
+        print(f"quality report: plot failed: {e!r}", file=sys.stderr)
+    with open(md, "w") as f:
+        f.write(markdown(res))
+    return md, png
