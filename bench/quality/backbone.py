@@ -14,7 +14,8 @@ import torch
 
 
 class CharTok:
-    """One id per printable ASCII character; 0 pad, 1 bos, 2 end of turn."""
+    """One id per printable ASCII character and one for anything else (decoded as a newline); 0 pad,
+    1 bos, 2 end of turn; ids above those 99 decode to nothing."""
     pad_id, bos_id, eos_id, offset = 0, 1, 2, 3
     vocab_size = 128
 
@@ -33,8 +34,10 @@ class CharTok:
             i = int(i)
             if i == self.eos_id:
                 break
-            if i >= self.offset:
-                out.append(chr(i - self.offset + 32) if i - self.offset < 95 else "\n")
+            if self.offset <= i < self.offset + 95:
+                out.append(chr(i - self.offset + 32))
+            elif i == self.offset + 95:
+                out.append("\n")
         return "".join(out)
 
 
@@ -62,14 +65,15 @@ class ChatTok:
 
 
 def tiny(seed: int = 0):
-    """A random Llama (hidden 64, 2 layers) over CharTok's vocabulary, eval mode, fp32."""
+    """A random Llama (hidden 64, 2 layers) over CharTok's vocabulary, eval mode, fp32; weights 10x HF's
+    default init (0.2), so that its output depends on the activations the adapters rescale."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = CharTok()
     config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          pad_token_id=tok.pad_id, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                         tie_word_embeddings=False)
+                         tie_word_embeddings=False, initializer_range=0.2)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)

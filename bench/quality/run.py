@@ -30,10 +30,11 @@ from .backbone import load
 
 GRIDS = {"para": (1e-3, 3e-3, 1e-2), "lora": (3e-4, 1e-3, 3e-3), "ia3": (3e-3, 1e-2, 3e-2)}
 QUICK_GRIDS = {"para": (3e-3, 1e-2), "lora": (3e-3, 1e-2), "ia3": (1e-2, 3e-2)}
+PROBE = 16  # training examples whose loss is measured before and after training
 MODES = {
     "quick": dict(backbone="tiny", sizes=dict(train=24, validation=6, test=6), steps=16, batch=4, seeds=1,
                   budget_s=120, grids=QUICK_GRIDS, tag="cpu-quick"),
-    "default": dict(backbone="smollm2", sizes=dict(train=160, validation=12, test=32), steps=90, batch=8, seeds=2,
+    "default": dict(backbone="smollm2", sizes=dict(train=160, validation=12, test=24), steps=50, batch=8, seeds=2,
                     budget_s=2700, grids=GRIDS, tag="cpu"),
 }
 
@@ -46,6 +47,7 @@ def parse(argv=None):
     ap.add_argument("--seeds", type=int, help="number of seeds (default 2; 1 with --quick)")
     ap.add_argument("--steps", type=int, help="training steps per run")
     ap.add_argument("--budget-s", type=float, help="time budget in seconds (units that would overrun are skipped)")
+    ap.add_argument("--methods", help="comma-separated method names to run (default: all), e.g. para,ia3")
     ap.add_argument("--out", default="docs/benchmarks", help="output folder (default docs/benchmarks)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap.parse_args(argv)
@@ -59,22 +61,23 @@ def _summary(values):
             "min": min(values), "max": max(values), "n": len(values)}
 
 
-def evaluate(model, tok, splits, batch) -> dict:
+def evaluate(model, tok, splits, batch, tick=None) -> dict:
     test = splits["test"]
     max_new = max(len(tok.answer_ids(e.answer)) for e in test) + 2
-    preds = train.generate(model, tok, test, batch=2 * batch, max_new=max_new)
+    preds = train.generate(model, tok, test, batch=2 * batch, max_new=max_new, on_batch=tick)
     fams = {}
     for fam in sorted({e.family for e in test}):
         rows = [(e, p) for e, p in zip(test, preds) if e.family == fam]
         fams[fam] = metrics.score([e for e, _ in rows], [p for _, p in rows])
     score = statistics.fmean(f.get("accuracy", f["exact_match"]) for f in fams.values())
-    return {"test_loss": train.mean_loss(model, tok, test, 2 * batch), "families": fams, "score": score,
+    return {"test_loss": train.mean_loss(model, tok, test, 2 * batch, tick), "families": fams, "score": score,
             "exact_match": statistics.fmean(f["exact_match"] for f in fams.values()),
             "samples": [{"family": e.family, "prompt": e.prompt, "answer": e.answer, "prediction": p}
                         for e, p in list(zip(test, preds))[:3]]}
 
 
-def run(mode="quick", seeds=None, steps=None, budget_s=None, full=False, out="docs/benchmarks", progress=True):
+def run(mode="quick", seeds=None, steps=None, budget_s=None, full=False, out="docs/benchmarks", progress=True,
+        only=None):
     from tqdm import tqdm
 
     from bench.harness.machine import environment
@@ -85,34 +88,42 @@ def run(mode="quick", seeds=None, steps=None, budget_s=None, full=False, out="do
     t_start = time.perf_counter()
     backbone, tok = load(cfg["backbone"])
     methods = M.default_methods(backbone, full=full)
+    if only:
+        methods = [m for m in methods if m.name.split(" ")[0] in only or m.name in only]
     grid = lambda m: cfg["grids"][m.kind] if m.ablation is None else None
-    n_train = sum(len(grid(m) or (1,)) * cfg["steps"] for m in methods if m.kind != "bare")
-    n_train += (cfg["seeds"] - 1) * cfg["steps"] * sum(m.kind != "bare" for m in methods)
-    bar = tqdm(total=n_train, unit="step", disable=not progress, desc="quality")
+    nb = lambda split: -(-len(D.FAMILIES) * cfg["sizes"][split] // (2 * cfg["batch"]))  # batches of a split
+    per_train = cfg["steps"] + 2 * -(-PROBE // (2 * cfg["batch"])) + nb("validation")
+    per_eval = 2 * nb("test")
+    trainings = sum(len(grid(m) or (1,)) for m in methods if m.kind != "bare")
+    trainings += (cfg["seeds"] - 1) * sum(m.kind != "bare" for m in methods)
+    units = trainings * per_train + cfg["seeds"] * len(methods) * per_eval
+    units += cfg["seeds"] * nb("validation") * sum(m.kind == "bare" for m in methods)
+    bar = tqdm(total=units, unit="batch", disable=not progress, desc="quality")
+    tick = lambda: bar.update(1)
     results = {m.name: {"kind": m.kind, "params": {k: list(v) if isinstance(v, tuple) else v
                                                    for k, v in m.params.items()},
                         "ablation": m.ablation, "runs": []} for m in methods}
-    picked, skipped, step_s = {}, [], []
+    picked, skipped, step_s, eval_s = {}, [], [], 0.0
     for seed in range(cfg["seeds"]):
         splits = D.mixture_splits(cfg["sizes"], seed)
         order = train.batch_order(len(splits["train"]), cfg["steps"], cfg["batch"], seed)
         for m in methods:
             fallback = picked.get(m.name, picked.get("para", cfg["grids"]["para"][0]))
             lrs = [None] if m.kind == "bare" else (grid(m) if seed == 0 and grid(m) else [fallback])
-            guess = (statistics.fmean(step_s) if step_s else 0.0) * cfg["steps"] * len(lrs)
+            guess = (statistics.fmean(step_s) if step_s else 0.0) * cfg["steps"] * len(lrs) + eval_s
             if time.perf_counter() - t_start + guess > cfg["budget_s"]:
                 skipped.append({"method": m.name, "seed": seed, "why": "budget"})
-                bar.update(0 if m.kind == "bare" else cfg["steps"] * len(lrs))
+                bar.update(per_eval + (nb("validation") if m.kind == "bare" else per_train * len(lrs)))
                 continue
             best, grid_losses = None, {}
             for lr in lrs:
                 model = M.build(m, backbone, seed)
                 rec = {"seed": seed, "lr": lr, "trainable": M.trainable(model)}
                 if lr is not None:
-                    rec.update(train.train(model, tok, splits["train"], order, lr, on_step=lambda: bar.update(1)))
+                    rec.update(train.train(model, tok, splits["train"], order, lr, on_step=tick, probe=PROBE))
                     step_s.append(rec["step_s"])
                 rec["val_loss"] = grid_losses[str(lr)] = train.mean_loss(model, tok, splits["validation"],
-                                                                         2 * cfg["batch"])
+                                                                         2 * cfg["batch"], tick)
                 if best is None or rec["val_loss"] < best[1]["val_loss"]:
                     best = (model, rec)
                 del model
@@ -120,7 +131,9 @@ def run(mode="quick", seeds=None, steps=None, budget_s=None, full=False, out="do
             rec["grid"] = grid_losses if len(lrs) > 1 else None
             if len(lrs) > 1:
                 picked[m.name] = rec["lr"]
-            rec.update(evaluate(model, tok, splits, cfg["batch"]))
+            t_eval = time.perf_counter()
+            rec.update(evaluate(model, tok, splits, cfg["batch"], tick))
+            eval_s = max(eval_s, time.perf_counter() - t_eval)
             results[m.name]["runs"].append(rec)
             bar.set_postfix_str(f"{m.name} seed {seed}: score {rec['score']:.2f}")
     bar.close()
@@ -148,6 +161,7 @@ def run(mode="quick", seeds=None, steps=None, budget_s=None, full=False, out="do
 
 def main(argv=None) -> int:
     a = parse(argv)
-    path = run("quick" if a.quick else "default", a.seeds, a.steps, a.budget_s, a.full, a.out, not a.no_progress)
+    only = a.methods.split(",") if a.methods else None
+    path = run("quick" if a.quick else "default", a.seeds, a.steps, a.budget_s, a.full, a.out, not a.no_progress, only)
     print(f"wrote {path} and its .md / .png")
     return 0

@@ -1,0 +1,154 @@
+"""The quality harness (bench/quality): disjoint splits, the metrics on hand-made cases, the
+methods (PEFT's own LoRA and (IA)3, the matched LoRA rank) and ``--quick`` end to end (every
+method's training loss falls, the bare model is scored zero-shot, the JSON and Markdown carry
+every field). About 15 s on 2 cores."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from bench.quality import data as D
+from bench.quality import methods as M
+from bench.quality import metrics, train
+from bench.quality.backbone import CharTok, tiny
+
+SIZES = dict(train=40, validation=10, test=10)
+
+
+def _prompts(rows):
+    return {e.prompt for e in rows}
+
+
+@pytest.mark.parametrize("family", list(D.FAMILIES) + [D.MIXTURE])
+def test_splits_share_no_prompt(family):
+    splits = D.mixture_splits(SIZES, 3) if family == D.MIXTURE else D.make_splits(family, SIZES, 3)
+    k = len(D.FAMILIES) if family == D.MIXTURE else 1
+    tr, va, te = (_prompts(splits[s]) for s in D.SPLITS)
+    assert (len(tr), len(va), len(te)) == (k * 40, k * 10, k * 10)  # distinct within each split too
+    assert not (tr & va) and not (tr & te) and not (va & te)
+    again = D.mixture_splits(SIZES, 3) if family == D.MIXTURE else D.make_splits(family, SIZES, 3)
+    assert again == splits  # deterministic from the seed
+    if family == D.MIXTURE:
+        assert {e.family for e in splits["test"]} == set(D.FAMILIES)
+
+
+def test_families_have_their_answers():
+    rows = D.make_splits("arith", SIZES, 0)["train"] + D.make_splits("sort", SIZES, 0)["train"]
+    for e in rows:
+        if e.family == "arith":
+            a, b, c = (int(t) for t in e.prompt.replace("Compute ", "").split(".")[0].replace("+", "").replace(
+                "-", "").split())
+            assert e.answer == str(a + b - c)
+        else:
+            nums = [int(t) for t in e.prompt.split(": ")[1].split()]
+            assert e.answer == " ".join(map(str, sorted(nums)))
+    assert all(e.answer in e.labels for e in D.make_splits("topic", SIZES, 0)["test"])
+
+
+@pytest.mark.parametrize("pred,gold,case_sensitive,ok", [
+    ("83", "83", False, True), ("  83\n", "83", False, True), ("83.", "83", False, True),
+    ("84", "83", False, False), ("83 4", "83", False, False), ("8 3", "83", False, False),
+    ("tiger  apple", "tiger apple", False, True), ("Tiger Apple", "tiger apple", False, True),
+    ("Tiger Apple", "tiger apple", True, False), ("tiger apple\nmore text", "tiger apple", False, True),
+    ("apple tiger", "tiger apple", False, False), ("", "83", False, False),
+])
+def test_exact_match(pred, gold, case_sensitive, ok):
+    assert metrics.exact_match(pred, gold, case_sensitive) is ok
+
+
+@pytest.mark.parametrize("pred,label", [
+    ("positive", "positive"), ("Negative.", "negative"), ("It is positive, not negative", "positive"),
+    ("nonpositive", None), ("neutral", None), ("  NEGATIVE\n", "negative"), ("", None),
+])
+def test_label_of(pred, label):
+    assert metrics.label_of(pred, ("positive", "negative")) == label
+
+
+def test_score_counts_accuracy_for_label_tasks_only():
+    labels = ("positive", "negative")
+    rows = [D.Example("sentiment", f"p{i}", a, labels) for i, a in enumerate(["positive", "negative", "negative"])]
+    s = metrics.score(rows, ["positive", "It is negative.", "positive"])
+    assert s == {"exact_match": 1 / 3, "accuracy": 2 / 3, "n": 3}
+    s = metrics.score([D.Example("arith", "p", "7")], ["7"])
+    assert s == {"exact_match": 1.0, "n": 1}
+
+
+def test_collate_masks_the_prompt():
+    tok = CharTok()
+    rows = D.make_splits("arith", SIZES, 0)["train"][:3]
+    ids, mask, lab = train.collate(tok, rows)
+    for i, e in enumerate(rows):
+        p, a = tok.prompt_ids(e.prompt), tok.answer_ids(e.answer)
+        assert lab[i, :len(p)].eq(-100).all() and lab[i, len(p):len(p) + len(a)].tolist() == a
+        assert lab[i, len(p) + len(a):].eq(-100).all() and mask[i].sum() == len(p) + len(a)
+    assert train.batch_order(10, 7, 4, 1) == train.batch_order(10, 7, 4, 1)
+
+
+def test_methods_are_peft_own_and_the_rank_is_matched():
+    import peft
+    from peft.tuners.ia3 import IA3Model
+    from peft.tuners.lora import LoraModel
+
+    import para_kernels as pk
+
+    backbone, _ = tiny()
+    target = M.para_count(backbone, M.PARA_DEFAULT)
+    r = M.matched_lora_rank(backbone, target)
+    assert all(abs(M.lora_count(backbone, r) - target) <= abs(M.lora_count(backbone, k) - target)
+               for k in range(1, 200))
+    lora = M.build(M.Method("lora", "lora", dict(r=r)), backbone, 0)
+    assert isinstance(lora, peft.PeftModel) and isinstance(lora.base_model, LoraModel)
+    assert M.trainable(lora) == M.lora_count(backbone, r)
+    ia3 = M.build(M.Method("ia3", "ia3"), backbone, 0)
+    assert isinstance(ia3, peft.PeftModel) and isinstance(ia3.base_model, IA3Model)
+    para = M.build(M.Method("para", "para", dict(M.PARA_DEFAULT)), backbone, 0)
+    assert isinstance(para, pk.PARAModel) and M.trainable(para) == target
+    assert all(p.requires_grad for p in backbone.parameters())  # built on copies: the backbone is untouched
+    names = [m.name for m in M.default_methods(backbone)]
+    assert names[:3] == ["bare", "para", f"lora-r{r} (matched)"] and "ia3" in names
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    from bench.quality import run
+
+    out = tmp_path_factory.mktemp("quality")
+    path = run.run("quick", out=str(out), progress=False)
+    with open(path) as f:
+        return path, json.load(f)
+
+
+def test_quick_every_method_trains(quick):
+    _, res = quick
+    assert not res["skipped"]
+    for name, r in res["methods"].items():
+        assert len(r["runs"]) == 1
+        run = r["runs"][0]
+        if r["kind"] == "bare":
+            assert r["trainable"] == 0 and run["lr"] is None and "losses" not in run
+            continue
+        assert run["train_loss_after"] < run["train_loss_before"] - 0.05, name
+        assert run["lr"] in res["grids"][r["kind"]] and set(run["grid"]) == {str(x) for x in res["grids"][r["kind"]]}
+        assert min(run["grid"].values()) == run["val_loss"]
+        assert len(run["losses"]) == res["config"]["steps"] and run["step_s"] > 0
+
+
+def test_quick_writes_every_field(quick):
+    path, res = quick
+    for key in ("benchmark", "mode", "backbone", "config", "grids", "picked_lr", "families", "methods", "skipped",
+                "wall_s", "environment"):
+        assert key in res, key
+    assert res["environment"]["git"] and res["environment"]["date_utc"]
+    for name, r in res["methods"].items():  # the bare model too: scored zero-shot on every family
+        run = r["runs"][0]
+        assert set(run["families"]) == set(D.FAMILIES), name
+        assert 0 <= run["score"] <= 1 and run["test_loss"] > 0 and run["samples"]
+        assert set(r["summary"]) == {"score", "exact_match", "test_loss", "step_s"}
+        assert all("accuracy" in run["families"][f] for f in D.LABELS)
+    md = path[:-5] + ".md"
+    text = open(md).read()
+    for needle in ("commit", "Machine", "| method |", "reverse", "bare", "ia3", "matched"):
+        assert needle in text, needle
+    assert os.path.getsize(path[:-5] + ".png") > 1000
