@@ -58,7 +58,7 @@ def train(model, tok, data, order, lr: float, warmup: float = 0.1, on_step=None,
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = get_linear_schedule_with_warmup(opt, int(warmup * len(order)), len(order))
-    before = mean_loss(model, tok, data[:probe], on_batch=on_step)
+    before = mean_loss(model, tok, data[:probe], probe, on_step)
     model.train()
     losses, times = [], []
     for idx in order:
@@ -76,7 +76,7 @@ def train(model, tok, data, order, lr: float, warmup: float = 0.1, on_step=None,
     model.eval()
     kept = times[1:] if len(times) > 2 else times
     return {"losses": losses, "step_s": sum(kept) / max(1, len(kept)), "train_loss_before": before,
-            "train_loss_after": mean_loss(model, tok, data[:probe], on_batch=on_step)}
+            "train_loss_after": mean_loss(model, tok, data[:probe], probe, on_step)}
 
 
 @torch.no_grad()
