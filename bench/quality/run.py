@@ -47,7 +47,7 @@ def parse(argv=None):
     ap.add_argument("--seeds", type=int, help="number of seeds (default 2; 1 with --quick)")
     ap.add_argument("--steps", type=int, help="training steps per run")
     ap.add_argument("--budget-s", type=float, help="time budget in seconds (units that would overrun are skipped)")
-    ap.add_argument("--methods", help="comma-separated name prefixes of the methods to run (default: all), e.g. bare,lora-r8")
+    ap.add_argument("--methods", help="name prefixes of the methods to run, comma-separated (default: all)")
     ap.add_argument("--out", default="docs/benchmarks", help="output folder (default docs/benchmarks)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap.parse_args(argv)
