@@ -5,8 +5,9 @@ Contract:
   one trailing period dropped; lower-cased unless ``case_sensitive`` (no family here is about
   case, so the run passes False; a case-transformation family would pass True).
 - ``exact_match(pred, gold)``: normalised equality.
-- ``label_of(pred, labels)``: the label word the prediction says first (whole word, any case),
-  None when it names none; ``accuracy`` counts label_of(pred) == gold.
+- ``label_of(pred, labels)``: the one label word the prediction's first line names (whole word,
+  any case); None when it names none or several (a model that repeats the prompt's list of
+  options names them all: it gets no credit). ``accuracy`` counts label_of(pred) == gold.
 - ``score(examples, predictions)`` -> {"exact_match", "accuracy" (classification only), "n"}.
 """
 from __future__ import annotations
@@ -27,12 +28,9 @@ def exact_match(pred: str, gold: str, case_sensitive: bool = False) -> bool:
 
 
 def label_of(pred: str, labels) -> str | None:
-    best, where = None, None
-    for label in labels:
-        m = re.search(rf"\b{re.escape(label.lower())}\b", pred.lower())
-        if m and (where is None or m.start() < where):
-            best, where = label, m.start()
-    return best
+    line = normalise(pred)
+    named = [label for label in labels if re.search(rf"\b{re.escape(label.lower())}\b", line)]
+    return named[0] if len(named) == 1 else None
 
 
 def score(examples, predictions, case_sensitive: bool = False) -> dict:
