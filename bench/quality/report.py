@@ -10,6 +10,18 @@ from __future__ import annotations
 import json
 import sys
 
+NAMES = {"smollm2": "SmolLM2-135M-Instruct", "tiny": "a tiny random Llama (character tokenizer)"}
+
+
+def _matched(res) -> str:
+    para = res["methods"].get("para")
+    lora = [(n, r) for n, r in res["methods"].items() if n.endswith("(matched)")]
+    if not (para and lora and para["trainable"] and lora[0][1]["trainable"]):
+        return ""
+    n, r = lora[0]
+    return (f" LoRA's matched rank r = {r['params']['r']}: {r['trainable']:,} trainable parameters, the closest of any "
+            f"rank to PARA's {para['trainable']:,}.")
+
 
 def _ms(s, digits=2, pct=False):
     if not s:
@@ -26,12 +38,13 @@ def markdown(res: dict) -> str:
              f"- Date (UTC): {env['date_utc']}; commit {git.get('commit')}{' (dirty)' if git.get('dirty') else ''}",
              f"- Machine: {env['device_name']}, {env['cpu_count']} CPUs, torch {env['torch']} ({env['torch_threads']}"
              f" threads), transformers {env['transformers']}, peft {env['peft']}, para_kernels {env['para_kernels']}",
-             f"- Backbone: {res['backbone']} (fp32, CPU). Families: {', '.join(res['families'])}; one adapter per "
-             "method serves their mixture, the prompt alone says which task.",
+             f"- Backbone: {NAMES.get(res['backbone'], res['backbone'])} (fp32, CPU). Families: "
+             f"{', '.join(res['families'])}; one adapter per method serves their mixture, the prompt alone says "
+             "which task.",
              f"- Per family: {cfg['sizes']} examples (splits share no prompt). {cfg['steps']} steps of batch "
              f"{cfg['batch']}, AdamW, linear schedule (10 % warm-up), same batches for every method; "
              f"{cfg['seeds']} seed(s). Learning rate from the grid {res['grids']} on seed 0's validation loss: "
-             f"{res['picked_lr']}.",
+             f"{res['picked_lr']}." + _matched(res),
              f"- Wall time {res['wall_s'] / 60:.1f} min (budget {cfg['budget_s'] / 60:.0f} min).", "",
              "Score: mean over families of accuracy (label tasks) or exact match (the rest), held-out test split, "
              "greedy decoding; mean ± standard deviation over seeds.", "",
@@ -84,9 +97,10 @@ def plot(res: dict, path: str) -> None:
         ax.axhline(100 * bare["mean"], ls="--", c="grey", label="bare model, zero-shot")
         ax.legend()
     ax.set_xscale("log")
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("score on held-out test (%)")
-    ax.set_title(f"{res['backbone']}: score vs trainable parameters")
+    ax.set_title(f"{NAMES.get(res['backbone'], res['backbone'])}: score vs trainable parameters")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
