@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.para-installed
 PYTEST_ARGS ?=
 
-.PHONY: install wheel lint lint-only test test-fast reliability bench demo info clean
+.PHONY: install wheel lint lint-only test test-fast reliability bench eval demo info clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,11 @@ reliability: install
 
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# Does PARA learn as well as LoRA and (IA)3? SmolLM2-135M on generated tasks, about 40 minutes on
+# 2 CPU cores; writes docs/benchmarks/quality-cpu.{json,md,png} (EVAL_ARGS: --quick, --full, --seeds N).
+eval: install
+	$(BIN)/python -m bench.quality $(EVAL_ARGS)
 
 demo: install
 	$(BIN)/python scripts/demo.py
