@@ -150,6 +150,33 @@ def test_quick_writes_every_field(quick):
         assert all("accuracy" in run["families"][f] for f in D.LABELS)
     md = path[:-5] + ".md"
     text = open(md).read()
-    for needle in ("commit", "Machine", "| method |", "reverse", "bare", "ia3", "matched"):
+    for needle in ("commit", "Machine", "| method |", "reverse", "bare", "ia3", "matched", "decode ÷ bare"):
         assert needle in text, needle
     assert os.path.getsize(path[:-5] + ".png") > 1000
+
+
+def test_serving_cost_quotes_only_what_the_serving_benchmark_measured(tmp_path):
+    from bench.quality import run
+
+    methods = [M.Method("para", "para", dict(M.PARA_DEFAULT)), M.Method("lora-r8", "lora", dict(r=8)),
+               M.Method("lora-r19 (matched)", "lora", dict(r=19)), M.Method("ia3", "ia3")]
+    ratio = lambda m: {"ratio": {"median": m, "q1": m - 0.01, "q3": m + 0.01}}
+    bench = {"env": {"date_utc": "2026-01-01T00:00:00Z", "git": {"commit": "abc"}},
+             "serving": {"model_name": "m", "config": {"lora_r": 8, "batch": 8},
+                         "decode": {"para": ratio(1.01), "peft_lora": ratio(1.25), "ia3": ratio(0.99)}}}
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(bench))
+    cost = run.serving_cost(methods, str(path))
+    assert cost["commit"] == "abc" and cost["date_utc"] == "2026-01-01T00:00:00Z"
+    assert {k: v["median"] for k, v in cost["decode_ratio"].items()} == {"para": 1.01, "lora-r8": 1.25, "ia3": 0.99}
+    assert run.serving_cost(methods, str(tmp_path / "missing.json")) is None
+
+
+def test_report_flags_a_learning_rate_at_the_end_of_its_grid():
+    from bench.quality import report
+
+    res = {"grids": {"para": [1, 2, 3], "lora": [1, 2, 3], "ia3": [1, 2, 3]},
+           "picked_lr": {"para": 2, "lora-r8": 3, "ia3": 1},
+           "methods": {"para": {"kind": "para"}, "lora-r8": {"kind": "lora"}, "ia3": {"kind": "ia3"}}}
+    flagged = report._edges(res)
+    assert len(flagged) == 2 and flagged[0].startswith("lora-r8 (3, top") and flagged[1].startswith("ia3 (1, bottom")
