@@ -1,0 +1,56 @@
+"""The PARA model classes' config hook (vLLM's ``MODELS_CONFIG_MAP``), run when the engine's
+config is built, before anything is compiled or allocated.
+
+- Prefix caching and chunked prefill off: a request's vectors pool its whole prompt in one
+  forward (a prompt split across steps, or partly served from another request's cache, has no
+  whole prompt to pool); ``max_num_batched_tokens`` is raised to ``max_model_len`` so that the
+  longest prompt fits one step.
+- Eager mode: the vectors are per request and per step, set outside the model; vLLM's
+  torch.compile traces the model once (at warm-up, with no request) and would replay a graph
+  without them. Registering the PARA step as a custom op that compile splits on, as attention
+  is, would lift this (docs/vllm.md).
+- Refused with the reason: speculative decoding, vLLM's own LoRA in the same engine, pipeline
+  parallelism, the V2 model runner (it has no ``_model_forward`` to hook).
+- The worker extension (worker.py) is set when none is given, for load / unload at run time.
+Each change is logged once, with why.
+"""
+from __future__ import annotations
+
+import logging
+
+from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+logger = logging.getLogger("para_kernels.vllm")
+WORKER_EXTENSION = "para_kernels.vllm.worker.PARAWorkerExtension"
+
+
+class PARAConfigHook(VerifyAndUpdateConfig):
+    @classmethod
+    def verify_and_update_config(cls, vllm_config) -> None:
+        model, cache, scheduler = vllm_config.model_config, vllm_config.cache_config, vllm_config.scheduler_config
+        parallel = vllm_config.parallel_config
+        for what, value in (("speculative decoding", vllm_config.speculative_config),
+                            ("vLLM's LoRA (enable_lora)", vllm_config.lora_config),
+                            ("pipeline parallelism", parallel.pipeline_parallel_size > 1)):
+            if value:
+                raise ValueError(f"para_kernels.vllm does not support {what}; serve PARA adapters without it")
+        if vllm_config.use_v2_model_runner:
+            raise ValueError("para_kernels.vllm needs vLLM's V1 model runner (the V2 runner has no _model_forward "
+                             "hook): set VLLM_USE_V2_MODEL_RUNNER=0")
+        if cache.enable_prefix_caching:
+            cache.enable_prefix_caching = False
+            logger.info("PARA: prefix caching off (a request's vectors pool its whole prompt in one forward)")
+        if scheduler.enable_chunked_prefill:
+            scheduler.enable_chunked_prefill = False
+            logger.info("PARA: chunked prefill off (a request's vectors pool its whole prompt in one forward)")
+        if scheduler.max_num_batched_tokens < model.max_model_len:
+            logger.info("PARA: max_num_batched_tokens %d -> max_model_len %d (the longest prompt in one step)",
+                        scheduler.max_num_batched_tokens, model.max_model_len)
+            scheduler.max_num_batched_tokens = model.max_model_len
+        if not model.enforce_eager:
+            model.enforce_eager = True
+            logger.warning("PARA: enforce_eager=True: the per-request vectors are set per step outside the model, "
+                           "and a torch.compile / CUDA-graph trace would replay the model without them "
+                           "(docs/vllm.md)")
+        if not parallel.worker_extension_cls:
+            parallel.worker_extension_cls = WORKER_EXTENSION

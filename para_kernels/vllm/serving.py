@@ -1,0 +1,213 @@
+"""Per-request vectors inside a vLLM worker: computed once when a request's prompt is prefilled,
+kept in a slot of the request's own until it finishes, applied to every token it schedules.
+
+Contract:
+- ``ServingState`` belongs to one PARA model instance (``model.para_serving``). It holds the
+  adapter registry, the slot banks and {request id: slot}; nothing in it is shared between
+  requests except slot 0, the all-ones row of requests with no adapter.
+- Slot banks, per decoder layer: ``qkv[l]`` ``[S, q+k+v]`` and ``gate_up[l]`` ``[S, 2·up]`` (this
+  rank's shard), ones outside the q, v and up columns, in the model's dtype; ``S`` is
+  ``max_num_seqs + 1``. A token is scaled by ``para::scale(out, bank, token_rows)`` (the packed
+  layout), one call per merged projection.
+- ``begin_step(runner, num_tokens)`` reads the runner's batch (request ids, ``query_start_loc``,
+  computed and prompt token counts), frees the slots of requests that left the runner, gives a
+  slot to every request whose prompt completes in this step, and returns the ``Step`` (token ->
+  slot, the prompts to pool) or ``None`` when no token of the step is scaled (the bare model's
+  exact computation). A prompt split across steps (chunked prefill, a prefix-cache hit) is an
+  error, not a silent pooling of part of it: the config hook turns both off.
+- ``Step.prefill(layer, stream, normed)`` pools the completing prompts at a layer's input and
+  writes their slots' rows of that layer (``para::pool_generate``, one launch per adapter).
+"""
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import os
+
+import numpy as np
+import torch
+
+from .. import ops
+from . import ADAPTER_KEY, PATH_KEY
+from .adapters import AdapterRegistry, ModelFacts
+
+STEP: contextvars.ContextVar = contextvars.ContextVar("para_vllm_step", default=None)
+
+
+class ServingError(RuntimeError):
+    """A batch PARA cannot serve correctly (never served silently wrong)."""
+
+
+@dataclasses.dataclass
+class Shard:
+    """Where this tensor-parallel rank's columns sit in the whole model's q, v and up."""
+    q: tuple  # (start, size) in l_q; bank columns [0, size)
+    k_size: int
+    v: tuple  # (start, size) in l_v; bank columns [q size + k size, + size)
+    up: tuple  # (start, size) in l_u; gate_up bank columns [size, 2 size)
+
+
+@dataclasses.dataclass
+class Prefill:
+    adapter: object  # adapters.LoadedAdapter
+    slots: torch.Tensor  # [B] long
+    start: torch.Tensor  # [B] long, token index of the prompt's first token in this step's input
+    end: torch.Tensor  # [B] long
+
+
+@dataclasses.dataclass
+class Step:
+    state: "ServingState"
+    token_rows: torch.Tensor  # [num_tokens] slot of each token (0: no adapter, padding)
+    prefills: list
+    layers_seen: int = 0
+
+    def prefill(self, layer: int, stream: torch.Tensor, normed: torch.Tensor) -> None:
+        if self.prefills:
+            self.state.write_vectors(layer, self.prefills, stream, normed)
+
+
+def shard_of(qkv_proj, gate_up_proj) -> Shard:
+    """This rank's columns of q, v and up (vLLM's QKVParallelLinear / MergedColumnParallelLinear)."""
+    hd, rank = qkv_proj.head_size, getattr(qkv_proj, "tp_rank", 0)
+    nq, nkv = qkv_proj.num_heads * hd, qkv_proj.num_kv_heads * hd
+    kv_index = rank // getattr(qkv_proj, "num_kv_head_replicas", 1)
+    up_local = gate_up_proj.output_sizes[1] // getattr(gate_up_proj, "tp_size", 1)
+    return Shard((rank * nq, nq), nkv, (kv_index * nkv, nkv), (getattr(gate_up_proj, "tp_rank", 0) * up_local,
+                                                                 up_local))
+
+
+class ServingState:
+    def __init__(self, facts: ModelFacts, shards: dict, max_num_seqs: int, device, dtype: torch.dtype,
+                 max_adapters: int | None = None, known: dict | None = None):
+        self.shards = shards  # {layer index: Shard}
+        self.device, self.dtype = device, dtype
+        self.registry = AdapterRegistry(facts, device, dtype, max_adapters or default_max_adapters(),
+                                        known if known is not None else known_adapters())
+        self.num_slots = max_num_seqs + 1
+        self.qkv = {i: torch.ones(self.num_slots, s.q[1] + s.k_size + s.v[1], device=device, dtype=dtype)
+                    for i, s in shards.items()}
+        self.gate_up = {i: torch.ones(self.num_slots, 2 * s.up[1], device=device, dtype=dtype)
+                        for i, s in shards.items()}
+        self.slot_of: dict[str, int] = {}  # request id -> slot
+        self.free = list(range(self.num_slots - 1, 0, -1))  # slot 0 stays all ones
+
+    # ------------------------------------------------------------------ per step
+    def begin_step(self, runner, num_tokens: int) -> Step | None:
+        batch = runner.input_batch
+        n = batch.num_reqs
+        requests = runner.requests
+        for rid in [r for r in self.slot_of if r not in requests]:  # finished or aborted: slot back
+            self.free.append(self.slot_of.pop(rid))
+        if n == 0:
+            return None
+        qsl = runner.query_start_loc.np[:n + 1]
+        if qsl[n] > num_tokens:  # not this batch's forward (a dummy or profiling run)
+            return None
+        computed, prompt = batch.num_computed_tokens_cpu[:n], batch.num_prompt_tokens[:n]
+        slots = np.zeros(n, dtype=np.int64)
+        groups: dict[str, list] = {}
+        for i, rid in enumerate(batch.req_ids[:n]):
+            params = requests[rid].sampling_params
+            extra = params.extra_args if params is not None else None
+            name = extra.get(ADAPTER_KEY) if extra else None
+            if name is None:
+                continue
+            scheduled = int(qsl[i + 1] - qsl[i])
+            done, total = int(computed[i]), int(prompt[i])
+            if done < total <= done + scheduled:  # the prompt completes in this step: pool it
+                if done != 0:
+                    raise ServingError(
+                        f"request {rid!r}: its prompt of {total} tokens is split across steps ({done} computed "
+                        "before: chunked prefill or a prefix-cache hit), so PARA cannot pool it whole; the PARA "
+                        "config hook turns both off, keep them off (enable_prefix_caching=False, "
+                        "enable_chunked_prefill=False)")
+                adapter = self.registry.get(name, extra.get(PATH_KEY))
+                slot = self.slot_of.get(rid)
+                if slot is None:
+                    if not self.free:
+                        raise ServingError(f"no free PARA slot for request {rid!r}: {self.num_slots - 1} slots "
+                                           "(max_num_seqs) are held by running requests")
+                    slot = self.slot_of[rid] = self.free.pop()
+                groups.setdefault(name, [adapter, []])[1].append((slot, int(qsl[i]), int(qsl[i]) + total))
+            elif done + scheduled < total:
+                raise ServingError(f"request {rid!r}: only {done + scheduled} of its {total} prompt tokens are "
+                                   "scheduled in this step (chunked prefill); PARA needs the whole prompt at once")
+            else:
+                slot = self.slot_of.get(rid)
+                if slot is None:
+                    raise ServingError(f"request {rid!r} uses PARA adapter {name!r} but its prompt was not "
+                                       "prefilled through PARA (no vectors): refusing to serve it with the bare model")
+            slots[i] = slot
+        if not slots.any():
+            return None
+        rows = np.zeros(num_tokens, dtype=np.int64)
+        rows[:qsl[n]] = np.repeat(slots, np.diff(qsl))
+        prefills = []
+        for adapter, entries in groups.values():
+            s, b, e = (torch.tensor(c, dtype=torch.long, device=self.device) for c in zip(*entries))
+            prefills.append(Prefill(adapter, s, b, e))
+        return Step(self, torch.from_numpy(rows).to(self.device), prefills)
+
+    # ------------------------------------------------------------------ prefill
+    def write_vectors(self, layer: int, prefills: list, stream: torch.Tensor, normed: torch.Tensor) -> None:
+        shard, qkv, gate_up = self.shards[layer], self.qkv[layer], self.gate_up[layer]
+        for p in prefills:
+            qkv[p.slots] = 1.0
+            gate_up[p.slots] = 1.0
+            w = p.adapter.layers.get(layer)
+            if w is None:  # layers_to_transform leaves this layer alone
+                continue
+            config = p.adapter.config
+            hidden = stream if config.pool_input == "residual" else normed
+            w_sa = w["w_sa"][0].to(hidden.dtype) if "w_sa" in w else None
+            ids = torch.zeros(len(p.slots), dtype=torch.long, device=hidden.device)
+            v = ops.pool_generate(hidden, p.start, p.end, config.pooler, w_sa, w["w_down"], w["b_down"], w["w_up"],
+                                  w["b_up"], ids, config.activation, w.get("act_params")).to(self.dtype)
+            sizes = self.registry.facts.sizes
+            pieces = dict(zip(config.targets, v.split([sizes[t] for t in config.targets], dim=1)))
+            rows = p.slots[:, None]
+            if "q" in pieces:
+                start, size = shard.q
+                qkv[rows, torch.arange(size, device=qkv.device)] = pieces["q"][:, start:start + size]
+            if "v" in pieces:
+                start, size = shard.v
+                cols = shard.q[1] + shard.k_size + torch.arange(size, device=qkv.device)
+                qkv[rows, cols] = pieces["v"][:, start:start + size]
+            if "up" in pieces:
+                start, size = shard.up
+                gate_up[rows, size + torch.arange(size, device=gate_up.device)] = pieces["up"][:, start:start + size]
+
+    # ------------------------------------------------------------------ worker control
+    def load(self, name: str, path: str) -> None:
+        self.registry.load(name, path)
+
+    def unload(self, name: str) -> bool:
+        return self.registry.unload(name)
+
+
+def known_adapters() -> dict:
+    """{name: folder} from ``PARA_VLLM_ADAPTERS`` (a JSON object), checked."""
+    import json
+
+    raw = os.environ.get("PARA_VLLM_ADAPTERS", "").strip()
+    if not raw:
+        return {}
+    try:
+        known = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"PARA_VLLM_ADAPTERS must be a JSON object {{name: adapter folder}}: {e}") from None
+    if not isinstance(known, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in known.items()):
+        raise ValueError(f"PARA_VLLM_ADAPTERS must be a JSON object {{name: adapter folder}}, got {raw[:200]!r}")
+    return known
+
+
+def default_max_adapters() -> int:
+    raw = os.environ.get("PARA_VLLM_MAX_ADAPTERS", "8")
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"PARA_VLLM_MAX_ADAPTERS must be a positive int, got {raw!r}")
+    return value
