@@ -30,7 +30,7 @@ import logging
 SUPPORTED_VLLM = "0.32"  # the release series the hooks were written against (docs/vllm.md)
 ADAPTER_KEY, PATH_KEY = "para_adapter", "para_adapter_path"  # SamplingParams.extra_args keys
 
-logger = logging.getLogger("para_kernels.vllm")
+logger = logging.getLogger("vllm.para_kernels")  # under vLLM's logger: its handlers and level
 _registered = False
 
 

@@ -20,7 +20,7 @@ import logging
 
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
-logger = logging.getLogger("para_kernels.vllm")
+logger = logging.getLogger("vllm.para_kernels")  # under vLLM's logger: its handlers and level
 WORKER_EXTENSION = "para_kernels.vllm.worker.PARAWorkerExtension"
 
 
@@ -39,12 +39,12 @@ class PARAConfigHook(VerifyAndUpdateConfig):
                              "hook): set VLLM_USE_V2_MODEL_RUNNER=0")
         if cache.enable_prefix_caching:
             cache.enable_prefix_caching = False
-            logger.info("PARA: prefix caching off (a request's vectors pool its whole prompt in one forward)")
+            logger.warning("PARA: prefix caching off (a request's vectors pool its whole prompt in one forward)")
         if scheduler.enable_chunked_prefill:
             scheduler.enable_chunked_prefill = False
-            logger.info("PARA: chunked prefill off (a request's vectors pool its whole prompt in one forward)")
+            logger.warning("PARA: chunked prefill off (a request's vectors pool its whole prompt in one forward)")
         if scheduler.max_num_batched_tokens < model.max_model_len:
-            logger.info("PARA: max_num_batched_tokens %d -> max_model_len %d (the longest prompt in one step)",
+            logger.warning("PARA: max_num_batched_tokens %d -> max_model_len %d (the longest prompt in one step)",
                         scheduler.max_num_batched_tokens, model.max_model_len)
             scheduler.max_num_batched_tokens = model.max_model_len
         if not model.enforce_eager:
