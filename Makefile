@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.para-installed
 PYTEST_ARGS ?=
 
-.PHONY: install vllm-install wheel lint lint-only test test-fast test-vllm reliability bench bench-vllm eval demo info clean
+.PHONY: install vllm-install wheel lint lint-only test test-fast test-vllm reliability bench bench-vllm eval demo vllm-demo info clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -93,6 +93,14 @@ eval: install
 
 demo: install
 	$(BIN)/python scripts/demo.py
+
+# the demo's adapters served by vLLM in one batch with the bare model (scripts/vllm_demo.py); trains them first
+# (make demo's 3-6 minutes) unless $(DEMO_DIR) holds them
+DEMO_DIR ?= demo-adapters
+vllm-demo: install vllm-install
+	test -f $(DEMO_DIR)/reverse/adapter_config.json || $(BIN)/python scripts/demo.py --save-dir $(DEMO_DIR)
+	test -f $(DEMO_DIR)/model/config.json || $(BIN)/python -m bench.vllm.prepare $(DEMO_DIR)/model
+	$(VLLM_VENV)/bin/python scripts/vllm_demo.py --adapters $(DEMO_DIR)
 
 # versions, GPU, whether the CUDA extension is built and loaded, which backend runs each op
 info: install

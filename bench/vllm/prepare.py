@@ -66,3 +66,9 @@ def adapters(folder: str, model_folder: str, tenants: int, ranks=(8, 16)) -> dic
             lm.save_pretrained(path)
             out[f"lora{r}"].append(path)
     return out
+
+
+if __name__ == "__main__":  # python -m bench.vllm.prepare <folder>: SmolLM2 as a folder vLLM loads
+    import sys
+
+    print(model(sys.argv[1]))
