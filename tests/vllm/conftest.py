@@ -2,11 +2,13 @@
 there; in the main venv, where vLLM is absent, they are skipped).
 
 A tiny random LLaMA (hidden 128, head_dim 64: a size vLLM's CPU attention serves) with a character
-tokenizer is saved to a folder with PARA adapters beside it: ``a`` and ``b`` (random W_up, so they
-change the tokens; ``b`` pools the normed input with the mean pooler), ``zero`` (as PARAModel creates it: W_up = b_up = 0), ``attn`` (the attention
-pooler, rational activation, q and up only, one layer) and ``saved`` (modules_to_save: not
-servable by vLLM). The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), one per
-module; test_server.py starts the OpenAI server as a real deployment does.
+tokenizer is saved to a folder with PARA adapters beside it: ``a`` and ``b`` (random W_up, so
+they change the tokens; ``b`` pools the normed input with the mean pooler), ``zero`` (as
+PARAModel creates it: W_up = b_up = 0), ``attn`` (the attention pooler, rational activation, q
+and up only, one layer), ``c`` (loaded at run time from a request's path) and ``saved``
+(modules_to_save: not servable by vLLM). The engine runs in this process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0), one per module; test_server.py starts the OpenAI server as a
+real deployment does.
 """
 from __future__ import annotations
 
