@@ -65,10 +65,10 @@ lint: install
 # (in .venv they are skipped: vLLM is not installed there).
 test: install wheel lint vllm-install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
-	$(VLLM_VENV)/bin/python -m pytest -p no:cacheprovider tests/vllm
+	$(VLLM_VENV)/bin/python -m pytest -p no:cacheprovider tests/vllm_plugin
 
 test-vllm: vllm-install
-	$(VLLM_VENV)/bin/python -m pytest -p no:cacheprovider tests/vllm $(PYTEST_ARGS)
+	$(VLLM_VENV)/bin/python -m pytest -p no:cacheprovider tests/vllm_plugin $(PYTEST_ARGS)
 
 # While working: no wheel build, no SmolLM2 (a few minutes on 2 cores).
 test-fast: install

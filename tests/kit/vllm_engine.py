@@ -1,4 +1,4 @@
-"""Helpers of the vLLM plugin tests (tests/vllm): a tiny LLaMA vLLM's CPU build can serve, PARA
+"""Helpers of the vLLM plugin tests (tests/vllm_plugin): a tiny LLaMA vLLM's CPU build can serve, PARA
 adapters on it, an in-process engine, greedy tokens per request."""
 from __future__ import annotations
 
