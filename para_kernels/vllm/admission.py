@@ -11,6 +11,10 @@ import os
 
 from . import ADAPTER_KEY, PATH_KEY
 
+# Set (to "1") by the PARA config hook when an engine config for a PARA model is built in this process;
+# inherited by the processes started after it (the API server's front ends). A request that names an
+# adapter where no PARA engine was configured would otherwise get the bare model's output silently.
+ENGINE_ENV = "PARA_VLLM_ENGINE"
 _remembered: dict[str, str] = {}  # names loaded at run time in this process: load_adapter(), a request's path
 
 
@@ -27,6 +31,10 @@ def check(extra_args: dict | None) -> None:
     from .serving import known_adapters
 
     name, path = extra_args[ADAPTER_KEY], extra_args.get(PATH_KEY)
+    if os.environ.get(ENGINE_ENV) != "1":
+        raise ValueError(f"{ADAPTER_KEY}={name!r} was given, but this vLLM engine does not serve a PARA model: start "
+                         "it with hf_overrides={'architectures': ['PARA<Arch>']} (e.g. PARALlamaForCausalLM; "
+                         "docs/vllm.md), or send the request without para_adapter for the bare model")
     if not isinstance(name, str) or not name:
         raise ValueError(f"{ADAPTER_KEY} must be an adapter name (a non-empty str), got {name!r}")
     if path is not None:

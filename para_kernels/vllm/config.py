@@ -12,13 +12,18 @@ config is built, before anything is compiled or allocated.
 - Refused with the reason: speculative decoding, vLLM's own LoRA in the same engine, pipeline
   parallelism, the V2 model runner (it has no ``_model_forward`` to hook).
 - The worker extension (worker.py) is set when none is given, for load / unload at run time.
+- ``PARA_VLLM_ENGINE=1`` is set in this process's environment: the front end then accepts requests
+  naming an adapter (admission.py); elsewhere they are refused rather than served bare.
 Each change is logged once, with why.
 """
 from __future__ import annotations
 
 import logging
+import os
 
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+from .admission import ENGINE_ENV
 
 logger = logging.getLogger("vllm.para_kernels")  # under vLLM's logger: its handlers and level
 WORKER_EXTENSION = "para_kernels.vllm.worker.PARAWorkerExtension"
@@ -54,3 +59,4 @@ class PARAConfigHook(VerifyAndUpdateConfig):
                            "(docs/vllm.md)")
         if not parallel.worker_extension_cls:
             parallel.worker_extension_cls = WORKER_EXTENSION
+        os.environ[ENGINE_ENV] = "1"  # the front end accepts para_adapter (admission.py)

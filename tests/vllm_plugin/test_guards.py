@@ -2,6 +2,7 @@
 model, prompts split across steps; the config hook turns off what PARA cannot serve."""
 from __future__ import annotations
 
+import os
 import types
 
 import numpy as np
@@ -98,3 +99,27 @@ def test_a_step_that_reaches_no_para_layer_raises(state):
     bare = _runner(state, ["y"], [0, 5], [0], [5], [None])
     bare.model = fake.model
     assert GPUModelRunner._model_forward(bare, input_ids=np.zeros(5)) == "hidden states"  # nothing to scale
+
+
+def test_an_adapter_request_to_an_engine_without_para_is_refused(served, tmp_path):
+    """A model started without the PARA architecture would serve para_adapter requests bare."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "plain.py"
+    script.write_text(f"""
+import os
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.pop("PARA_VLLM_ENGINE", None)
+from vllm import LLM, SamplingParams
+llm = LLM({served["model"]!r}, max_model_len=256, dtype="float32", enforce_eager=True)
+print(len(llm.generate(["hi"], SamplingParams(max_tokens=2))[0].outputs[0].token_ids))
+try:
+    llm.generate(["hi"], SamplingParams(max_tokens=2, extra_args={{"para_adapter": "a"}}))
+except Exception as e:
+    print("refused:", e)
+""")
+    env = {k: v for k, v in os.environ.items() if k != "PARA_VLLM_ENGINE"}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert "refused: para_adapter='a' was given, but this vLLM engine does not serve a PARA model" in out.stdout, \
+        out.stdout[-2000:] + out.stderr[-3000:]
