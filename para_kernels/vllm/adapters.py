@@ -5,10 +5,13 @@ unpickled), at most ``max_adapters`` at once, least recently used out.
 Contract:
 - ``ModelFacts`` are what an adapter must match: hidden size, layer count, the q / v / up widths
   of the whole (unsharded) model.
+- ``validate(name, folder, facts)``: the checks of a read that need no tensor data (the front end
+  runs it on every request's adapter; admission.py).
 - ``AdapterRegistry.get(name, path=None)``: the adapter, loaded at its first use from ``path``,
   else from the folder registered for ``name`` (``known``: ``PARA_VLLM_ADAPTERS``), and marked
-  most recently used. An adapter that does not fit the model, or a folder that is not an adapter,
-  raises ``io.AdapterFileError`` naming the folder and what is wrong; nothing is half-loaded.
+  most recently used; the same name with another folder is another adapter (it replaces it). An
+  adapter that does not fit the model, or a folder that is not an adapter, raises
+  ``io.AdapterFileError`` naming the folder and what is wrong; nothing is half-loaded.
 - ``load(name, path)`` replaces a resident adapter of that name; ``unload(name)`` drops it;
   ``resident()`` lists them, least recently used first. Requests already prefilled keep their
   vectors (serving.py): the generators are needed only at prefill.
@@ -18,6 +21,7 @@ Contract:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import threading
 from collections import OrderedDict
@@ -40,6 +44,13 @@ class ModelFacts:
 
     def n(self, config: PARAConfig) -> int:
         return sum(self.sizes[t] for t in config.targets)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str) -> "ModelFacts":
+        return cls(**json.loads(raw))
 
 
 @dataclasses.dataclass
@@ -64,24 +75,44 @@ def check_servable(config: PARAConfig, folder: str) -> None:
                 f"{STANDARD_MODULES} (target_modules=None finds them)")
 
 
-def read(name: str, folder: str, facts: ModelFacts, device, dtype) -> LoadedAdapter:
-    """The adapter saved in ``folder`` (save_pretrained's layout; a named adapter's subfolder too),
-    checked against ``facts`` before any tensor is read, on ``device`` in ``dtype``."""
+def validate(name: str, folder: str, facts: ModelFacts | None) -> tuple[str, PARAConfig, dict, list]:
+    """(the adapter's folder, config, {tensor: shape} expected, layers) of the adapter saved in
+    ``folder`` (save_pretrained's layout; a named adapter's subfolder too), checked from its config
+    and its weights' header alone (no tensor data): servable, and matching ``facts`` (the served
+    model; None checks the files only). The front end runs this on every request's adapter, so that
+    the worker, where an error would stop the engine, reads only checked files."""
     folder = io.resolve_adapter(folder, name)
     config, info = io.read_config(folder)
     check_servable(config, folder)
+    header, _ = io.read_header(os.path.join(folder, io.WEIGHTS_NAME))
+    if facts is None:
+        return folder, config, {k: tuple(v["shape"]) for k, v in header.items()}, []
     if info.get("hidden_size") not in (None, facts.hidden_size) or info.get("num_layers") not in (None,
                                                                                                    facts.num_layers):
         raise io.AdapterFileError(f"the adapter in {folder} was saved for hidden size {info.get('hidden_size')} and "
                                   f"{info.get('num_layers')} layers; the served model has {facts.hidden_size} and "
                                   f"{facts.num_layers}")
     layers = config.layers_to_transform
-    layers = range(facts.num_layers) if layers is None else layers
+    layers = list(range(facts.num_layers) if layers is None else layers)
     if any(not 0 <= i < facts.num_layers for i in layers):
-        raise io.AdapterFileError(f"the adapter in {folder} transforms layers {list(layers)}; the served model has "
+        raise io.AdapterFileError(f"the adapter in {folder} transforms layers {layers}; the served model has "
                                   f"{facts.num_layers}")
     shapes = weight_shapes(config, facts.hidden_size, facts.n(config))
     expected = {f"layers.{i}.{k}": s for i in layers for k, s in shapes.items()}
+    got = {k: tuple(v["shape"]) for k, v in header.items()}
+    if got != expected:
+        wrong = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
+        raise io.AdapterFileError(f"the adapter in {folder} does not match the served model: tensors {wrong[:4]} "
+                                  f"(expected {[expected.get(k) for k in wrong[:4]]}, found "
+                                  f"{[got.get(k) for k in wrong[:4]]})")
+    return folder, config, expected, layers
+
+
+def read(name: str, folder: str, facts: ModelFacts, device, dtype) -> LoadedAdapter:
+    """The adapter saved in ``folder``, checked as ``validate`` does before any tensor is read
+    (then its checksum), on ``device`` in ``dtype``."""
+    folder, config, expected, layers = validate(name, folder, facts)
+    shapes = weight_shapes(config, facts.hidden_size, facts.n(config))
     tensors = io.read_weights(folder, expected, config)
     per_layer = {i: {k: tensors[f"layers.{i}.{k}"].to(device=device, dtype=dtype).unsqueeze(0) for k in shapes}
                  for i in layers}

@@ -1,7 +1,8 @@
-"""The one hook into vLLM's model runner: every forward of a PARA model runs inside its step.
+"""The hooks into vLLM's model runner: every forward of a PARA model runs inside its step.
 
 ``GPUModelRunner._model_forward`` (documented by vLLM as the method to override for model
-execution; the CPU runner inherits it) is wrapped once: for a model with ``para_serving`` it
+execution; the CPU runner inherits it) is wrapped once (and ``_update_states``, so that a
+preempted request gives its slot back): for a model with ``para_serving`` it
 builds the step's layout (serving.ServingState.begin_step) and sets ``serving.STEP`` for the
 duration of the call; other models go straight through. After a step that scaled tokens, a forward
 in which no PARA layer ran (a compiled graph traced without PARA, another runner) raises instead
@@ -37,5 +38,15 @@ def install() -> None:
                                "hook forces enforce_eager; keep it (docs/vllm.md)")
         return out
 
+    original_update = GPUModelRunner._update_states
+
+    def _update_states(self, scheduler_output):
+        out = original_update(self, scheduler_output)
+        state = getattr(self.get_model(), "para_serving", None) if hasattr(self, "model") else None
+        if state is not None and scheduler_output.preempted_req_ids:
+            state.release(scheduler_output.preempted_req_ids, preempted=True)  # their KV cache is gone: pooled again on resume
+        return out
+
     _model_forward.para_wrapped = True
     GPUModelRunner._model_forward = _model_forward
+    GPUModelRunner._update_states = _update_states

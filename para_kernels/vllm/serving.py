@@ -13,8 +13,10 @@ Contract:
   computed and prompt token counts), frees the slots of requests that left the runner, gives a
   slot to every request whose prompt completes in this step, and returns the ``Step`` (token ->
   slot, the prompts to pool) or ``None`` when no token of the step is scaled (the bare model's
-  exact computation). A prompt split across steps (chunked prefill, a prefix-cache hit) is an
-  error, not a silent pooling of part of it: the config hook turns both off.
+  exact computation). A prompt split across steps (chunked prefill, a prefix-cache hit, a KV
+  transfer) is an error, not a silent pooling of part of it: the config hook turns these off. A
+  preempted request loses its slot (``release``, from the runner's state update) and is pooled
+  again when it is prefilled again; new input of a continued session keeps the first vectors.
 - ``Step.prefill(layer, stream, normed)`` pools the completing prompts at a layer's input and
   writes their slots' rows of that layer (``para::pool_generate``, one launch per adapter).
 """
@@ -70,6 +72,8 @@ class Step:
 def shard_of(qkv_proj, gate_up_proj) -> Shard:
     """This rank's columns of q, v and up (vLLM's QKVParallelLinear / MergedColumnParallelLinear)."""
     hd, rank = qkv_proj.head_size, getattr(qkv_proj, "tp_rank", 0)
+    if getattr(qkv_proj, "v_head_size", hd) != hd:
+        raise ServingError(f"qkv_proj has v_head_size {qkv_proj.v_head_size} != head_size {hd}: not the LLaMA layout")
     nq, nkv = qkv_proj.num_heads * hd, qkv_proj.num_kv_heads * hd
     kv_index = rank // getattr(qkv_proj, "num_kv_head_replicas", 1)
     up_local = gate_up_proj.output_sizes[1] // getattr(gate_up_proj, "tp_size", 1)
@@ -91,19 +95,20 @@ class ServingState:
                         for i, s in shards.items()}
         self.slot_of: dict[str, int] = {}  # request id -> slot
         self.free = list(range(self.num_slots - 1, 0, -1))  # slot 0 stays all ones
+        self.preempted = 0  # slots given back by preemption (a count for tests and logs)
 
     # ------------------------------------------------------------------ per step
     def begin_step(self, runner, num_tokens: int) -> Step | None:
         batch = runner.input_batch
         n = batch.num_reqs
         requests = runner.requests
-        for rid in [r for r in self.slot_of if r not in requests]:  # finished or aborted: slot back
-            self.free.append(self.slot_of.pop(rid))
+        self.release([r for r in self.slot_of if r not in requests])  # finished or aborted
         if n == 0:
             return None
         qsl = runner.query_start_loc.np[:n + 1]
-        if qsl[n] > num_tokens:  # not this batch's forward (a dummy or profiling run)
-            return None
+        if qsl[n] > num_tokens:
+            raise ServingError(f"the batch schedules {int(qsl[n])} tokens but the forward has {num_tokens}: the "
+                               "runner's layout is not this forward's; refusing to guess which tokens are whose")
         computed, prompt = batch.num_computed_tokens_cpu[:n], batch.num_prompt_tokens[:n]
         slots = np.zeros(n, dtype=np.int64)
         groups: dict[str, list] = {}
@@ -115,29 +120,27 @@ class ServingState:
                 continue
             scheduled = int(qsl[i + 1] - qsl[i])
             done, total = int(computed[i]), int(prompt[i])
-            if done < total <= done + scheduled:  # the prompt completes in this step: pool it
-                if done != 0:
-                    raise ServingError(
-                        f"request {rid!r}: its prompt of {total} tokens is split across steps ({done} computed "
-                        "before: chunked prefill or a prefix-cache hit), so PARA cannot pool it whole; the PARA "
-                        "config hook turns both off, keep them off (enable_prefix_caching=False, "
-                        "enable_chunked_prefill=False)")
+            slot = self.slot_of.get(rid)
+            if done == 0 and total <= scheduled:  # the whole prompt in this step (a new or a resumed request): pool it
                 adapter = self.registry.get(name, extra.get(PATH_KEY))
-                slot = self.slot_of.get(rid)
                 if slot is None:
                     if not self.free:
                         raise ServingError(f"no free PARA slot for request {rid!r}: {self.num_slots - 1} slots "
                                            "(max_num_seqs) are held by running requests")
                     slot = self.slot_of[rid] = self.free.pop()
-                groups.setdefault(name, [adapter, []])[1].append((slot, int(qsl[i]), int(qsl[i]) + total))
-            elif done + scheduled < total:
-                raise ServingError(f"request {rid!r}: only {done + scheduled} of its {total} prompt tokens are "
-                                   "scheduled in this step (chunked prefill); PARA needs the whole prompt at once")
-            else:
-                slot = self.slot_of.get(rid)
-                if slot is None:
-                    raise ServingError(f"request {rid!r} uses PARA adapter {name!r} but its prompt was not "
-                                       "prefilled through PARA (no vectors): refusing to serve it with the bare model")
+                key = (name, id(adapter))  # one pool_generate per adapter object, never per name alone
+                groups.setdefault(key, [adapter, []])[1].append((slot, int(qsl[i]), int(qsl[i]) + total))
+            elif slot is None:
+                if done < total:
+                    raise ServingError(
+                        f"request {rid!r}: {done} of its {total} prompt tokens were computed before this step "
+                        f"and {scheduled} are scheduled now (chunked prefill, a prefix-cache hit or a KV "
+                        "transfer), so PARA cannot pool its whole prompt; the PARA config hook turns these off, "
+                        "keep them off (docs/vllm.md)")
+                raise ServingError(f"request {rid!r} uses PARA adapter {name!r} but its prompt was not "
+                                   "prefilled through PARA (no vectors): refusing to serve it with the bare model")
+            # else: a request with vectors continues (decode, or new input of a continued session: the
+            # vectors of its first prompt are kept, as PARAModel.generate keeps them on a cache)
             slots[i] = slot
         if not slots.any():
             return None
@@ -148,6 +151,15 @@ class ServingState:
             s, b, e = (torch.tensor(c, dtype=torch.long, device=self.device) for c in zip(*entries))
             prefills.append(Prefill(adapter, s, b, e))
         return Step(self, torch.from_numpy(rows).to(self.device), prefills)
+
+    def release(self, request_ids, preempted: bool = False) -> None:
+        """Give back the slots of requests that left the batch for good or lost their KV cache
+        (``preempted``: a resumed request is prefilled again, its prompt pooled again)."""
+        for rid in request_ids:
+            slot = self.slot_of.pop(rid, None)
+            if slot is not None:
+                self.free.append(slot)
+                self.preempted += preempted
 
     # ------------------------------------------------------------------ prefill
     def write_vectors(self, layer: int, prefills: list, stream: torch.Tensor, normed: torch.Tensor) -> None:

@@ -92,10 +92,45 @@ def test_unknown_adapter_is_refused_when_the_request_is_added(llm):
     assert tokens(llm, PROMPTS[:1], ["a"]) == tokens(llm, PROMPTS[:1], ["a"])  # the engine still serves
 
 
-def test_an_adapter_loaded_at_run_time_from_the_requests_path(llm, served):
+def test_an_adapter_loaded_at_run_time_from_the_requests_path(llm, served, monkeypatch):
+    from vllm.exceptions import VLLMValidationError
+
     import para_kernels.vllm as pv
 
-    c = tokens(llm, PROMPTS, ["c"] * len(PROMPTS), path=served["adapters"]["c"])
+    path = served["adapters"]["c"]
+    with pytest.raises(VLLMValidationError, match="switched off on this server"):
+        tokens(llm, PROMPTS[:1], ["c"], path=path)
+    monkeypatch.setenv("PARA_VLLM_ALLOW_ADAPTER_PATHS", "1")
+    c = tokens(llm, PROMPTS, ["c"] * len(PROMPTS), path=path)
     assert c != tokens(llm, PROMPTS, [None] * len(PROMPTS))
     assert "c" in pv.resident_adapters(llm)
-    assert tokens(llm, PROMPTS, ["c"] * len(PROMPTS)) == c  # resident now: the name alone serves it
+    assert tokens(llm, PROMPTS, ["c"] * len(PROMPTS), path=path) == c
+    with pytest.raises(VLLMValidationError, match="unknown PARA adapter 'c'"):  # every request passes its path
+        tokens(llm, PROMPTS[:1], ["c"])
+    with pytest.raises(VLLMValidationError, match="'a' already names the adapter in"):  # no rebinding a name
+        tokens(llm, PROMPTS[:1], ["a"], path=path)
+    with pytest.raises(VLLMValidationError, match="cannot be served: no PARA adapter in"):
+        tokens(llm, PROMPTS[:1], ["d"], path=served["model"])  # a folder that holds no adapter
+    with pytest.raises(VLLMValidationError, match="modules_to_save"):
+        tokens(llm, PROMPTS[:1], ["s"], path=served["saved"])
+    assert tokens(llm, PROMPTS[:1], ["a"]) == tokens(llm, PROMPTS[:1], ["a"])  # the engine still serves
+
+
+def test_requests_preempted_for_kv_space_are_pooled_again(served):
+    """Too little KV cache for the batch: vLLM preempts requests (dropping their cache) and
+    prefills them again later; each still gets what it gets alone."""
+    small = engine(served, num_gpu_blocks_override=5, block_size=32, max_num_seqs=8, max_model_len=128)
+    try:
+        names = ["a", "b", None, "attn", "a", "b"]
+        prompts = [p * 3 for p in PROMPTS] + ["xyz " * 8]
+        long = [params(n, max_tokens=40) for n in names]
+        batch = [list(o.outputs[0].token_ids) for o in small.generate(prompts, long, use_tqdm=False)]
+        alone = [list(small.generate([p], [q], use_tqdm=False)[0].outputs[0].token_ids) for p, q in zip(prompts, long)]
+        assert batch == alone
+        free, preempted = small.collective_rpc(
+            lambda self: (len(self.model_runner.get_model().para_serving.free),
+                          self.model_runner.get_model().para_serving.preempted))[0]
+        assert preempted > 0  # the KV cache was too small: requests with adapters were preempted
+        assert free >= 6  # and every slot came back
+    finally:
+        del small

@@ -66,20 +66,28 @@ def state(served):
 def test_a_prompt_split_across_steps_is_an_error(state):
     from para_kernels.vllm.serving import ServingError
 
-    with pytest.raises(ServingError, match="split across steps"):  # a prefix-cache hit: 4 tokens computed before
+    with pytest.raises(ServingError, match="cannot pool its whole prompt"):  # a prefix-cache hit: 4 computed before
         state.begin_step(_runner(state, ["r"], [0, 3], [4], [7], ["a"]), 3)
-    with pytest.raises(ServingError, match="chunked prefill"):  # 3 of 7 prompt tokens scheduled
+    with pytest.raises(ServingError, match="cannot pool its whole prompt"):  # chunked: 3 of 7 prompt tokens
         state.begin_step(_runner(state, ["r"], [0, 3], [0], [7], ["a"]), 3)
     with pytest.raises(ServingError, match="not prefilled through PARA"):  # decoding with no vectors
         state.begin_step(_runner(state, ["r"], [0, 1], [8], [7], ["a"]), 1)
+    with pytest.raises(ServingError, match="the runner's layout is not this forward's"):
+        state.begin_step(_runner(state, ["r"], [0, 7], [0], [7], ["a"]), 5)
 
 
-def test_slots_layout_and_release(state):
+def test_slots_layout_release_and_continued_sessions(state):
     step = state.begin_step(_runner(state, ["x", "y", "z"], [0, 5, 6, 9], [0, 9, 0], [5, 8, 3], ["a", None, "a"]), 12)
     sx, sz = state.slot_of["x"], state.slot_of["z"]
     assert set(state.slot_of) == {"x", "z"} and 0 not in (sx, sz) and sx != sz  # y: no adapter, no slot
     assert step.token_rows.tolist() == [sx] * 5 + [0] + [sz] * 3 + [0] * 3  # padding tokens: slot 0 (ones)
-    assert [(p.start.tolist(), p.end.tolist()) for p in step.prefills] == [([0, 6], [5, 9])]
+    assert [(p.start.tolist(), p.end.tolist()) for p in step.prefills] == [([0, 6], [5, 9])]  # one adapter, one launch
+    # x continues with new input (a longer prompt, 9 tokens computed): its first vectors are kept, nothing pooled
+    cont = state.begin_step(_runner(state, ["x", "z"], [0, 3, 4], [9, 3], [12, 3], ["a", "a"]), 4)
+    assert cont.token_rows.tolist() == [sx] * 3 + [sz] and cont.prefills == []
+    state.release(["z"])  # preempted: its KV cache is gone
+    resumed = state.begin_step(_runner(state, ["x", "z"], [0, 1, 6], [12, 0], [12, 3], ["a", "a"]), 6)
+    assert [(p.start.tolist(), p.end.tolist()) for p in resumed.prefills] == [([1], [4])]  # its prompt only
     assert state.begin_step(_runner(state, ["y"], [0, 1], [9], [8], [None]), 1) is None  # x, z left: freed
     assert state.slot_of == {} and len(state.free) == 4
 
