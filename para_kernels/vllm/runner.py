@@ -44,7 +44,7 @@ def install() -> None:
         out = original_update(self, scheduler_output)
         state = getattr(self.get_model(), "para_serving", None) if hasattr(self, "model") else None
         if state is not None and scheduler_output.preempted_req_ids:
-            state.release(scheduler_output.preempted_req_ids, preempted=True)  # their KV cache is gone: pooled again on resume
+            state.release(scheduler_output.preempted_req_ids, preempted=True)  # pooled again on resume
         return out
 
     _model_forward.para_wrapped = True
