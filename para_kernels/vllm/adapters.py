@@ -32,6 +32,8 @@ from ..config import PARAConfig
 from ..transformers import io
 from ..transformers.layer import weight_shapes
 
+STACKS = 8  # stacked banks kept: combinations of adapters prefilled together
+
 # vLLM's merged projections hold these HF modules (LlamaModel.hf_to_vllm_mapper): the only targets served
 STANDARD_MODULES = {"q": "q_proj", "v": "v_proj", "up": "up_proj"}
 
@@ -127,6 +129,7 @@ class AdapterRegistry:
         self.facts, self.device, self.dtype, self.max_adapters = facts, device, dtype, max_adapters
         self.known = dict(known or {})  # name -> folder
         self._resident: OrderedDict[str, LoadedAdapter] = OrderedDict()
+        self._stacks: OrderedDict[tuple, tuple] = OrderedDict()  # (id of each adapter) -> (adapters, {layer: bank})
         self._lock = threading.Lock()
 
     def get(self, name: str, path: str | None = None) -> LoadedAdapter:
@@ -155,6 +158,26 @@ class AdapterRegistry:
     def unload(self, name: str) -> bool:
         with self._lock:
             return self._resident.pop(name, None) is not None
+
+    def stacked(self, adapters: list, layer: int) -> dict:
+        """The generators of ``adapters`` (one generator signature) in ``layer`` stacked along a
+        leading adapter axis, the bank of one ``para::pool_generate`` (a view for one adapter; a
+        copy for several, kept for the last ``STACKS`` combinations)."""
+        if len(adapters) == 1:
+            return adapters[0].layers[layer]
+        key = tuple(id(a) for a in adapters)
+        with self._lock:
+            entry = self._stacks.get(key)
+            if entry is None or any(x is not y for x, y in zip(entry[0], adapters)):
+                entry = self._stacks[key] = (list(adapters), {})
+                while len(self._stacks) > STACKS:
+                    self._stacks.popitem(last=False)
+            self._stacks.move_to_end(key)
+        banks = entry[1]
+        if layer not in banks:
+            first = adapters[0].layers[layer]
+            banks[layer] = {k: torch.cat([a.layers[layer][k] for a in adapters]) for k in first}
+        return banks[layer]
 
     def resident(self) -> list[str]:
         with self._lock:

@@ -47,6 +47,14 @@ def _wrap_norm(norm, layer: int):
     norm.forward = forward
 
 
+# On the CPU a step whose tokens come in long runs of one request (a prefill) is scaled in place run by
+# run: the packed para::scale gathers a [tokens, n] copy of the rows first, 2-5x slower there for a
+# 64-token prompt. A run must average RUN_TOKENS tokens for that; decode steps (one token per run) and
+# every step on a GPU go through para::scale with token_rows (the Triton / CUDA kernels). Both compute
+# the same fp products.
+RUN_TOKENS = 8
+
+
 def _wrap_scaled(proj, banks: dict, layer: int):
     original = proj.forward
 
@@ -56,7 +64,12 @@ def _wrap_scaled(proj, banks: dict, layer: int):
         if step is None:
             return out
         y, bias = out if isinstance(out, tuple) else (out, None)
-        y = ops.scale(y, banks[layer], step.token_rows[:y.shape[0]])
+        bank = banks[layer]
+        if y.device.type == "cpu" and len(step.runs) * RUN_TOKENS <= y.shape[0] and not y.requires_grad:
+            for start, end, slot in step.runs:
+                y[start:end].mul_(bank[slot])
+        else:
+            y = ops.scale(y, bank, step.token_rows[:y.shape[0]])
         return (y, bias) if isinstance(out, tuple) else y
 
     proj.forward = forward

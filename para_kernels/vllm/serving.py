@@ -18,7 +18,8 @@ Contract:
   preempted request loses its slot (``release``, from the runner's state update) and is pooled
   again when it is prefilled again; new input of a continued session keeps the first vectors.
 - ``Step.prefill(layer, stream, normed)`` pools the completing prompts at a layer's input and
-  writes their slots' rows of that layer (``para::pool_generate``, one launch per adapter).
+  writes their slots' rows of that layer (``para::pool_generate``, one launch per generator
+  signature: adapters of one signature share a stacked bank, adapters.py).
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ class Shard:
 
 @dataclasses.dataclass
 class Prefill:
-    adapter: object  # adapters.LoadedAdapter
+    adapters: list  # adapters.LoadedAdapter of one generator signature: one pool_generate per layer
+    ids: torch.Tensor  # [B] long, each row's index in adapters
     slots: torch.Tensor  # [B] long
     start: torch.Tensor  # [B] long, token index of the prompt's first token in this step's input
     end: torch.Tensor  # [B] long
@@ -62,6 +64,7 @@ class Step:
     state: "ServingState"
     token_rows: torch.Tensor  # [num_tokens] slot of each token (0: no adapter, padding)
     prefills: list
+    runs: list  # [(start, end, slot)]: the step's runs of consecutive tokens with one nonzero slot
     layers_seen: int = 0
 
     def prefill(self, layer: int, stream: torch.Tensor, normed: torch.Tensor) -> None:
@@ -128,8 +131,9 @@ class ServingState:
                         raise ServingError(f"no free PARA slot for request {rid!r}: {self.num_slots - 1} slots "
                                            "(max_num_seqs) are held by running requests")
                     slot = self.slot_of[rid] = self.free.pop()
-                key = (name, id(adapter))  # one pool_generate per adapter object, never per name alone
-                groups.setdefault(key, [adapter, []])[1].append((slot, int(qsl[i]), int(qsl[i]) + total))
+                # one pool_generate per generator signature; rows know their adapter object, never a name alone
+                group = groups.setdefault(adapter.config.generator_signature(), {})
+                group.setdefault(id(adapter), [adapter, []])[1].append((slot, int(qsl[i]), int(qsl[i]) + total))
             elif slot is None:
                 if done < total:
                     raise ServingError(
@@ -147,10 +151,14 @@ class ServingState:
         rows = np.zeros(num_tokens, dtype=np.int64)
         rows[:qsl[n]] = np.repeat(slots, np.diff(qsl))
         prefills = []
-        for adapter, entries in groups.values():
-            s, b, e = (torch.tensor(c, dtype=torch.long, device=self.device) for c in zip(*entries))
-            prefills.append(Prefill(adapter, s, b, e))
-        return Step(self, torch.from_numpy(rows).to(self.device), prefills)
+        for group in groups.values():
+            members = list(group.values())
+            entries = [(k, *e) for k, (_, es) in enumerate(members) for e in es]
+            ids, s, b, e = (torch.tensor(c, dtype=torch.long, device=self.device) for c in zip(*entries))
+            prefills.append(Prefill([a for a, _ in members], ids, s, b, e))
+        change = np.flatnonzero(np.diff(rows[:qsl[n]], prepend=-1, append=-1))  # where a run of one slot starts
+        runs = [(int(a), int(z), int(rows[a])) for a, z in zip(change[:-1], change[1:]) if rows[a]]
+        return Step(self, torch.from_numpy(rows).to(self.device), prefills, runs)
 
     def release(self, request_ids, preempted: bool = False) -> None:
         """Give back the slots of requests that left the batch for good or lost their KV cache
@@ -167,15 +175,14 @@ class ServingState:
         for p in prefills:
             qkv[p.slots] = 1.0
             gate_up[p.slots] = 1.0
-            w = p.adapter.layers.get(layer)
-            if w is None:  # layers_to_transform leaves this layer alone
+            if layer not in p.adapters[0].layers:  # layers_to_transform leaves this layer alone
                 continue
-            config = p.adapter.config
+            w = self.registry.stacked(p.adapters, layer)
+            config = p.adapters[0].config
             hidden = stream if config.pool_input == "residual" else normed
-            w_sa = w["w_sa"][0].to(hidden.dtype) if "w_sa" in w else None
-            ids = torch.zeros(len(p.slots), dtype=torch.long, device=hidden.device)
+            w_sa = w["w_sa"][p.ids].to(hidden.dtype) if "w_sa" in w else None
             v = ops.pool_generate(hidden, p.start, p.end, config.pooler, w_sa, w["w_down"], w["b_down"], w["w_up"],
-                                  w["b_up"], ids, config.activation, w.get("act_params")).to(self.dtype)
+                                  w["b_up"], p.ids, config.activation, w.get("act_params")).to(self.dtype)
             sizes = self.registry.facts.sizes
             pieces = dict(zip(config.targets, v.split([sizes[t] for t in config.targets], dim=1)))
             rows = p.slots[:, None]
