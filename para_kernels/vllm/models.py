@@ -47,12 +47,14 @@ def _wrap_norm(norm, layer: int):
     norm.forward = forward
 
 
-# On the CPU a step whose tokens come in long runs of one request (a prefill) is scaled in place run by
-# run: the packed para::scale gathers a [tokens, n] copy of the rows first, 2-5x slower there for a
-# 64-token prompt. A run must average RUN_TOKENS tokens for that; decode steps (one token per run) and
-# every step on a GPU go through para::scale with token_rows (the Triton / CUDA kernels). Both compute
-# the same fp products.
+# On the CPU (where para::scale runs its PyTorch reference) the product is taken in place, without
+# the packed op's fresh [tokens, n] output: a step whose tokens come in runs of one request averaging
+# RUN_TOKENS or more (a prefill) run by run, with no gather at all (the gather cost 1.2 ms per projection
+# for an 800-token prefill), other steps (decode: one token per request) with one gather of the slots'
+# rows. On a GPU every step goes through para::scale with token_rows (the Triton / CUDA kernels). All
+# compute the same fp32 products; IN_PLACE_ON_CPU = False runs the GPU path on the CPU (tests).
 RUN_TOKENS = 8
+IN_PLACE_ON_CPU = True
 
 
 def _wrap_scaled(proj, banks: dict, layer: int):
@@ -64,12 +66,15 @@ def _wrap_scaled(proj, banks: dict, layer: int):
         if step is None:
             return out
         y, bias = out if isinstance(out, tuple) else (out, None)
-        bank = banks[layer]
-        if y.device.type == "cpu" and len(step.runs) * RUN_TOKENS <= y.shape[0] and not y.requires_grad:
-            for start, end, slot in step.runs:
-                y[start:end].mul_(bank[slot])
+        bank, rows = banks[layer], step.token_rows[:y.shape[0]]
+        if IN_PLACE_ON_CPU and y.device.type == "cpu" and not y.requires_grad:
+            if len(step.runs) * RUN_TOKENS <= y.shape[0]:
+                for start, end, slot in step.runs:
+                    y[start:end].mul_(bank[slot])
+            else:
+                y.mul_(bank.index_select(0, rows))
         else:
-            y = ops.scale(y, bank, step.token_rows[:y.shape[0]])
+            y = ops.scale(y, bank, rows)
         return (y, bias) if isinstance(out, tuple) else y
 
     proj.forward = forward

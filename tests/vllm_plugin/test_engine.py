@@ -134,3 +134,14 @@ def test_requests_preempted_for_kv_space_are_pooled_again(served):
         assert free >= 6  # and every slot came back
     finally:
         del small
+
+
+def test_the_gpu_path_through_para_scale_gives_the_same_tokens(llm, monkeypatch):
+    """On a GPU every projection is scaled by para::scale with token_rows (the Triton / CUDA
+    kernels); on the CPU in place. The CPU runs the GPU path here: the same tokens."""
+    from para_kernels.vllm import models
+
+    names = ["a", None, "b", "a", "attn"]
+    want = tokens(llm, PROMPTS, names)
+    monkeypatch.setattr(models, "IN_PLACE_ON_CPU", False)
+    assert tokens(llm, PROMPTS, names) == want
