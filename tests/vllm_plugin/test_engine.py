@@ -36,6 +36,16 @@ def test_mixed_batch_gives_each_request_what_it_gets_alone(llm):
     assert mixed[0] == mixed[3]  # the same prompt and adapter in two requests
 
 
+def test_the_gpu_path_through_para_scale_gives_the_same_tokens(llm, monkeypatch):
+    """On a GPU every projection is scaled by para::scale with token_rows (the Triton / CUDA
+    kernels); on the CPU in place. The CPU runs the GPU path here: the same tokens."""
+    from para_kernels.vllm import models
+
+    names = ["a", None, "b", "a", "attn"]
+    want = tokens(llm, PROMPTS, names)
+    monkeypatch.setattr(models, "IN_PLACE_ON_CPU", False)
+    assert tokens(llm, PROMPTS, names) == want
+
 def test_tokens_equal_paramodel_generate_on_the_same_weights(llm, served):
     import para_kernels as pk
 
@@ -118,7 +128,8 @@ def test_an_adapter_loaded_at_run_time_from_the_requests_path(llm, served, monke
 
 def test_requests_preempted_for_kv_space_are_pooled_again(served):
     """Too little KV cache for the batch: vLLM preempts requests (dropping their cache) and
-    prefills them again later; each still gets what it gets alone."""
+    prefills them again later; each still gets what it gets alone. (Last in this module: an
+    in-process engine that ends tears down vLLM's process groups, which the module's engine uses.)"""
     small = engine(served, num_gpu_blocks_override=5, block_size=32, max_num_seqs=8, max_model_len=128)
     try:
         names = ["a", "b", None, "attn", "a", "b"]
@@ -135,13 +146,3 @@ def test_requests_preempted_for_kv_space_are_pooled_again(served):
     finally:
         del small
 
-
-def test_the_gpu_path_through_para_scale_gives_the_same_tokens(llm, monkeypatch):
-    """On a GPU every projection is scaled by para::scale with token_rows (the Triton / CUDA
-    kernels); on the CPU in place. The CPU runs the GPU path here: the same tokens."""
-    from para_kernels.vllm import models
-
-    names = ["a", None, "b", "a", "attn"]
-    want = tokens(llm, PROMPTS, names)
-    monkeypatch.setattr(models, "IN_PLACE_ON_CPU", False)
-    assert tokens(llm, PROMPTS, names) == want
