@@ -26,10 +26,11 @@ import para_kernels as pk
 LORA_TARGETS = ("q_proj", "v_proj")
 IA3_TARGETS, IA3_FEEDFORWARD = ("k_proj", "v_proj", "down_proj"), ("down_proj",)
 PARA_DEFAULT = dict(r=12, pooler="last", activation="gelu", targets=("q", "v", "up"))
-ABLATIONS = {"pooler": [("mean", dict(pooler="mean")), ("attn", dict(pooler="attn"))],
+ABLATIONS = {"pooler": [("mean", dict(pooler="mean")), ("max", dict(pooler="max")), ("attn", dict(pooler="attn"))],
              "r": [("4", dict(r=4)), ("32", dict(r=32))],
              "targets": [("qv", dict(targets=("q", "v"))), ("up", dict(targets=("up",)))],
-             "activation": [("relu", dict(activation="relu")), ("identity", dict(activation="identity"))]}
+             "activation": [("rational", dict(activation="rational")), ("relu", dict(activation="relu")),
+                            ("identity", dict(activation="identity"))]}
 
 
 @dataclass

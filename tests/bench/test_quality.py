@@ -180,3 +180,22 @@ def test_report_flags_a_learning_rate_at_the_end_of_its_grid():
            "methods": {"para": {"kind": "para"}, "lora-r8": {"kind": "lora"}, "ia3": {"kind": "ia3"}}}
     flagged = report._edges(res)
     assert len(flagged) == 2 and flagged[0].startswith("lora-r8 (3, top") and flagged[1].startswith("ia3 (1, bottom")
+
+
+def test_full_runs_every_ablation_at_paras_learning_rate(tmp_path):
+    """--full: PARA's ablations (pooler, r, targets, activation) train on PARA's picked rate and
+    get their own table in the report."""
+    from bench.quality import run
+
+    path = run.run("quick", full=True, out=str(tmp_path), progress=False, only=["para"], steps=4)
+    res = json.loads(open(path).read())
+    ablations = {n: r for n, r in res["methods"].items() if r["ablation"]}
+    want = {f"para {axis}={tag}" for axis, variants in M.ABLATIONS.items() for tag, _ in variants}
+    assert set(ablations) == want and not res["skipped"]
+    assert {"para pooler=max", "para activation=rational", "para r=32", "para targets=qv"} <= want
+    for name, r in ablations.items():
+        assert r["runs"][0]["lr"] == res["picked_lr"]["para"] and r["runs"][0]["grid"] is None, name
+    trainable = {n: r["trainable"] for n, r in res["methods"].items()}
+    assert trainable["para r=4"] < trainable["para"] < trainable["para r=32"]
+    assert trainable["para targets=qv"] < trainable["para"]
+    assert "Ablations (PARA, at PARA's learning rate)" in open(path[:-5] + ".md").read()
