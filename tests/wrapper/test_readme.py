@@ -26,15 +26,26 @@ BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TRAINING = "## Training"
+VLLM = "## Serving with vLLM"  # runs in the vLLM venv: tests/vllm_plugin/test_readme_block.py
 
 
-def python_blocks(section: str | None = None) -> list[str]:
-    """The Python blocks of the README's ``section`` ('## Training'), or of every other section."""
+def section(text: str, title: str) -> tuple[int, int]:
+    start = text.index(title)
+    return start, text.index("\n## ", start + len(title))
+
+
+def python_blocks(which: str | None = None) -> list[str]:
+    """The Python blocks of the README's section ``which`` ('## Training'), or of every section
+    but Training and Serving with vLLM."""
     with open(README) as f:
         text = f.read()
-    start = text.index(TRAINING)
-    end = text.index("\n## ", start + len(TRAINING))
-    return BLOCK.findall(text[start:end] if section == TRAINING else text[:start] + text[end:])
+    if which is not None:
+        start, end = section(text, which)
+        return BLOCK.findall(text[start:end])
+    for title in (TRAINING, VLLM):
+        start, end = section(text, title)
+        text = text[:start] + text[end:]
+    return BLOCK.findall(text)
 
 
 def run_blocks(blocks: list[str], namespace: dict, what: str) -> None:
