@@ -27,8 +27,9 @@ install: $(STAMP)
 
 # vLLM's CPU build in a venv of its own (it pins torch 2.13+cpu and transformers <5.20, which .venv cannot share),
 # with para_kernels installed editable beside it (its plugin entry points: docs/vllm.md), keeping the CUDA
-# extension .venv built in this checkout (torch 2.13+cpu cannot build one, and would otherwise remove it). torchvision, torchaudio
-# and torchcodec come from the registry built for another torch and break vLLM's imports: removed.
+# extension .venv built in this checkout (torch 2.13+cpu cannot build one, and would otherwise remove it).
+# torchvision, torchaudio and torchcodec come from the registry built for another torch and break vLLM's
+# imports: removed.
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.para-installed
 $(VLLM_STAMP): setup.py pyproject.toml
