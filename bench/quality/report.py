@@ -4,13 +4,12 @@ Contract: ``write(json_path)`` writes ``<same name>.md`` (date, commit, machine,
 method table with each method's decode cost quoted from the serving benchmark, per-family scores,
 ablations, skipped units, learning rates picked at the end of their grid) and ``<same name>.png``
 (score vs trainable parameters and score vs decode time relative to the bare model; means with
-min-max bars over seeds). A plot that fails is reported on
-stderr and skipped; the Markdown always gets written.
+min-max bars over seeds), through bench/report/single.py: a plot that fails is reported on stderr
+and skipped; the Markdown always gets written.
 """
 from __future__ import annotations
 
-import json
-import sys
+from bench.report import single
 
 NAMES = {"smollm2": "SmolLM2-135M-Instruct", "tiny": "a tiny random Llama (character tokenizer)"}
 
@@ -147,15 +146,4 @@ def plot(res: dict, path: str) -> None:
 
 
 def write(json_path: str) -> tuple[str, str]:
-    with open(json_path) as f:
-        res = json.load(f)
-    base = json_path[:-5] if json_path.endswith(".json") else json_path
-    png, md = base + ".png", base + ".md"
-    res["png_name"] = png.rsplit("/", 1)[-1]
-    try:
-        plot(res, png)
-    except Exception as e:  # noqa: BLE001 - the numbers matter more than the picture
-        print(f"quality report: plot failed: {e!r}", file=sys.stderr)
-    with open(md, "w") as f:
-        f.write(markdown(res))
-    return md, png
+    return single.render(json_path, markdown, plot, "quality report")

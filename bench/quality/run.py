@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from ..report import single
 from . import data as D
 from . import methods as M
 from . import metrics, report, train
@@ -184,12 +185,8 @@ def run(mode="quick", seeds=None, steps=None, budget_s=None, full=False, out="do
               "methods": results, "skipped": skipped, "serving_cost": serving_cost(methods),
               "wall_s": time.perf_counter() - t_start,
               "environment": environment(torch.device("cpu"), torch.get_num_threads())}
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, f"quality-{cfg['tag']}{'-full' if full else ''}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    report.write(path)
-    return path
+    return single.save(result, os.path.join(out, f"quality-{cfg['tag']}{'-full' if full else ''}.json"),
+                       report.write)
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,8 @@
 """Report writers. ``write(result, out_dir, slug)`` serialises a run's result dict once into
 <out_dir>/<slug>.json (schema.py) and renders the plots (plots.py) and <slug>.md (markdown.py)
 from that JSON; ``console(load(path))`` prints the summary (console.py). No writer sees the
-live result: what the reports show is exactly what the JSON holds."""
+live result: what the reports show is exactly what the JSON holds. single.py does the same for the
+one-file benchmarks (bench/quality, bench/vllm)."""
 from __future__ import annotations
 
 import json

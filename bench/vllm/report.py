@@ -3,10 +3,8 @@ Markdown (machine, commit, set-up, checks, throughput and ratios to bare) and a 
 method's time per batch relative to bare: median with quartile bars)."""
 from __future__ import annotations
 
-import json
-import sys
-
 from bench.harness.stats import summary
+from bench.report import single
 
 LABELS = {"bare": "vLLM, bare model", "para": "vLLM + PARA (para_kernels.vllm)", "lora8": "vLLM multi-LoRA r=8",
           "lora16": "vLLM multi-LoRA r=16"}
@@ -18,8 +16,9 @@ def rows(res: dict) -> list[dict]:
     out = []
     for method, times in m["times_s"].items():
         ratio = summary(m["ratios"][method]) if method in m["ratios"] else None
-        out.append({"method": method, "label": LABELS.get(method, method), "time": summary(times),
-                    "tokens_per_s": tokens / summary(times)["median"], "ratio": ratio})
+        time = summary(times)
+        out.append({"method": method, "label": LABELS.get(method, method), "time": time,
+                    "tokens_per_s": tokens / time["median"], "ratio": ratio})
     return out
 
 
@@ -84,15 +83,4 @@ def plot(res: dict, path: str) -> None:
 
 
 def write(json_path: str) -> tuple[str, str]:
-    with open(json_path) as f:
-        res = json.load(f)
-    base = json_path[:-5]
-    png, md = base + ".png", base + ".md"
-    res["png_name"] = png.rsplit("/", 1)[-1]
-    try:
-        plot(res, png)
-    except Exception as e:  # noqa: BLE001 - the numbers matter more than the picture
-        print(f"vllm report: plot failed: {e!r}", file=sys.stderr)
-    with open(md, "w") as f:
-        f.write(markdown(res))
-    return md, png
+    return single.render(json_path, markdown, plot, "vllm report")

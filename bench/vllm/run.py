@@ -15,6 +15,7 @@ import tempfile
 import time
 
 from bench.harness.machine import REPO_ROOT, environment
+from bench.report import single
 
 from . import prepare, report
 
@@ -66,12 +67,7 @@ def run(quick: bool = False, out: str = "docs/benchmarks", vllm_python: str = VL
     result = {"benchmark": "vllm", "mode": "quick" if quick else "default",
               "model": "tiny random LLaMA" if quick else "SmolLM2-135M-Instruct", "environment": env,
               "measured": measured, "exit_code": proc.returncode, "wall_s": time.perf_counter() - t0}
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, f"vllm-cpu{'-quick' if quick else ''}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    report.write(path)
-    return path
+    return single.save(result, os.path.join(out, f"vllm-cpu{'-quick' if quick else ''}.json"), report.write)
 
 
 def main(argv=None) -> int:

@@ -7,7 +7,9 @@
 - ``kit.oracles``: independent fp64 oracles written from the spec;
 - ``kit.checks``: one checker per op (forward and backward of a backend's kernels against the
   PyTorch reference run in fp64);
-- ``kit.models``: tiny random-weight Hugging Face models (nothing is downloaded) and adapter helpers.
+- ``kit.models``: tiny random-weight Hugging Face models (nothing is downloaded) and adapter helpers;
+- ``kit.readme``: the README's Python blocks by section; ``kit.vllm_engine``: the vLLM plugin tests' model,
+  adapters and in-process engine.
 
 Fixtures live in the conftest.py files (tests/, tests/ops/, tests/wrapper/, tests/build/), never
 here: test modules use them by name, without importing them.

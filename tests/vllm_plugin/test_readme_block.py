@@ -4,19 +4,12 @@ model and two of its adapters stand in for SmolLM2 and the demo's trained ones."
 from __future__ import annotations
 
 import os
-import re
 
-from kit import ROOT
-
-BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
-TITLE = "## Serving with vLLM"
+from kit import readme
 
 
 def test_the_readmes_vllm_block_runs_as_written(served, tmp_path, monkeypatch, capsys):
-    with open(os.path.join(ROOT, "README.md")) as f:
-        text = f.read()
-    start = text.index(TITLE)
-    blocks = BLOCK.findall(text[start:text.index("\n## ", start + len(TITLE))])
+    blocks = readme.python_blocks("## Serving with vLLM")
     assert len(blocks) == 1 and "PARALlamaForCausalLM" in blocks[0]
     demo = tmp_path / "demo-adapters"
     demo.mkdir()

@@ -8,44 +8,24 @@ and a character-level tokenizer. The blocks run in an empty folder, so their rel
 """
 from __future__ import annotations
 
-import os
-import re
-
 import pytest
 import torch
 
-from kit import ROOT
+from kit import readme
 from kit.models import save_tiny_checkpoint, tiny_llama
 
 # the single_thread fixture: tests/wrapper/conftest.py
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-README = os.path.join(ROOT, "README.md")
-BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
-
 
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TRAINING = "## Training"
 VLLM = "## Serving with vLLM"  # runs in the vLLM venv: tests/vllm_plugin/test_readme_block.py
 
 
-def section(text: str, title: str) -> tuple[int, int]:
-    start = text.index(title)
-    return start, text.index("\n## ", start + len(title))
-
-
 def python_blocks(which: str | None = None) -> list[str]:
     """The Python blocks of the README's section ``which`` ('## Training'), or of every section
     but Training and Serving with vLLM."""
-    with open(README) as f:
-        text = f.read()
-    if which is not None:
-        start, end = section(text, which)
-        return BLOCK.findall(text[start:end])
-    for title in (TRAINING, VLLM):
-        start, end = section(text, title)
-        text = text[:start] + text[end:]
-    return BLOCK.findall(text)
+    return readme.python_blocks(which) if which is not None else readme.python_blocks(excluding=(TRAINING, VLLM))
 
 
 def run_blocks(blocks: list[str], namespace: dict, what: str) -> None:
