@@ -114,7 +114,7 @@ class ServingState:
                                "runner's layout is not this forward's; refusing to guess which tokens are whose")
         computed, prompt = batch.num_computed_tokens_cpu[:n], batch.num_prompt_tokens[:n]
         slots = np.zeros(n, dtype=np.int64)
-        groups: dict[str, list] = {}
+        groups: dict[tuple, dict] = {}  # generator signature -> {id(adapter): [adapter, [(slot, start, end)]]}
         for i, rid in enumerate(batch.req_ids[:n]):
             params = requests[rid].sampling_params
             extra = params.extra_args if params is not None else None
@@ -185,17 +185,16 @@ class ServingState:
                                   w["b_up"], p.ids, config.activation, w.get("act_params")).to(self.dtype)
             sizes = self.registry.facts.sizes
             pieces = dict(zip(config.targets, v.split([sizes[t] for t in config.targets], dim=1)))
-            rows = p.slots[:, None]
-            if "q" in pieces:
+            if "q" in pieces:  # bank columns: [q | k | v] of this rank's shard, [gate | up]
                 start, size = shard.q
-                qkv[rows, torch.arange(size, device=qkv.device)] = pieces["q"][:, start:start + size]
+                qkv[p.slots, :size] = pieces["q"][:, start:start + size]
             if "v" in pieces:
                 start, size = shard.v
-                cols = shard.q[1] + shard.k_size + torch.arange(size, device=qkv.device)
-                qkv[rows, cols] = pieces["v"][:, start:start + size]
+                first = shard.q[1] + shard.k_size
+                qkv[p.slots, first:first + size] = pieces["v"][:, start:start + size]
             if "up" in pieces:
                 start, size = shard.up
-                gate_up[rows, size + torch.arange(size, device=gate_up.device)] = pieces["up"][:, start:start + size]
+                gate_up[p.slots, size:] = pieces["up"][:, start:start + size]
 
     # ------------------------------------------------------------------ worker control
     def load(self, name: str, path: str) -> None:
